@@ -1,0 +1,272 @@
+"""Typed run configuration: frozen dataclasses, loaded from YAML, overridden by `section.key=value` strings.
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=1e-3", "train.output_dir=runs/x"])
+
+Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class VclrError(Exception):
+    """A user-facing error: the CLI prints its message on one line, without a traceback."""
+
+
+class ConfigError(VclrError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "vclr-tiny-rn"  # an open_clip model config: vclr's own (vclr/model_configs) or any of open_clip's
+    pretrained: str = ""  # "" = random init; a local checkpoint path; or an open_clip tag (downloads: needs internet)
+    init_temperature: float = 0.07  # CLIP's starting softmax temperature; stored as log(1/T) like open_clip
+    learn_temperature: bool = True  # learnable temperature is one of InfoNCE's best-known wins (CLIP, ALIGN)
+    max_logit_scale: float = 100.0  # clamp 1/T as CLIP does, so the learned temperature cannot blow up the logits
+    projector: bool = False  # FC-BN-ReLU-FC head after each tower (SimCLR-style); off: towers project themselves
+    projector_hidden_dim: int = 512
+
+    def __post_init__(self):
+        _check(self.init_temperature > 0, "model.init_temperature", self.init_temperature, "> 0")
+        _check(self.max_logit_scale > 1, "model.max_logit_scale", self.max_logit_scale, "> 1")
+        _check(self.projector_hidden_dim > 0, "model.projector_hidden_dim", self.projector_hidden_dim, "> 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # dataset: an imagefolder split dir, or a .jsonl/.json/.csv/.parquet table of image paths
+    test: str = ""  # same forms as `train`; used by eval and for the end-of-training report
+    image_column: str = "file_name"  # paths are relative to the table's folder
+    caption_columns: tuple[str, ...] = ("captions",)  # each holds one caption or a list of captions
+    batch_size: int = 256  # contrastive batch: more in-batch negatives per step
+    num_workers: int = 0  # 0 suits cached images; raise for large datasets decoded on the fly
+    cache_images: bool = True  # decode + resize once into RAM (uint8) when the dataset fits in `cache_max_gb`
+    cache_max_gb: float = 4.0
+    augment: bool = False  # random resized crop; off by default: crops and flips break captions about position
+
+    def __post_init__(self):
+        _check(self.batch_size >= 2, "data.batch_size", self.batch_size, ">= 2 (contrastive needs negatives)")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _check(len(self.caption_columns) > 0, "data.caption_columns", self.caption_columns, "at least one column")
+        _check(self.cache_max_gb >= 0, "data.cache_max_gb", self.cache_max_gb, ">= 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    infonce_weight: float = 1.0  # symmetric InfoNCE (CLIP)
+    triplet_weight: float = 0.0  # triplet hinge on cosine similarity (VSE++)
+    triplet_margin: float = 0.2
+    triplet_negatives: Literal["hardest", "all"] = "hardest"  # hardest = VSE++ max-violation
+    triplet_warmup_steps: int = 0  # hardest-negative hinge collapses from scratch: phase it in after InfoNCE warms up
+
+    def __post_init__(self):
+        _check(self.infonce_weight >= 0, "loss.infonce_weight", self.infonce_weight, ">= 0")
+        _check(self.triplet_weight >= 0, "loss.triplet_weight", self.triplet_weight, ">= 0")
+        _check(self.infonce_weight + self.triplet_weight > 0, "loss.infonce_weight", self.infonce_weight,
+               "> 0 when loss.triplet_weight is 0 (some loss must be on)")
+        _check(0 <= self.triplet_margin <= 2, "loss.triplet_margin", self.triplet_margin, "[0, 2] (cosine margin)")
+        _check(self.triplet_warmup_steps >= 0, "loss.triplet_warmup_steps", self.triplet_warmup_steps, ">= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1  # applied to matrices only; gains, biases and the temperature are exempt (as CLIP)
+    beta1: float = 0.9
+    beta2: float = 0.98  # CLIP's: steadier with large contrastive batches
+    eps: float = 1e-6
+    warmup_steps: int = 100  # linear warmup, then cosine decay to 0 at max_steps
+    max_steps: int = 1000
+    grad_clip_norm: float = 1.0  # 0 = off
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "[0, 1)")
+        _check(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "[0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "> 0")
+        _check(self.max_steps >= 1, "optim.max_steps", self.max_steps, ">= 1")
+        _check(0 <= self.warmup_steps <= self.max_steps, "optim.warmup_steps", self.warmup_steps,
+               f"[0, optim.max_steps={self.max_steps}]")
+        _check(self.grad_clip_norm >= 0, "optim.grad_clip_norm", self.grad_clip_norm, ">= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_accumulation_steps: int = 1
+    checkpoint_every: int = 500  # steps between save_state checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    log_every: int = 10  # steps between metrics.jsonl rows
+    max_minutes: float = 0.0  # wall-time cap on the training loop; 0 = none. Stops early and checkpoints
+    threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
+
+    def __post_init__(self):
+        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
+               self.gradient_accumulation_steps, ">= 1")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, ">= 1")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
+        _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, ">= 0")
+        _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 512  # embedding batch
+    ks: tuple[int, ...] = (1, 5, 10)
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", self.ks, "a list of integers >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field {key}={value!r} is out of range: must be {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------- building from dicts
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field's type, converting only where it loses nothing (int -> float, list -> tuple)."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"config field {key}={value!r} is not allowed: choose one of {', '.join(choices)}")
+        return value
+    if origin is tuple:
+        (item_type, _) = typing.get_args(annotation)
+        if isinstance(value, str):  # `eval.ks=1,5,10` from the command line
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field {key} must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` as a string
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if annotation is str and value is None:
+        return ""
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config field {key}={value!r} has the wrong type: expected {annotation.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {where}; known keys: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{prefix}{name}' must be a mapping, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {override!r}: write it as section.key=value, e.g. optim.lr=0.001")
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"bad override {override!r}: '{part}' is not a config section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    tree = json.loads(json.dumps(values or {}))  # deep copy, also rejects non-plain values
+    for override in overrides:
+        _apply_override(tree, override)
+    return _build(Config, tree)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file (if given) <- `key=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists: plain YAML/JSON
+
+
+def config_hash(section: Any) -> str:
+    """Short stable hash of a config (section); the index manifest uses the model section's."""
+    blob = json.dumps(json.loads(json.dumps(dataclasses.asdict(section))), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

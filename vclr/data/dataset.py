@@ -1,0 +1,256 @@
+"""Captioned-image datasets: tables loaded with HF `datasets`, images decoded with PIL, captions tokenized once.
+
+A source is an imagefolder split directory (holding metadata.jsonl / .csv / .parquet) or such a table file. Image
+paths are relative to the table's folder. Each caption column holds one caption or a list of captions. Rows whose
+image is missing or unreadable, or that have no caption, are skipped with a warning and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from vclr.config import VclrError
+
+logger = logging.getLogger(__name__)
+
+TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+class DataError(VclrError):
+    pass
+
+
+@dataclass
+class CaptionTable:
+    """One row per usable image: its absolute path and its captions (at least one)."""
+
+    source: str
+    image_paths: list[str]
+    captions: list[list[str]]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def flat_captions(self) -> tuple[list[str], np.ndarray]:
+        """All captions in order, and for each the row of its image."""
+        texts = [c for caps in self.captions for c in caps]
+        text_to_image = np.repeat(np.arange(len(self.captions)), [len(c) for c in self.captions])
+        return texts, text_to_image
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path, caps in zip(self.image_paths, self.captions):
+            digest.update(os.path.basename(path).encode())
+            digest.update("\x1f".join(caps).encode())
+        return digest.hexdigest()[:16]
+
+
+def _table_file(source: Path) -> Path:
+    if source.is_dir():
+        for name in METADATA_NAMES:
+            if (source / name).is_file():
+                return source / name
+        raise DataError(f"dataset dir {source} has no {' / '.join(METADATA_NAMES)}; "
+                        "create one with `vclr make-synthetic` or point data.train at a table file")
+    if not source.is_file():
+        raise DataError(f"dataset {source} does not exist; set data.train / data.test to a dataset dir or table file")
+    if source.suffix not in TABLE_BUILDERS:
+        raise DataError(f"dataset table {source} has an unsupported suffix; use one of {', '.join(TABLE_BUILDERS)}")
+    return source
+
+
+def _row_captions(row: dict, caption_columns: Sequence[str]) -> list[str]:
+    captions: list[str] = []
+    for column in caption_columns:
+        value = row[column]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        captions.extend(v.strip() for v in values if isinstance(v, str) and v.strip())
+    return captions
+
+
+def load_caption_table(source: str | os.PathLike, image_column: str = "file_name",
+                       caption_columns: Sequence[str] = ("captions",)) -> CaptionTable:
+    """Read the table with `datasets`, resolve image paths, drop rows with no image file or no caption."""
+    import datasets  # heavy import: only when loading data
+
+    table_file = _table_file(Path(source))
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(TABLE_BUILDERS[table_file.suffix], data_files=str(table_file), split="train")
+    except Exception as e:  # datasets raises many types for malformed files
+        raise DataError(f"could not read dataset table {table_file}: {type(e).__name__}: {e}") from None
+    missing = [c for c in (image_column, *caption_columns) if c not in table.column_names]
+    if missing:
+        raise DataError(f"dataset table {table_file} has no column {missing[0]!r} (columns: "
+                        f"{', '.join(table.column_names)}); set data.image_column / data.caption_columns")
+    root = table_file.parent
+    paths, captions, skipped = [], [], {"missing image file": 0, "no caption": 0}
+    for row in table.select_columns([image_column, *caption_columns]):
+        path = root / str(row[image_column] or "")
+        row_captions = _row_captions(row, caption_columns)
+        if not row[image_column] or not path.is_file():
+            skipped["missing image file"] += 1
+        elif not row_captions:
+            skipped["no caption"] += 1
+        else:
+            paths.append(str(path.resolve()))
+            captions.append(row_captions)
+    skipped = {k: v for k, v in skipped.items() if v}
+    for reason, count in skipped.items():
+        logger.warning("%s: skipped %d rows (%s)", table_file, count, reason)
+    if not paths:
+        raise DataError(f"dataset {table_file} has no usable rows (skipped: {skipped or 'none'})")
+    return CaptionTable(str(table_file), paths, captions, skipped)
+
+
+def decode_transform(image_size: int, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL -> uint8 (3, S, S). Resize the short side then centre-crop, or random-resized-crop when augmenting.
+
+    No flips, ever: captions say "left" and "right". Normalisation happens later, on batches (see normalize_images).
+    """
+    if augment:
+        geometry = T.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)
+    else:
+        geometry = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
+    return T.Compose([T.PILToTensor(), geometry])
+
+
+def read_image(path: str) -> Image.Image | None:
+    """RGB image, or None (with a warning) when the file is unreadable."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        logger.warning("unreadable image %s skipped: %s", path, e)
+        return None
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) normalised; runs on whatever device the batch is on."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean_t) / std_t
+
+
+def tokenize_all(tokenizer, texts: Sequence[str], batch: int = 4096) -> torch.Tensor:
+    """(N, context_length) token ids; long captions are truncated by the tokenizer."""
+    chunks = [tokenizer(list(texts[i:i + batch])) for i in range(0, len(texts), batch)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, getattr(tokenizer, "context_length", 77), dtype=torch.long)
+
+
+class ImageTextDataset(Dataset):
+    """Item i: (uint8 image (3, S, S), caption tokens (L,)). One of image i's captions, chosen per epoch.
+
+    The caption choice is a pure function of (seed, epoch, i), so a resumed run that skips batches sees the same
+    captions as an uninterrupted one. With `cache_images` all images are decoded once into one uint8 tensor.
+    """
+
+    def __init__(self, table: CaptionTable, tokenizer, image_size: int, seed: int = 0, augment: bool = False,
+                 cache_images: bool = True, cache_max_gb: float = 4.0):
+        self.table = table
+        self.seed = seed
+        self.epoch = 0
+        self.image_size = image_size
+        self.transform = decode_transform(image_size, augment)
+        texts, text_to_image = table.flat_captions()
+        self.tokens = tokenize_all(tokenizer, texts)  # (C, L)
+        self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in table.captions])])  # (N + 1,)
+        self.text_to_image = text_to_image
+        self.cache: torch.Tensor | None = None
+        self.unreadable = 0
+        cache_gb = len(table) * 3 * image_size**2 / 1e9
+        if cache_images and not augment and cache_gb <= cache_max_gb:
+            self._fill_cache()
+        elif cache_images and not augment:
+            logger.info("not caching images: %.1f GB > data.cache_max_gb=%.1f", cache_gb, cache_max_gb)
+
+    def _fill_cache(self) -> None:
+        def decode(path: str) -> torch.Tensor | None:
+            image = read_image(path)
+            return None if image is None else self.transform(image)
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes outside the GIL
+            images = list(tqdm(pool.map(decode, self.table.image_paths, chunksize=64), total=len(self.table),
+                               desc="decoding images", unit="img", leave=False))
+        bad = [i for i, image in enumerate(images) if image is None]
+        if bad:
+            logger.warning("%s: skipped %d unreadable images", self.table.source, len(bad))
+            self._drop_rows(set(bad))
+            images = [image for image in images if image is not None]
+        self.unreadable = len(bad)
+        self.cache = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size,
+                                                                    dtype=torch.uint8)  # (N, 3, S, S)
+
+    def _drop_rows(self, bad: set[int]) -> None:
+        keep = [i for i in range(len(self.table)) if i not in bad]
+        caption_rows = np.concatenate([np.arange(self.caption_start[i], self.caption_start[i + 1]) for i in keep])
+        self.tokens = self.tokens[torch.from_numpy(caption_rows)]
+        self.table = CaptionTable(self.table.source, [self.table.image_paths[i] for i in keep],
+                                  [self.table.captions[i] for i in keep],
+                                  {**self.table.skipped, "unreadable image": len(bad)})
+        self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in self.table.captions])])
+        self.text_to_image = self.table.flat_captions()[1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def caption_index(self, i: int) -> int:
+        start, stop = self.caption_start[i], self.caption_start[i + 1]
+        draw = np.random.default_rng((self.seed, self.epoch, i)).integers(stop - start)
+        return int(start + draw)
+
+    def image(self, i: int) -> torch.Tensor | None:
+        if self.cache is not None:
+            return self.cache[i]
+        image = read_image(self.table.image_paths[i])
+        return None if image is None else self.transform(image)
+
+    def __getitem__(self, i: int):
+        image = self.image(i)
+        if image is None:
+            return None  # unreadable on the fly: collate drops it
+        return image, self.tokens[self.caption_index(i)]
+
+
+def collate_pairs(items: list) -> dict[str, torch.Tensor]:
+    """Stack (image, tokens) pairs, dropping unreadable items (None)."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return {"images": torch.zeros(0, dtype=torch.uint8), "tokens": torch.zeros(0, dtype=torch.long)}
+    images, tokens = zip(*items)
+    return {"images": torch.stack(images), "tokens": torch.stack(tokens)}  # (B, 3, S, S) uint8, (B, L)
+
+
+class ImageOnlyDataset(Dataset):
+    """Images of a table in order (for embedding); reuses an ImageTextDataset's cache when there is one."""
+
+    def __init__(self, pairs: ImageTextDataset):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        image = self.pairs.image(i)
+        if image is None:
+            image = torch.zeros(3, self.pairs.image_size, self.pairs.image_size, dtype=torch.uint8)
+            logger.warning("embedding a blank image for unreadable %s", self.pairs.table.image_paths[i])
+        return image

@@ -1,0 +1,110 @@
+"""Embed datasets and queries with a trained model: float32, L2-normalised numpy arrays.
+
+    model, cfg = load_trained(Path("runs/demo"))
+    emb = embed_table(model, cfg, load_caption_table("data/shapes/test"))
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vclr.config import Config, VclrError, load_config
+from vclr.data.dataset import CaptionTable, ImageOnlyDataset, ImageTextDataset, normalize_images, read_image, \
+    decode_transform, tokenize_all
+from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg
+from vclr.train import CONFIG_FILE, MODEL_FILE, latest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Embeddings:
+    image_embeddings: np.ndarray  # (N, D) float32, unit norm
+    text_embeddings: np.ndarray  # (C, D) float32, unit norm
+    text_to_image: np.ndarray  # (C,) int64
+    image_paths: list[str]
+    texts: list[str]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _weights_file(run_dir: Path) -> Path:
+    if (run_dir / MODEL_FILE).is_file():
+        return run_dir / MODEL_FILE
+    ckpt = latest_checkpoint(run_dir)  # a run stopped before it finished: its newest checkpoint
+    if ckpt is not None and (ckpt / MODEL_FILE).is_file():
+        logger.warning("%s has no %s; using checkpoint %s", run_dir, MODEL_FILE, ckpt.name)
+        return ckpt / MODEL_FILE
+    raise VclrError(f"run dir {run_dir} has no trained weights ({MODEL_FILE}); train first with `vclr train`")
+
+
+def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
+    """The model of a run directory (its config.yaml and weights), in eval mode."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise VclrError(f"run dir {run_dir} has no {CONFIG_FILE}: is it a `vclr train` output_dir?")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    model = build_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": ""}))  # weights come from the run
+    model.load_state_dict(load_file(str(_weights_file(run_dir))))
+    return model.to(device or default_device()).eval(), cfg
+
+
+@torch.no_grad()
+def embed_image_batches(model: DualEncoder, images: DataLoader, device: torch.device) -> np.ndarray:
+    preprocess = image_preprocess_cfg(model)
+    out = []
+    for batch in tqdm(images, desc="embedding images", unit="batch", leave=False):
+        batch = normalize_images(batch.to(device), preprocess["mean"], preprocess["std"])  # (B, 3, S, S)
+        out.append(model.encode_image(batch, normalize=True).float().cpu())
+    return torch.cat(out).numpy().astype(np.float32)  # (N, D)
+
+
+@torch.no_grad()
+def embed_tokens(model: DualEncoder, tokens: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    out = [model.encode_text(tokens[i:i + batch_size].to(device), normalize=True).float().cpu()
+           for i in tqdm(range(0, len(tokens), batch_size), desc="embedding texts", unit="batch", leave=False)]
+    return torch.cat(out).numpy().astype(np.float32)  # (C, D)
+
+
+def embed_texts(model: DualEncoder, cfg: Config, texts: Sequence[str], batch_size: int = 512) -> np.ndarray:
+    device = next(model.parameters()).device
+    return embed_tokens(model, tokenize_all(get_tokenizer(cfg.model), texts), batch_size, device)
+
+
+def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
+    """Embed images given by path (search queries); an unreadable file is an error here."""
+    device = next(model.parameters()).device
+    transform = decode_transform(image_preprocess_cfg(model)["size"])
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise VclrError(f"query image {path} does not exist")
+        image = read_image(path)
+        if image is None:
+            raise VclrError(f"query image {path} is not a readable image")
+        images.append(transform(image))
+    return embed_image_batches(model, DataLoader(torch.stack(images), batch_size=len(images)), device)
+
+
+def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size: int | None = None) -> Embeddings:
+    """Embed every image and every caption of a table."""
+    batch_size = batch_size or cfg.eval.batch_size
+    device = next(model.parameters()).device
+    pairs = ImageTextDataset(table, get_tokenizer(cfg.model), image_preprocess_cfg(model)["size"],
+                             cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb)
+    loader = DataLoader(ImageOnlyDataset(pairs), batch_size=batch_size, num_workers=cfg.data.num_workers)
+    image_embeddings = embed_image_batches(model, loader, device)
+    text_embeddings = embed_tokens(model, pairs.tokens, batch_size, device)
+    texts, text_to_image = pairs.table.flat_captions()
+    return Embeddings(image_embeddings, text_embeddings, text_to_image, list(pairs.table.image_paths), texts)

@@ -1,0 +1,290 @@
+"""Contrastive training on HuggingFace Accelerate: the same code on a CPU laptop, one GPU or N GPUs.
+
+    vclr train --config configs/demo.yaml train.output_dir=runs/demo
+    accelerate launch --num_processes 2 -m vclr.cli train --config configs/demo.yaml   # N processes
+
+Run directory: config.yaml (resolved), metrics.jsonl, checkpoints/step_XXXXXXX (accelerate save_state; written to a
+temp dir then renamed, so a crash never leaves a half checkpoint), model.safetensors (final weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vclr.config import Config, VclrError, atomic_write_text, save_config
+from vclr.data.dataset import ImageTextDataset, collate_pairs, load_caption_table, normalize_images
+from vclr.loss import CombinedLoss, gather_features
+from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg, param_groups
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainState:
+    """Position of the run; checkpointed with the model through accelerator.register_for_checkpointing."""
+
+    step: int = 0  # optimizer steps done
+    batches_seen: int = 0  # micro-batches consumed: the data position to resume from
+    elapsed_s: float = 0.0  # training-loop wall time, summed over resumes
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    first_loss: float
+    last_loss: float
+    elapsed_s: float
+    stopped_early: bool  # by train.max_minutes
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    accelerator: Accelerator
+    model: DualEncoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: DataLoader
+    dataset: ImageTextDataset
+    loss_fn: CombinedLoss
+    state: TrainState
+    mean: tuple
+    std: tuple
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int):
+    """LR multiplier: linear warmup to 1, then cosine to 0 at max_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete checkpoint (temp dirs of interrupted saves start with '.' and are ignored)."""
+    ckpts = sorted((run_dir / CHECKPOINT_DIR).glob("step_*")) if (run_dir / CHECKPOINT_DIR).is_dir() else []
+    return ckpts[-1] if ckpts else None
+
+
+# ------------------------------------------------------------------------------------------------------------ setup
+
+
+def build_train_dataset(cfg: Config, tokenizer, image_size: int) -> ImageTextDataset:
+    if not cfg.data.train:
+        raise VclrError("data.train is not set: pass data.train=DIR (e.g. from `vclr make-synthetic`)")
+    table = load_caption_table(cfg.data.train, cfg.data.image_column, cfg.data.caption_columns)
+    dataset = ImageTextDataset(table, tokenizer, image_size, seed=cfg.train.seed, augment=cfg.data.augment,
+                               cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb)
+    if len(dataset) < cfg.data.batch_size:
+        raise VclrError(f"data.train has {len(dataset)} usable images, fewer than data.batch_size="
+                        f"{cfg.data.batch_size}; lower the batch size or add data")
+    return dataset
+
+
+def setup(cfg: Config, resume: bool = False) -> Trainer:
+    run_dir = Path(cfg.train.output_dir)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise VclrError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or another "
+                        "train.output_dir")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        project_dir=str(run_dir),
+        # seedable sampler: the shuffle of epoch e is a function of (seed, e), so resume can replay it
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    preprocess = image_preprocess_cfg(model)
+    dataset = build_train_dataset(cfg, get_tokenizer(cfg.model), preprocess["size"])
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_pairs,
+                        generator=torch.Generator().manual_seed(cfg.train.seed),
+                        persistent_workers=cfg.data.num_workers > 0)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                                  fused=accelerator.device.type == "cuda")
+    # Not prepared: accelerate would step a prepared scheduler once per process; ours counts optimizer steps.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps,
+                                                                           cfg.optim.max_steps))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loader, dataset,
+                      CombinedLoss(cfg.loss, gather=gather_features), state,
+                      tuple(preprocess["mean"]), tuple(preprocess["std"]))
+    if resume:
+        _restore(trainer)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / CONFIG_FILE)
+    return trainer
+
+
+def _restore(trainer: Trainer) -> None:
+    ckpt = latest_checkpoint(trainer.run_dir)
+    if ckpt is None:
+        logger.warning("--resume: no checkpoint in %s, starting from step 0", trainer.run_dir)
+        return
+    trainer.accelerator.load_state(str(ckpt))
+    _truncate_metrics(trainer.run_dir / METRICS_FILE, trainer.state.step)
+    logger.info("resumed from %s at step %d", ckpt, trainer.state.step)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(row + "\n" for row in rows))
+
+
+# ------------------------------------------------------------------------------------------------------------- loop
+
+
+def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
+    """One micro-batch: forward, loss, backward; the optimizer steps when accumulation completes."""
+    acc, cfg = trainer.accelerator, trainer.cfg
+    with acc.accumulate(trainer.model):
+        images = normalize_images(batch["images"], trainer.mean, trainer.std)  # (B, 3, S, S)
+        out = trainer.model(images, batch["tokens"])
+        # the loss in fp32 even under bf16/fp16 autocast: softmax over large batches is precision-sensitive
+        losses = trainer.loss_fn(out["image_features"].float(), out["text_features"].float(),
+                                 out["logit_scale"].float(), step=trainer.state.step)
+        acc.backward(losses["loss"])
+        if acc.sync_gradients and cfg.optim.grad_clip_norm > 0:
+            acc.clip_grad_norm_(trainer.model.parameters(), cfg.optim.grad_clip_norm)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    if acc.sync_gradients:
+        trainer.scheduler.step()
+    return {k: v.detach() for k, v in losses.items()} | {"logit_scale": out["logit_scale"].detach()}
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """accelerate save_state into a temp dir, then an atomic rename; prune old checkpoints."""
+    acc = trainer.accelerator
+    ckpt_root = trainer.run_dir / CHECKPOINT_DIR
+    final = ckpt_root / f"step_{trainer.state.step:07d}"
+    tmp = ckpt_root / f".tmp-step_{trainer.state.step:07d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in sorted(ckpt_root.glob("step_*"))[:-trainer.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def _log_row(trainer: Trainer, losses: dict, samples_per_s: float, epoch: int) -> dict:
+    row = {"step": trainer.state.step, "epoch": epoch, "lr": trainer.scheduler.get_last_lr()[0],
+           "temperature": 1.0 / float(losses["logit_scale"]), "samples_per_s": round(samples_per_s, 1),
+           "elapsed_s": round(trainer.state.elapsed_s, 2)}
+    row.update({k: float(v) for k, v in losses.items() if k.endswith("loss")})
+    if trainer.accelerator.is_main_process:
+        with open(trainer.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def run_loop(trainer: Trainer) -> TrainResult:
+    cfg, acc, state = trainer.cfg, trainer.accelerator, trainer.state
+    batches_per_epoch = len(trainer.loader)
+    global_batch = cfg.data.batch_size * acc.num_processes
+    bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", unit="step",
+               disable=not acc.is_local_main_process, dynamic_ncols=True)
+    first_loss = last_loss = float("nan")
+    stopped_early = False
+    window_start, window_samples = time.perf_counter(), 0
+    last_tick = time.perf_counter()
+    while state.step < cfg.optim.max_steps and not stopped_early:
+        epoch, offset = divmod(state.batches_seen, batches_per_epoch)
+        trainer.loader.set_epoch(epoch)
+        trainer.dataset.set_epoch(epoch)
+        epoch_loader = acc.skip_first_batches(trainer.loader, offset) if offset else trainer.loader
+        for batch in epoch_loader:
+            losses = train_step(trainer, batch)
+            state.batches_seen += 1
+            window_samples += global_batch
+            now = time.perf_counter()
+            state.elapsed_s += now - last_tick  # data loading included
+            last_tick = now
+            if not acc.sync_gradients:
+                continue
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.train.log_every == 0 or state.step == 1 or state.step == cfg.optim.max_steps:
+                rate = window_samples / (time.perf_counter() - window_start)
+                row = _log_row(trainer, losses, rate, epoch)
+                first_loss = row["loss"] if math.isnan(first_loss) else first_loss
+                last_loss = row["loss"]
+                bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}", samples_s=f"{rate:.0f}")
+                window_start, window_samples = time.perf_counter(), 0
+            if state.step % cfg.train.checkpoint_every == 0:
+                save_checkpoint(trainer)
+            if cfg.train.max_minutes and state.elapsed_s > cfg.train.max_minutes * 60:
+                logger.warning("train.max_minutes=%s reached at step %d: stopping", cfg.train.max_minutes, state.step)
+                stopped_early = True
+            if state.step >= cfg.optim.max_steps or stopped_early:
+                break
+    bar.close()
+    return TrainResult(trainer.run_dir, state.step, first_loss, last_loss, state.elapsed_s, stopped_early)
+
+
+def cleanup(trainer: Trainer, result: TrainResult) -> None:
+    """Final checkpoint (unless this step has one) and the final weights as model.safetensors."""
+    if latest_checkpoint(trainer.run_dir) != trainer.run_dir / CHECKPOINT_DIR / f"step_{result.step:07d}":
+        save_checkpoint(trainer)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.save_model(trainer.model, str(trainer.run_dir), safe_serialization=True)
+    skipped = trainer.dataset.table.skipped
+    if skipped:
+        logger.warning("training data: skipped rows %s", skipped)
+    trainer.accelerator.end_training()
+
+
+def train(cfg: Config, resume: bool = False) -> TrainResult:
+    """Train per `cfg`; with `resume`, continue from the newest checkpoint in train.output_dir."""
+    trainer = setup(cfg, resume)
+    result = run_loop(trainer)
+    cleanup(trainer, result)
+    logger.info("trained %d steps in %.1fs; loss %.4f -> %.4f", result.step, result.elapsed_s, result.first_loss,
+                result.last_loss)
+    return result

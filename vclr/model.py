@@ -6,6 +6,7 @@ own configs, so `model.name` may be `vclr-tiny-rn` or any open_clip model such a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -86,13 +87,30 @@ def _open_clip_config(name: str) -> dict:
     return model_cfg
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    """open_clip warns on every random init; with model.pretrained="" that is what the user asked for."""
+    root, log_filter = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(log_filter)
+
+
 def build_model(cfg: ModelConfig) -> DualEncoder:
     """Create the towers from the named open_clip config; load `cfg.pretrained` if set."""
     embed_dim = _open_clip_config(cfg.name)["embed_dim"]
     pretrained = cfg.pretrained or None
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained={pretrained!r}: no such checkpoint file")
-    clip = open_clip.create_model(cfg.name, pretrained=pretrained, pretrained_text=False, output_dict=True)
+    with _quiet_random_init_warning():
+        clip = open_clip.create_model(cfg.name, pretrained=pretrained, pretrained_text=False, output_dict=True)
     if pretrained:
         logger.info("loaded pretrained weights %s into %s", pretrained, cfg.name)
     return DualEncoder(cfg, clip, embed_dim)

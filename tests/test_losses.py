@@ -1,0 +1,88 @@
+"""Losses against naive per-anchor loops on small seeded tensors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vclr.config import LossConfig
+from vclr.loss import CombinedLoss, InfoNCELoss, TripletLoss
+
+
+def _features(batch=7, dim=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (F.normalize(torch.randn(batch, dim, generator=g, dtype=torch.float64), dim=-1),
+            F.normalize(torch.randn(batch, dim, generator=g, dtype=torch.float64), dim=-1))
+
+
+def naive_infonce(img, txt, scale):
+    n = len(img)
+    total = 0.0
+    for i in range(n):  # image i against every caption
+        logits = [scale * float(img[i] @ txt[j]) for j in range(n)]
+        total += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    for j in range(n):  # caption j against every image
+        logits = [scale * float(txt[j] @ img[i]) for i in range(n)]
+        total += -logits[j] + math.log(sum(math.exp(v) for v in logits))
+    return total / (2 * n)
+
+
+def naive_triplet(img, txt, margin, hardest):
+    n = len(img)
+    s = [[float(img[i] @ txt[j]) for j in range(n)] for i in range(n)]
+    i2t = t2i = 0.0
+    for i in range(n):
+        v = [max(0.0, margin + s[i][j] - s[i][i]) for j in range(n) if j != i]
+        i2t += max(v) if hardest else sum(v)
+    for j in range(n):
+        v = [max(0.0, margin + s[i][j] - s[j][j]) for i in range(n) if i != j]
+        t2i += max(v) if hardest else sum(v)
+    return i2t / n + t2i / n
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scale", [1.0, 14.3])
+def test_infonce_matches_naive(seed, scale):
+    img, txt = _features(seed=seed)
+    got = InfoNCELoss()(img, txt, torch.tensor(scale, dtype=torch.float64))["infonce_loss"]
+    assert float(got) == pytest.approx(naive_infonce(img, txt, scale), rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("negatives", ["hardest", "all"])
+@pytest.mark.parametrize("margin", [0.0, 0.2, 0.9])
+def test_triplet_matches_naive(seed, negatives, margin):
+    img, txt = _features(seed=seed)
+    got = TripletLoss(margin, negatives)(img, txt)["triplet_loss"]
+    assert float(got) == pytest.approx(naive_triplet(img, txt, margin, negatives == "hardest"), rel=1e-10, abs=1e-12)
+
+
+def test_triplet_zero_when_positives_dominate():
+    eye = torch.eye(4, dtype=torch.float64)
+    assert float(TripletLoss(0.5, "hardest")(eye, eye)["triplet_loss"]) == 0.0  # s(pos)=1, s(neg)=0 > margin 0.5
+    assert float(TripletLoss(1.5, "hardest")(eye, eye)["triplet_loss"]) == pytest.approx(2 * 0.5)
+
+
+def test_infonce_gradient_matches_naive_autograd():
+    img, txt = _features(seed=3)
+    img.requires_grad_(True)
+    InfoNCELoss()(img, txt, torch.tensor(10.0, dtype=torch.float64))["infonce_loss"].backward()
+    fast = img.grad.clone()
+    img.grad = None
+    logits = 10.0 * img @ txt.T
+    labels = torch.arange(len(img))
+    ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).backward()
+    torch.testing.assert_close(fast, img.grad)
+
+
+def test_combined_weights_and_triplet_warmup():
+    img, txt = _features(seed=4)
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    cfg = LossConfig(infonce_weight=0.7, triplet_weight=2.0, triplet_margin=0.3, triplet_warmup_steps=10)
+    loss = CombinedLoss(cfg)
+    infonce = naive_infonce(img, txt, 5.0)
+    triplet = naive_triplet(img, txt, 0.3, True)
+    assert float(loss(img, txt, scale, step=0)["loss"]) == pytest.approx(0.7 * infonce)
+    assert float(loss(img, txt, scale, step=5)["loss"]) == pytest.approx(0.7 * infonce + 0.5 * 2.0 * triplet)
+    assert float(loss(img, txt, scale, step=50)["loss"]) == pytest.approx(0.7 * infonce + 2.0 * triplet)

@@ -1,0 +1,88 @@
+"""Recall@k and ranks against a brute-force reference: several captions per image, and ties."""
+
+import numpy as np
+import pytest
+
+from vclr.metrics import image_to_text_ranks, retrieval_metrics, text_to_image_ranks
+
+
+def brute_force(img, txt, t2i, ks):
+    """Sort every candidate list with a stable sort on -score (ties: lower index first)."""
+    n, c = len(img), len(txt)
+    t2i_ranks = []
+    for q in range(c):
+        scores = [float(np.dot(txt[q], img[i])) for i in range(n)]
+        order = sorted(range(n), key=lambda i: (-scores[i], i))
+        t2i_ranks.append(order.index(t2i[q]) + 1)
+    i2t_ranks = []
+    for i in range(n):
+        scores = [float(np.dot(img[i], txt[j])) for j in range(c)]
+        order = sorted(range(c), key=lambda j: (-scores[j], j))
+        i2t_ranks.append(min(order.index(j) + 1 for j in range(c) if t2i[j] == i))
+    out = {}
+    for name, ranks in (("image_to_text", i2t_ranks), ("text_to_image", t2i_ranks)):
+        ranks = np.array(ranks)
+        out.update({f"{name}_R@{k}": 100.0 * np.mean(ranks <= k) for k in ks})
+        out[f"{name}_mean_rank"] = ranks.mean()
+        out[f"{name}_median_rank"] = np.median(ranks)
+    return out
+
+
+def _captions_per_image(kind, n, rng):
+    if kind == "one":
+        counts = np.ones(n, dtype=int)
+    elif kind == "five":
+        counts = np.full(n, 5)
+    else:
+        counts = rng.integers(1, 7, size=n)
+    return np.repeat(np.arange(n), counts)
+
+
+@pytest.mark.parametrize("kind", ["one", "five", "variable"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recall_matches_brute_force(kind, seed):
+    rng = np.random.default_rng(seed)
+    n, d = 40, 8
+    t2i = _captions_per_image(kind, n, rng)
+    rng.shuffle(t2i)  # captions need not be grouped by image
+    t2i[:n] = np.arange(n)  # ... but every image keeps at least one
+    img = rng.normal(size=(n, d)).astype(np.float32)
+    txt = (img[t2i] + rng.normal(scale=1.2, size=(len(t2i), d))).astype(np.float32)
+    ks = (1, 5, 10)
+    got = retrieval_metrics(img, txt, t2i, ks)
+    want = brute_force(img, txt, t2i, ks)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+    assert got["rsum"] == pytest.approx(sum(v for k, v in want.items() if "_R@" in k))
+    assert 0 < got["text_to_image_R@1"] < 100  # the data is neither trivial nor hopeless: the test can fail
+
+
+def test_ties_broken_by_lower_index():
+    # small integers: every dot product is exact, so equal vectors tie exactly
+    img = np.array([[1, 0], [1, 0], [0, 1], [1, 0]], dtype=np.float32)  # images 0, 1, 3 identical
+    txt = np.array([[1, 0], [1, 0], [0, 1], [1, 0], [0, 1]], dtype=np.float32)
+    t2i = np.array([0, 1, 2, 3, 2])
+    got_t2i = text_to_image_ranks(img, txt, t2i)
+    assert got_t2i.tolist() == [1, 2, 1, 3, 1]  # tied images 0 < 1 < 3 in index order
+    got_i2t = image_to_text_ranks(img, txt, t2i)
+    assert got_i2t.tolist() == [1, 2, 1, 3]  # image 1's caption (index 1) ties with caption 0 ahead of it
+    want = brute_force(img, txt, t2i, (1, 2))
+    got = retrieval_metrics(img, txt, t2i, (1, 2))
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1000])
+def test_blocked_equals_single_block(block):
+    rng = np.random.default_rng(5)
+    img = rng.integers(-2, 3, size=(23, 4)).astype(np.float32)  # integer vectors: many exact ties
+    t2i = np.concatenate([np.arange(23), rng.integers(0, 23, size=30)])
+    txt = rng.integers(-2, 3, size=(len(t2i), 4)).astype(np.float32)
+    assert np.array_equal(text_to_image_ranks(img, txt, t2i, block=block), text_to_image_ranks(img, txt, t2i, 10**6))
+    assert np.array_equal(image_to_text_ranks(img, txt, t2i, block=block), image_to_text_ranks(img, txt, t2i, 10**6))
+
+
+def test_rejects_image_without_caption():
+    img = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="at least one caption"):
+        retrieval_metrics(img, img[:2], np.array([0, 1]))

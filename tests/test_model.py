@@ -1,0 +1,57 @@
+"""Contract: every vclr model config builds and both towers map into one space; the temperature is a log value."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vclr.config import ConfigError, ModelConfig
+from vclr.model import MODEL_CONFIG_DIR, build_model, get_tokenizer, image_preprocess_cfg, list_models
+
+VCLR_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def test_vclr_configs_are_registered_with_open_clip():
+    assert VCLR_MODELS and set(VCLR_MODELS) <= set(list_models())
+    assert "ViT-B-32" in list_models()
+
+
+@pytest.mark.parametrize("name", VCLR_MODELS)
+@pytest.mark.parametrize("projector", [False, True])
+def test_model_encodes_both_modalities(name, projector):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, projector=projector, init_temperature=0.05)).eval()
+    size = image_preprocess_cfg(model)["size"]
+    tokens = get_tokenizer(model.cfg)(["a red circle", "a small blue star at the top"])
+    out = model(torch.randn(2, 3, size, size), tokens)
+    dim = json.loads((MODEL_CONFIG_DIR / f"{name}.json").read_text())["embed_dim"]
+    assert out["image_features"].shape == out["text_features"].shape == (2, dim)
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert float(out["logit_scale"].detach()) == pytest.approx(1 / 0.05, rel=1e-5)
+    assert float(model.logit_scale) == pytest.approx(math.log(1 / 0.05), rel=1e-6)
+
+
+def test_fixed_temperature_is_not_trained():
+    model = build_model(ModelConfig(learn_temperature=False))
+    assert not model.logit_scale.requires_grad
+
+
+def test_unknown_model_and_missing_checkpoint_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="vclr models"):
+        build_model(ModelConfig(name="no-such-model"))
+    with pytest.raises(ConfigError, match="no such checkpoint file"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "missing.pt")))
+
+
+def test_pretrained_local_checkpoint_is_loaded(tmp_path):
+    torch.manual_seed(1)
+    source = build_model(ModelConfig())
+    torch.save(source.clip.state_dict(), tmp_path / "towers.pt")
+    torch.manual_seed(2)
+    loaded = build_model(ModelConfig(pretrained=str(tmp_path / "towers.pt")))
+    fresh = build_model(ModelConfig())
+    name = "visual.conv1.weight"
+    assert torch.equal(loaded.clip.state_dict()[name], source.clip.state_dict()[name])
+    assert not torch.equal(fresh.clip.state_dict()[name], source.clip.state_dict()[name])

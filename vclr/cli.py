@@ -1,0 +1,232 @@
+"""The `vclr` command. One function per subcommand; `main(argv)` returns the exit code (tests call it directly).
+
+    vclr demo                                  # generate data, train, index, evaluate, search: all on CPU
+    vclr train --config configs/demo.yaml optim.lr=0.001
+    vclr search --index vclr-demo/index --text "a large red circle on the left" -k 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from vclr.config import VclrError, load_config
+
+logger = logging.getLogger("vclr")
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_QUERY = "a large red circle on the left"
+
+
+def _print_hits(hits) -> None:
+    for hit in hits:
+        print(f"{hit.rank:>3}  {hit.score:+.4f}  {hit.value}")
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise VclrError(f"--ks must be comma-separated integers such as 1,5,10, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- subcommands
+
+
+def cmd_make_synthetic(args) -> int:
+    from vclr.data.synthetic import make_synthetic
+
+    try:
+        out = make_synthetic(args.out, args.train, args.test, args.image_size, args.seed)
+    except ValueError as e:
+        raise VclrError(str(e)) from None
+    print(f"wrote {args.train} train and {args.test} test images to {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from vclr.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"trained {result.step} steps in {result.elapsed_s:.0f}s, loss {result.first_loss:.4f} -> "
+          f"{result.last_loss:.4f}; run dir {result.run_dir}")
+    return 0
+
+
+def cmd_index(args) -> int:
+    from vclr.search import build_index
+
+    index = build_index(args.run, args.data, args.out)
+    print(f"indexed {index.manifest['num_images']} images and {index.manifest['num_texts']} captions "
+          f"(dim {index.manifest['dim']}) into {args.out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from vclr.search import search_by_image, search_by_text
+
+    if (args.text is None) == (args.image is None):
+        raise VclrError("give exactly one of --text or --image")
+    if args.text is not None:
+        hits = search_by_text(args.index, args.text, args.k, args.run)
+    else:
+        hits = search_by_image(args.index, args.image, args.k, args.run)
+    if args.json:
+        print(json.dumps([hit.__dict__ for hit in hits]))
+    else:
+        _print_hits(hits)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from vclr.evaluate import evaluate_run, format_metrics_table
+
+    ks = _parse_ks(args.ks) if args.ks else None
+    out = args.out or Path(args.run) / "eval.json"
+    report = evaluate_run(args.run, args.data, ks, out)
+    print(format_metrics_table(report["metrics"], report["ks"]))
+    print(f"report: {out}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from vclr.model import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """generate -> train -> index -> eval -> one search, under args.out; reuses finished steps when re-run."""
+    from vclr.data.synthetic import make_synthetic
+    from vclr.evaluate import evaluate_run, format_metrics_table
+    from vclr.search import build_index, search_by_text
+    from vclr.train import MODEL_FILE, latest_checkpoint, train
+
+    out = Path(args.out)
+    data, run, index = out / "data", out / "run", out / "index"
+    start = time.perf_counter()
+    if not (data / "test" / "metadata.jsonl").is_file():
+        print(f"[1/5] generating the synthetic shapes dataset in {data}")
+        make_synthetic(data, args.train_images, args.test_images, seed=args.seed)
+    else:
+        print(f"[1/5] reusing the dataset in {data}")
+    cfg = load_config(DEMO_CONFIG, [f"data.train={data / 'train'}", f"data.test={data / 'test'}",
+                                    f"train.output_dir={run}", f"train.seed={args.seed}", *args.overrides])
+    if (run / MODEL_FILE).is_file() and not args.retrain:
+        print(f"[2/5] reusing the trained model in {run} (--retrain to train again)")
+    else:
+        print(f"[2/5] training {cfg.model.name} for {cfg.optim.max_steps} steps (at most {cfg.train.max_minutes} min)")
+        resume = latest_checkpoint(run) is not None and not args.retrain
+        if args.retrain and run.exists():
+            import shutil
+            shutil.rmtree(run)
+        result = train(cfg, resume=resume)
+        print(f"      {result.step} steps in {result.elapsed_s:.0f}s, loss {result.first_loss:.3f} -> "
+              f"{result.last_loss:.3f}")
+    print(f"[3/5] indexing the test split into {index}")
+    build_index(run, str(data / "test"), index)
+    print("[4/5] evaluating retrieval on the held-out test split")
+    report = evaluate_run(run, str(data / "test"), out=out / "eval.json")
+    print(format_metrics_table(report["metrics"], report["ks"]))
+    print(f"[5/5] vclr search --index {index} --text {DEMO_QUERY!r} -k 5")
+    _print_hits(search_by_text(index, DEMO_QUERY, 5))
+    print(f"demo finished in {time.perf_counter() - start:.0f}s; report {out / 'eval.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- parser
+
+
+def _add(sub, name: str, func, help_text: str, example: str, aliases: Sequence[str] = ()):
+    parser = sub.add_parser(name, help=help_text, description=help_text, aliases=list(aliases),
+                            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vclr", description="Train, index, search and evaluate image-text "
+                                                              "retrieval models.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _add(sub, "demo", cmd_demo, "generate data, train, index, evaluate and search, end to end", "vclr demo")
+    p.add_argument("--out", default="vclr-demo", help="folder for data, run, index and report (default vclr-demo)")
+    p.add_argument("--train-images", type=int, default=20000)
+    p.add_argument("--test-images", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain", action="store_true", help="train again even if the folder holds a trained model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.max_steps=100")
+
+    p = _add(sub, "make-synthetic", cmd_make_synthetic, "write the synthetic captioned-shapes dataset",
+             "vclr make-synthetic --out data/shapes --train 20000 --test 1000")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=20000, help="train images")
+    p.add_argument("--test", type=int, default=1000, help="test images")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = _add(sub, "train", cmd_train, "train a dual encoder", "vclr train --config configs/demo.yaml optim.lr=0.001")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.001")
+
+    p = _add(sub, "index", cmd_index, "embed a dataset with a trained model and save a FAISS index",
+             "vclr index --run vclr-demo/run --data vclr-demo/data/test --out vclr-demo/index", aliases=["embed"])
+    p.add_argument("--run", required=True, help="training run dir")
+    p.add_argument("--data", help="dataset to index (default: the run's data.test)")
+    p.add_argument("--out", required=True, help="index dir to write")
+
+    p = _add(sub, "search", cmd_search, "search an index by text (-> images) or by image (-> captions)",
+             "vclr search --index vclr-demo/index --text 'a red circle' -k 5")
+    p.add_argument("--index", required=True)
+    p.add_argument("--text")
+    p.add_argument("--image")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+
+    p = _add(sub, "eval", cmd_eval, "retrieval recall@k both ways on a test set; writes a JSON report",
+             "vclr eval --run vclr-demo/run --data vclr-demo/data/test --ks 1,5,10")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", help="test dataset (default: the run's data.test)")
+    p.add_argument("--ks", help="comma-separated k values (default: the run's eval.ks)")
+    p.add_argument("--out", help="report path (default RUN/eval.json)")
+
+    _add(sub, "models", cmd_models, "list model configs accepted by model.name", "vclr models")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vclr").setLevel(logging.WARNING if quiet else logging.INFO)
+    for noisy in ("accelerate", "datasets", "httpx"):  # library chatter at INFO is not for users
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip logs through the root logger
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return args.func(args)
+    except VclrError as e:
+        if args.debug:
+            raise
+        print(f"vclr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vclr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Evaluate a trained run on a captioned test set: exact recall@k both ways, mean/median rank, rsum; a JSON report.
+
+    vclr eval --run runs/demo --data data/shapes/test --out runs/demo/eval.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from vclr.config import VclrError, atomic_write_text, config_hash
+from vclr.data.dataset import load_caption_table
+from vclr.embed import embed_table, load_trained
+from vclr.metrics import retrieval_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int] | None = None,
+                 out: str | Path | None = None) -> dict:
+    """Embed `data` (default: the run's data.test) with the run's model and score retrieval both ways."""
+    model, cfg = load_trained(run_dir)
+    source = data or cfg.data.test
+    if not source:
+        raise VclrError("no test data: pass --data DIR or set data.test in the run's config")
+    ks = tuple(ks or cfg.eval.ks)
+    if any(k <= 0 for k in ks):
+        raise VclrError(f"every k must be a positive integer, got {list(ks)}")
+    table = load_caption_table(source, cfg.data.image_column, cfg.data.caption_columns)
+    start = time.perf_counter()
+    emb = embed_table(model, cfg, table)
+    metrics = retrieval_metrics(emb.image_embeddings, emb.text_embeddings, emb.text_to_image, ks)
+    report = {
+        "metrics": metrics,
+        "run_dir": str(Path(run_dir).resolve()),
+        "dataset": str(source),
+        "dataset_fingerprint": table.fingerprint(),
+        "skipped_rows": table.skipped,
+        "model_name": cfg.model.name,
+        "model_config_hash": config_hash(cfg.model),
+        "ks": list(ks),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if out:
+        atomic_write_text(out, json.dumps(report, indent=2))
+        logger.info("wrote %s", out)
+    return report
+
+
+def format_metrics_table(metrics: dict, ks: Sequence[int]) -> str:
+    """A small fixed-width table: one row per direction."""
+    header = f"{'direction':<15}" + "".join(f"{'R@' + str(k):>8}" for k in ks) + f"{'mean_r':>9}{'med_r':>7}"
+    lines = [header, "-" * len(header)]
+    for direction in ("image_to_text", "text_to_image"):
+        cells = "".join(f"{metrics[f'{direction}_R@{k}']:>8.2f}" for k in ks)
+        lines.append(f"{direction:<15}{cells}{metrics[f'{direction}_mean_rank']:>9.2f}"
+                     f"{metrics[f'{direction}_median_rank']:>7.1f}")
+    lines.append(f"rsum {metrics['rsum']:.2f}   ({metrics['num_images']} images, {metrics['num_texts']} captions)")
+    return "\n".join(lines)

@@ -46,7 +46,7 @@ class ProjectorMLP(nn.Module):
 class DualEncoder(nn.Module):
     """Image and text towers into one joint space. API as open_clip's CLIP: encode_image, encode_text, forward->dict."""
 
-    def __init__(self, cfg: ModelConfig, clip: nn.Module, embed_dim: int):
+    def __init__(self, cfg: ModelConfig, clip: nn.Module, embed_dim: int, reset_temperature: bool = True):
         super().__init__()
         self.cfg = cfg
         self.clip = clip
@@ -54,8 +54,10 @@ class DualEncoder(nn.Module):
         self.image_projector = ProjectorMLP(embed_dim, cfg.projector_hidden_dim) if cfg.projector else nn.Identity()
         self.text_projector = ProjectorMLP(embed_dim, cfg.projector_hidden_dim) if cfg.projector else nn.Identity()
         # The temperature lives as log(1/T) (open_clip's logit_scale): gradient steps act on a scale-free quantity.
-        with torch.no_grad():
-            self.clip.logit_scale.fill_(math.log(1.0 / cfg.init_temperature))
+        # Pretrained weights keep their learned temperature; fresh towers start at init_temperature.
+        if reset_temperature:
+            with torch.no_grad():
+                self.clip.logit_scale.fill_(math.log(1.0 / cfg.init_temperature))
         self.clip.logit_scale.requires_grad_(cfg.learn_temperature)
         self.max_log_scale = math.log(cfg.max_logit_scale)
 
@@ -113,7 +115,7 @@ def build_model(cfg: ModelConfig) -> DualEncoder:
         clip = open_clip.create_model(cfg.name, pretrained=pretrained, pretrained_text=False, output_dict=True)
     if pretrained:
         logger.info("loaded pretrained weights %s into %s", pretrained, cfg.name)
-    return DualEncoder(cfg, clip, embed_dim)
+    return DualEncoder(cfg, clip, embed_dim, reset_temperature=not pretrained)
 
 
 def get_tokenizer(cfg: ModelConfig):

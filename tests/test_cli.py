@@ -1,0 +1,72 @@
+"""The CLI through main(argv): user errors are one clear line on stderr, a non-zero exit, and no traceback."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vclr.cli import main
+from vclr.config import ModelConfig, config_hash
+from vclr.index import RetrievalIndex
+
+CONFIG = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+
+
+@pytest.fixture
+def fake_index(tmp_path):
+    """An index whose manifest points at a run dir that holds no model (enough for argument checks)."""
+    emb = np.eye(4, dtype=np.float32)
+    RetrievalIndex.build(emb, emb, np.arange(4), [f"{i}.png" for i in range(4)], [f"c{i}" for i in range(4)],
+                         {"run_dir": str(tmp_path / "no-run"), "model_config_hash": config_hash(ModelConfig())}
+                         ).save(tmp_path / "index")
+    return tmp_path / "index"
+
+
+def _assert_one_line_error(capsys, code, expected):
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("vclr: error:") and expected in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["search", "--index", "{index}", "--text", "   "], "text query is empty"),
+    (["search", "--index", "{index}", "--text", "a red circle", "-k", "0"], "k must be a positive integer"),
+    (["search", "--index", "{index}", "--text", "a red circle", "-k", "-3"], "k must be a positive integer"),
+    (["search", "--index", "{tmp}/nowhere", "--text", "a red circle"], "does not exist"),
+    (["search", "--index", "{index}"], "exactly one of --text or --image"),
+    (["search", "--index", "{index}", "--text", "x" * 1001], "limit is 1000"),
+    (["train", "--config", CONFIG, "optim.no_such_key=1"], "unknown config key 'optim.no_such_key'"),
+    (["train", "--config", CONFIG, "data.batch_size=many"], "data.batch_size='many' has the wrong type"),
+    (["train", "--config", "{tmp}/missing.yaml"], "does not exist"),
+    (["train", "--config", CONFIG, "data.train={tmp}/nodata"], "does not exist"),
+    (["eval", "--run", "{tmp}/no-run"], "has no config.yaml"),
+    (["index", "--run", "{tmp}/no-run", "--out", "{tmp}/i"], "has no config.yaml"),
+    (["eval", "--run", "{tmp}", "--ks", "1,x"], "--ks must be comma-separated integers"),
+    (["make-synthetic", "--out", "{tmp}/s", "--train", "0"], "must be >= 1"),
+])
+def test_user_errors(argv, expected, tmp_path, fake_index, capsys):
+    argv = [a.format(index=fake_index, tmp=tmp_path) for a in argv]
+    _assert_one_line_error(capsys, main(argv), expected)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from vclr.config import VclrError
+
+    with pytest.raises(VclrError):
+        main(["--debug", "search", "--index", str(tmp_path / "nowhere"), "--text", "x"])
+
+
+def test_models_lists_configs(capsys):
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "vclr-tiny-rn" in names and "ViT-B-32" in names
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--help"])
+    assert info.value.code == 0
+    assert "example:" in capsys.readouterr().out

@@ -1,0 +1,49 @@
+"""A run stopped after a checkpoint and resumed continues from the saved step, with the same batches and losses."""
+
+import json
+
+import pytest
+
+import vclr.train as train_mod
+from vclr.config import load_config
+from vclr.config import VclrError
+from conftest import train_overrides
+
+
+def _losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_resume_continues_from_saved_step(small_shapes, tmp_path, monkeypatch):
+    # 1500 images / batch 64 = 23 batches per epoch: the stop at step 30 is mid-epoch 1, so resume must skip batches
+    extra = {"optim.max_steps": 40, "train.checkpoint_every": 30, "train.log_every": 1}
+    full = train_mod.train(load_config(None, train_overrides(small_shapes, tmp_path / "full", **extra)))
+    assert full.step == 40
+
+    cfg = load_config(None, train_overrides(small_shapes, tmp_path / "stopped", **extra))
+    real_save = train_mod.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_die(trainer):
+        path = real_save(trainer)
+        if trainer.state.step == 30:
+            raise Stop  # the process dies right after checkpoint step 30
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(Stop):
+        train_mod.train(cfg)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert max(_losses(tmp_path / "stopped")) == 30
+
+    with pytest.raises(VclrError, match="--resume"):
+        train_mod.train(cfg)  # not silently restarted over the old run
+    resumed = train_mod.train(cfg, resume=True)
+    assert resumed.step == 40
+    stopped_losses, full_losses = _losses(tmp_path / "stopped"), _losses(tmp_path / "full")
+    assert sorted(stopped_losses) == list(range(1, 41))  # each step logged once: no restart from 0
+    for step in range(31, 41):  # same next batches, same model: same losses
+        assert stopped_losses[step] == pytest.approx(full_losses[step], rel=1e-4, abs=1e-5), step

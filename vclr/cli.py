@@ -20,7 +20,6 @@ from vclr.config import VclrError, load_config
 logger = logging.getLogger("vclr")
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-DEMO_QUERY = "a large red circle on the left"
 
 
 def _print_hits(hits) -> None:
@@ -131,12 +130,13 @@ def cmd_demo(args) -> int:
         print(f"      {result.step} steps in {result.elapsed_s:.0f}s, loss {result.first_loss:.3f} -> "
               f"{result.last_loss:.3f}")
     print(f"[3/5] indexing the test split into {index}")
-    build_index(run, str(data / "test"), index)
+    built = build_index(run, str(data / "test"), index)
     print("[4/5] evaluating retrieval on the held-out test split")
     report = evaluate_run(run, str(data / "test"), out=out / "eval.json")
     print(format_metrics_table(report["metrics"], report["ks"]))
-    print(f"[5/5] vclr search --index {index} --text {DEMO_QUERY!r} -k 5")
-    _print_hits(search_by_text(index, DEMO_QUERY, 5))
+    query, truth = built.texts[0], built.image_paths[built.text_to_image[0]]  # a held-out caption and its image
+    print(f"[5/5] vclr search --index {index} --text {query!r} -k 5    (its own image: {Path(truth).name})")
+    _print_hits(search_by_text(index, query, 5))
     print(f"demo finished in {time.perf_counter() - start:.0f}s; report {out / 'eval.json'}")
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -278,6 +279,10 @@ def cleanup(trainer: Trainer, result: TrainResult) -> None:
     if skipped:
         logger.warning("training data: skipped rows %s", skipped)
     trainer.accelerator.end_training()
+    # Accelerate keeps its state per process; clear the per-run part (precision, accumulation) so that this process
+    # can train again with other settings (the demo, sweeps, tests). The distributed set-up (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:

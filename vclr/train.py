@@ -275,7 +275,9 @@ def cleanup(trainer: Trainer, result: TrainResult) -> None:
         save_checkpoint(trainer)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.save_model(trainer.model, str(trainer.run_dir), safe_serialization=True)
-    skipped = trainer.dataset.table.skipped
+    skipped = dict(trainer.dataset.table.skipped)
+    if trainer.dataset.unreadable_on_the_fly:  # counted in the main process only (data.num_workers=0)
+        skipped["unreadable image"] = len(trainer.dataset.unreadable_on_the_fly)
     if skipped:
         logger.warning("training data: skipped rows %s", skipped)
     trainer.accelerator.end_training()

@@ -172,7 +172,8 @@ class ImageTextDataset(Dataset):
         self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in table.captions])])  # (N + 1,)
         self.text_to_image = text_to_image
         self.cache: torch.Tensor | None = None
-        self.unreadable = 0
+        self.unreadable = 0  # images dropped at caching time
+        self.unreadable_on_the_fly: set[int] = set()  # found while decoding lazily (this process's items only)
         cache_gb = len(table) * 3 * image_size**2 / 1e9
         if cache_images and not augment and cache_gb <= cache_max_gb:
             self._fill_cache()
@@ -226,6 +227,7 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, i: int):
         image = self.image(i)
         if image is None:
+            self.unreadable_on_the_fly.add(i)
             return None  # unreadable on the fly: collate drops it
         return image, self.tokens[self.caption_index(i)]
 

@@ -20,12 +20,17 @@ def _ranks_of_targets(scores: np.ndarray, target_scores: np.ndarray, target_inde
     return ahead.sum(axis=1) + 1  # (b,)
 
 
+def _blocks(total: int, block: int):
+    """(start, stop) of consecutive query blocks: memory stays at block x candidates scores."""
+    for start in range(0, total, block):
+        yield start, min(start + block, total)
+
+
 def text_to_image_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray,
                         block: int = 4096) -> np.ndarray:
     """(C,) rank of each caption's own image among all images."""
     ranks = np.empty(len(text_embeddings), dtype=np.int64)
-    for start in range(0, len(text_embeddings), block):
-        stop = min(start + block, len(text_embeddings))
+    for start, stop in _blocks(len(text_embeddings), block):
         scores = text_embeddings[start:stop] @ image_embeddings.T  # (b, N)
         targets = text_to_image[start:stop]
         target_scores = scores[np.arange(stop - start), targets]
@@ -37,8 +42,7 @@ def image_to_text_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarra
                         block: int = 1024) -> np.ndarray:
     """(N,) rank of the best-ranked caption of each image among all captions."""
     ranks = np.empty(len(image_embeddings), dtype=np.int64)
-    for start in range(0, len(image_embeddings), block):
-        stop = min(start + block, len(image_embeddings))
+    for start, stop in _blocks(len(image_embeddings), block):
         scores = image_embeddings[start:stop] @ text_embeddings.T  # (b, C)
         positive = text_to_image[None, :] == np.arange(start, stop)[:, None]  # (b, C)
         positive_scores = np.where(positive, scores, -np.inf)

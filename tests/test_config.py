@@ -67,3 +67,13 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config_to_dict(cfg)
+
+
+def test_text_fields_take_values_as_typed(tmp_path):
+    # YAML 1.1 would read these as booleans; a text field keeps what the user wrote
+    cfg = load_config(None, ["train.mixed_precision=no", "model.name=on", "model.pretrained=123"])
+    assert cfg.train.mixed_precision == "no" and cfg.model.name == "on" and cfg.model.pretrained == "123"
+    unquoted = tmp_path / "c.yaml"
+    unquoted.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(unquoted).train.mixed_precision == "no"
+    assert load_config(None, ["eval.ks=[1, 2]"]).eval.ks == (1, 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -124,7 +125,6 @@ def cmd_demo(args) -> int:
         print(f"[2/5] training {cfg.model.name} for {cfg.optim.max_steps} steps (at most {cfg.train.max_minutes} min)")
         resume = latest_checkpoint(run) is not None and not args.retrain
         if args.retrain and run.exists():
-            import shutil
             shutil.rmtree(run)
         result = train(cfg, resume=resume)
         print(f"      {result.step} steps in {result.elapsed_s:.0f}s, loss {result.first_loss:.3f} -> "

@@ -7,6 +7,7 @@ Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -153,8 +154,22 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 # ---------------------------------------------------------------------------------------------- building from dicts
 
 
+class _RawOverride(str):
+    """A command-line value, kept as typed until the field's type says how to read it."""
+
+
+def _is_text_field(annotation: Any) -> bool:
+    return annotation is str or typing.get_origin(annotation) is Literal
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a field's type, converting only where it loses nothing (int -> float, list -> tuple)."""
+    if isinstance(value, _RawOverride):
+        # text fields take the string as typed: YAML would read `no` as False and `1e-3` as a string
+        value = str(value) if _is_text_field(annotation) else yaml.safe_load(value) if value.strip() else ""
+    if _is_text_field(annotation) and isinstance(value, bool):
+        # a YAML file's unquoted `no`/`off`/`yes` arrive as booleans; map the one spelling our choices use
+        value = {False: "no", True: "yes"}[value]
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
@@ -215,11 +230,11 @@ def _apply_override(tree: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"bad override {override!r}: '{part}' is not a config section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = _RawOverride(raw.strip())
 
 
 def config_from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
-    tree = json.loads(json.dumps(values or {}))  # deep copy, also rejects non-plain values
+    tree = copy.deepcopy(values or {})
     for override in overrides:
         _apply_override(tree, override)
     return _build(Config, tree)

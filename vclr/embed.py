@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tup
     if not (run_dir / CONFIG_FILE).is_file():
         raise VclrError(f"run dir {run_dir} has no {CONFIG_FILE}: is it a `vclr train` output_dir?")
     cfg = load_config(run_dir / CONFIG_FILE)
-    model = build_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": ""}))  # weights come from the run
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""))  # the weights come from the run
     model.load_state_dict(load_file(str(_weights_file(run_dir))))
     return model.to(device or default_device()).eval(), cfg
 

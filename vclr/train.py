@@ -148,6 +148,8 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
                       tuple(preprocess["mean"]), tuple(preprocess["std"]))
     if resume:
         _restore(trainer)
+    elif accelerator.is_main_process:
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier attempt that left no checkpoint
     if accelerator.is_main_process:
         save_config(cfg, run_dir / CONFIG_FILE)
     return trainer

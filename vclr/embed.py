@@ -65,7 +65,7 @@ def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tup
 def embed_image_batches(model: DualEncoder, images: DataLoader, device: torch.device) -> np.ndarray:
     preprocess = image_preprocess_cfg(model)
     out = []
-    for batch in tqdm(images, desc="embedding images", unit="batch", leave=False):
+    for batch in tqdm(images, desc="embedding images", unit="batch", leave=False, disable=len(images) <= 1):
         batch = normalize_images(batch.to(device), preprocess["mean"], preprocess["std"])  # (B, 3, S, S)
         out.append(model.encode_image(batch, normalize=True).float().cpu())
     return torch.cat(out).numpy().astype(np.float32)  # (N, D)
@@ -74,7 +74,8 @@ def embed_image_batches(model: DualEncoder, images: DataLoader, device: torch.de
 @torch.no_grad()
 def embed_tokens(model: DualEncoder, tokens: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
     out = [model.encode_text(tokens[i:i + batch_size].to(device), normalize=True).float().cpu()
-           for i in tqdm(range(0, len(tokens), batch_size), desc="embedding texts", unit="batch", leave=False)]
+           for i in tqdm(range(0, len(tokens), batch_size), desc="embedding texts", unit="batch", leave=False,
+                         disable=len(tokens) <= batch_size)]
     return torch.cat(out).numpy().astype(np.float32)  # (C, D)
 
 

@@ -49,6 +49,21 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from vclr.data import prepare
+
+    if args.dataset == "karpathy":
+        counts = prepare.prepare_karpathy(args.json, args.images, args.out, restval_to_train=not args.keep_restval)
+    elif args.dataset == "fashion-mnist":
+        counts = prepare.prepare_fashion_mnist(args.out, args.source, args.limit)
+    else:
+        counts = prepare.prepare_folder(args.images, args.captions, args.out, args.image_column,
+                                        tuple(c.strip() for c in args.caption_columns.split(",") if c.strip()),
+                                        args.test_fraction, args.seed)
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} images' metadata under {args.out}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from vclr.train import train
 
@@ -173,6 +188,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=1000, help="test images")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+
+    p = _add(sub, "prepare", cmd_prepare, "convert a dataset into vclr's standard format (images + metadata.jsonl)",
+             "vclr prepare karpathy --json dataset_flickr30k.json --images flickr30k-images --out data/f30k")
+    datasets_sub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    d = datasets_sub.add_parser("karpathy", help="Flickr30k / COCO Karpathy split JSON + image folder")
+    d.add_argument("--json", required=True, help="dataset_flickr30k.json or dataset_coco.json")
+    d.add_argument("--images", required=True, help="folder holding the images (COCO: the folder above train2014/)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--keep-restval", action="store_true", help="keep COCO's restval as its own split")
+    d = datasets_sub.add_parser("fashion-mnist", help="Fashion-MNIST from Debian's dataset-fashion-mnist")
+    d.add_argument("--out", required=True)
+    d.add_argument("--source", help="folder with the IDX .gz files (default: the Debian package's, fetched if absent)")
+    d.add_argument("--limit", type=int, help="at most this many images per split")
+    d = datasets_sub.add_parser("folder", help="a folder of images + a CSV/JSONL/parquet table of captions")
+    d.add_argument("--images", required=True, help="image folder; the table's paths are relative to it")
+    d.add_argument("--captions", required=True, help="the table")
+    d.add_argument("--out", required=True)
+    d.add_argument("--image-column", default="file_name")
+    d.add_argument("--caption-columns", default="captions", help="comma-separated")
+    d.add_argument("--test-fraction", type=float, default=0.1)
+    d.add_argument("--seed", type=int, default=0)
 
     p = _add(sub, "train", cmd_train, "train a dual encoder", "vclr train --config configs/demo.yaml optim.lr=0.001")
     p.add_argument("--config", help="YAML config (see configs/)")

@@ -84,8 +84,12 @@ def _row_captions(row: dict, caption_columns: Sequence[str]) -> list[str]:
 
 
 def load_caption_table(source: str | os.PathLike, image_column: str = "file_name",
-                       caption_columns: Sequence[str] = ("captions",)) -> CaptionTable:
-    """Read the table with `datasets`, resolve image paths, drop rows with no image file or no caption."""
+                       caption_columns: Sequence[str] = ("captions",),
+                       image_root: str | os.PathLike | None = None) -> CaptionTable:
+    """Read the table with `datasets`, resolve image paths, drop rows with no image file or no caption.
+
+    Image paths are relative to `image_root`, by default the table's own folder.
+    """
     import datasets  # heavy import: only when loading data
 
     table_file = _table_file(Path(source))
@@ -98,7 +102,7 @@ def load_caption_table(source: str | os.PathLike, image_column: str = "file_name
     if missing:
         raise DataError(f"dataset table {table_file} has no column {missing[0]!r} (columns: "
                         f"{', '.join(table.column_names)}); set data.image_column / data.caption_columns")
-    root = table_file.parent
+    root = Path(image_root) if image_root is not None else table_file.parent
     paths, captions, skipped = [], [], {"missing image file": 0, "no caption": 0}
     for row in table.select_columns([image_column, *caption_columns]):
         path = root / str(row[image_column] or "")

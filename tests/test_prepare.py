@@ -1,0 +1,111 @@
+"""Dataset preparers on tiny fixtures in each source's real format; their output loads as a vclr table."""
+
+import gzip
+import json
+import struct
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from vclr.cli import main
+from vclr.data.dataset import load_caption_table
+from vclr.data.prepare import FASHION_MNIST_CLASSES, PrepareError, read_idx
+
+
+def _png(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value, value, value)).save(path)
+
+
+def _karpathy_fixture(tmp_path, coco=False):
+    """The layout of dataset_flickr30k.json / dataset_coco.json (sentences[].raw, tokens, split, filename...)."""
+    images, rows = tmp_path / "images", []
+    splits = ["train", "train", "val", "test", "restval" if coco else "train", "test"]
+    for i, split in enumerate(splits):
+        folder = "val2014" if coco else ""
+        name = f"COCO_val2014_{i:012d}.jpg" if coco else f"{1000 + i}.jpg"
+        if i != 5:  # the last one is listed but missing on disk
+            _png(images / folder / name, 10 * i)
+        entry = {"filename": name, "imgid": i, "split": split, "sentids": [5 * i + k for k in range(5)],
+                 "sentences": [{"raw": f"Caption {k} of image {i}.", "tokens": ["caption"], "imgid": i,
+                                "sentid": 5 * i + k} for k in range(5)]}
+        if coco:
+            entry.update(filepath=folder, cocoid=900 + i)
+        rows.append(entry)
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": rows, "dataset": "coco" if coco else "flickr30k"}))
+    return tmp_path / "dataset.json", images
+
+
+@pytest.mark.parametrize("coco", [False, True])
+def test_karpathy(tmp_path, coco, capsys):
+    split_file, images = _karpathy_fixture(tmp_path, coco)
+    out = tmp_path / "out"
+    assert main(["prepare", "karpathy", "--json", str(split_file), "--images", str(images), "--out", str(out)]) == 0
+    assert "3 train" in capsys.readouterr().out  # restval joins train for COCO
+    test = load_caption_table(out / "test")
+    assert len(test) == 1  # the missing image is left out
+    assert test.captions[0] == [f"Caption {k} of image 3." for k in range(5)]
+    assert test.image_paths[0].endswith("COCO_val2014_000000000003.jpg" if coco else "1003.jpg")
+    assert len(load_caption_table(out / "train")) == 3 and len(load_caption_table(out / "val")) == 1
+
+
+def test_karpathy_rejects_other_json(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"annotations": []}))
+    (tmp_path / "img").mkdir()
+    with pytest.raises(PrepareError, match="not a Karpathy split file"):
+        from vclr.data.prepare import prepare_karpathy
+        prepare_karpathy(tmp_path / "x.json", tmp_path / "img", tmp_path / "out")
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_idx_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        _write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
+        _write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    out = tmp_path / "out"
+    assert main(["prepare", "fashion-mnist", "--source", str(src), "--out", str(out), "--limit", "10"]) == 0
+    train = load_caption_table(out / "train")
+    assert len(train) == 10 and len(load_caption_table(out / "test")) == 5
+    assert train.captions[3][0] == f"a photo of a {FASHION_MNIST_CLASSES[3]}"
+    pixels = read_idx(src / "train-images-idx3-ubyte.gz")[7]
+    assert np.array_equal(np.asarray(Image.open(out / "train" / "00007.png")), pixels)
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out))  # a standard imagefolder, labels included
+    assert ds["train"][7]["label"] == 7
+
+
+def test_idx_with_wrong_length_is_rejected(tmp_path):
+    path = tmp_path / "bad-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x01\x02")
+    with pytest.raises(PrepareError, match="header says"):
+        read_idx(path)
+
+
+def test_folder_with_csv(tmp_path):
+    images = tmp_path / "photos"
+    lines = ["path,caption,alt"]
+    for i in range(40):
+        _png(images / "sub" / f"{i}.png", i)
+        lines.append(f"sub/{i}.png,photo {i},alt text {i}")
+    lines.append("sub/missing.png,gone,gone")
+    (tmp_path / "caps.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    argv = ["prepare", "folder", "--images", str(images), "--captions", str(tmp_path / "caps.csv"), "--out", str(out),
+            "--image-column", "path", "--caption-columns", "caption,alt", "--test-fraction", "0.25"]
+    assert main(argv) == 0
+    train, test = load_caption_table(out / "train"), load_caption_table(out / "test")
+    assert len(train) + len(test) == 40 and 3 <= len(test) <= 20
+    assert sorted(test.image_paths) == sorted(set(test.image_paths) - set(train.image_paths))
+    first = (out / "test" / "metadata.jsonl").read_text()
+    assert main(argv) == 0 and (out / "test" / "metadata.jsonl").read_text() == first  # deterministic
+    i = int(train.image_paths[0].rsplit("/", 1)[1].split(".")[0])
+    assert train.captions[0] == [f"photo {i}", f"alt text {i}"]

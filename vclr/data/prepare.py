@@ -1,0 +1,206 @@
+"""Dataset preparers: turn datasets nobody on this team wrote into vclr's standard on-disk format.
+
+Standard format (what `load_caption_table` reads, and an HF `imagefolder`): OUT/<split>/metadata.jsonl with one row
+per image, `file_name` (relative to that split folder) and `captions` (a list), plus extra columns such as `label`.
+
+    vclr prepare karpathy --json dataset_flickr30k.json --images flickr30k-images --out data/flickr30k
+    vclr prepare fashion-mnist --out data/fashion-mnist
+    vclr prepare folder --images photos/ --captions captions.csv --out data/photos
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vclr.config import VclrError
+from vclr.data.dataset import load_caption_table
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR = Path(os.environ.get("VCLR_CACHE", Path.home() / ".cache" / "vclr"))
+
+
+class PrepareError(VclrError):
+    pass
+
+
+def write_split(out_dir: Path, split: str, rows: Iterable[dict]) -> int:
+    """Write OUT/split/metadata.jsonl atomically; returns the row count."""
+    split_dir = out_dir / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    fd, tmp = tempfile.mkstemp(dir=split_dir, prefix=".metadata.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, split_dir / "metadata.jsonl")
+    logger.info("wrote %d rows to %s", len(rows), split_dir / "metadata.jsonl")
+    return len(rows)
+
+
+def _relative(image: Path, split_dir: Path) -> str:
+    return os.path.relpath(image.resolve(), split_dir.resolve())
+
+
+# --------------------------------------------------------------------------------------------------------- karpathy
+
+
+def prepare_karpathy(json_path: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                     restval_to_train: bool = True) -> dict[str, int]:
+    """Flickr30k / COCO Karpathy splits (`images[].sentences[].raw`, `split`, `filename`, COCO's `filepath`).
+
+    Images stay where they are: metadata rows point at them by relative path. `restval` (COCO) joins train, as in
+    the usual 113k-image COCO training set, unless `restval_to_train` is False.
+    """
+    json_path, images_dir, out = Path(json_path), Path(images_dir), Path(out_dir)
+    if not json_path.is_file():
+        raise PrepareError(f"Karpathy split file {json_path} does not exist (dataset_flickr30k.json / dataset_coco.json)")
+    if not images_dir.is_dir():
+        raise PrepareError(f"image folder {images_dir} does not exist")
+    try:
+        entries = json.loads(json_path.read_text(encoding="utf-8"))["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PrepareError(f"{json_path} is not a Karpathy split file (needs an 'images' list): {e}") from None
+    splits: dict[str, list[dict]] = {}
+    missing = 0
+    for n, entry in enumerate(entries):
+        try:
+            image = images_dir / entry.get("filepath", "") / entry["filename"]
+            captions = [s["raw"].strip() for s in entry["sentences"] if s.get("raw", "").strip()]
+            split = entry["split"]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise PrepareError(f"{json_path}: images[{n}] lacks a field the Karpathy format has: {e}") from None
+        if split == "restval" and restval_to_train:
+            split = "train"
+        if not image.is_file():
+            missing += 1
+            continue
+        splits.setdefault(split, []).append({"file_name": _relative(image, out / split), "captions": captions,
+                                             "id": entry.get("cocoid", entry.get("imgid", n))})
+    if missing:
+        logger.warning("%s: %d images listed in the split file are not in %s", json_path, missing, images_dir)
+    counts = {split: write_split(out, split, rows) for split, rows in sorted(splits.items())}
+    if not counts:
+        raise PrepareError(f"no image of {json_path} was found under {images_dir}")
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------- fashion-mnist
+
+FASHION_MNIST_CLASSES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                         "bag", "ankle boot")
+FASHION_MNIST_DEBIAN = "dataset-fashion-mnist"
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+FASHION_MNIST_TEMPLATES = ("a photo of {}", "{}", "a black and white photo of {}", "a picture of {}")
+
+
+def with_article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip or plain): uint8 array of the header's shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise PrepareError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise PrepareError(f"{path}: header says {shape} but the file holds {body.size} values")
+    return body.reshape(shape)
+
+
+def _fetch_debian_package(package: str, subdir: str) -> Path:
+    """Unpack a Debian package into the cache with `apt-get download` + `dpkg -x` (no root needed to unpack)."""
+    target = CACHE_DIR / "debian" / package
+    found = target / subdir.lstrip("/")
+    if found.is_dir():
+        return found
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(["apt-get", "download", package], cwd=tmp, check=True, capture_output=True, text=True)
+            deb = next(Path(tmp).glob("*.deb"))
+            target.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["dpkg", "-x", str(deb), str(target)], check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError, StopIteration) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            raise PrepareError(f"could not fetch the Debian package {package} (is the Debian mirror reachable? try "
+                               f"`apt-get update`): {detail.strip().splitlines()[-1] if detail.strip() else e}") \
+                from None
+    return found
+
+
+def fashion_mnist_source(source: str | os.PathLike | None = None) -> Path:
+    if source:
+        return Path(source)
+    if FASHION_MNIST_SYSTEM_DIR.is_dir():
+        return FASHION_MNIST_SYSTEM_DIR
+    return _fetch_debian_package(FASHION_MNIST_DEBIAN, str(FASHION_MNIST_SYSTEM_DIR))
+
+
+def prepare_fashion_mnist(out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
+                          limit: int | None = None) -> dict[str, int]:
+    """Fashion-MNIST (IDX files from Debian's dataset-fashion-mnist) -> 28x28 PNGs with class-name captions."""
+    src, out = fashion_mnist_source(source), Path(out_dir)
+    counts = {}
+    for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
+        if not (src / images_name).is_file() or not (src / labels_name).is_file():
+            raise PrepareError(f"{src} lacks {images_name} / {labels_name}; pass --source to the Fashion-MNIST folder")
+        images, labels = read_idx(src / images_name), read_idx(src / labels_name)
+        if len(images) != len(labels) or images.ndim != 3:
+            raise PrepareError(f"{src}: {split} images {images.shape} and labels {labels.shape} do not match")
+        count = min(len(images), limit) if limit else len(images)
+        (out / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in tqdm(range(count), desc=f"fashion-mnist {split}", unit="img", leave=False):
+            name = FASHION_MNIST_CLASSES[int(labels[i])]
+            file_name = f"{i:05d}.png"
+            Image.fromarray(images[i], mode="L").save(out / split / file_name)
+            rows.append({"file_name": file_name, "captions": [t.format(with_article(name)) for t in FASHION_MNIST_TEMPLATES],
+                         "label": int(labels[i]), "class_name": name})
+        counts[split] = write_split(out, split, rows)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------- folder
+
+
+def _split_of(key: str, test_fraction: float, seed: int) -> str:
+    """Stable split by hashing the key: adding images never moves existing ones between splits."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def prepare_folder(images_dir: str | os.PathLike, captions_file: str | os.PathLike, out_dir: str | os.PathLike,
+                   image_column: str = "file_name", caption_columns: Sequence[str] = ("captions",),
+                   test_fraction: float = 0.1, seed: int = 0) -> dict[str, int]:
+    """A folder of images + a CSV/JSONL of captions -> train/test splits in the standard format."""
+    if not 0 <= test_fraction < 1:
+        raise PrepareError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    captions_file, images_dir, out = Path(captions_file), Path(images_dir), Path(out_dir)
+    if not images_dir.is_dir():
+        raise PrepareError(f"image folder {images_dir} does not exist")
+    table = load_caption_table(captions_file, image_column, caption_columns, image_root=images_dir)
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for path, captions in zip(table.image_paths, table.captions):
+        split = _split_of(os.path.relpath(path, images_dir.resolve()), test_fraction, seed)
+        splits[split].append({"file_name": _relative(Path(path), out / split), "captions": captions})
+    return {split: write_split(out, split, rows) for split, rows in splits.items() if rows}

@@ -20,3 +20,39 @@ def train_overrides(data, run, **extra):
               "loss.triplet_warmup_steps": 50, "train.checkpoint_every": 75, "train.max_minutes": 0}
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_text_dir(tmp_path_factory):
+    """A randomly initialised 2-layer BERT with a word-level vocab, saved like a Hugging Face model dir."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "red", "blue", "green", "circle", "star",
+             "square", "small", "large", "on", "left", "right", "top", "bottom", "at", "in", "and", "photo", "of"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch_manual_seed = __import__("torch").manual_seed
+    torch_manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lit_model_name(tmp_path_factory):
+    """A LiT-shaped open_clip config (timm image tower + HF text tower) at 64 px, registered with open_clip."""
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("tiny_lit_config")
+    config = {"embed_dim": 32,
+              "vision_cfg": {"timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False,
+                             "timm_pool": "avg", "timm_proj": "linear", "image_size": 64},
+              "text_cfg": {"hf_model_name": "tiny-bert-placeholder", "hf_tokenizer_name": "tiny-bert-placeholder",
+                           "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": 24}}
+    (folder / "tiny-lit.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "tiny-lit.json")
+    return "tiny-lit"

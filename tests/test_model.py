@@ -10,7 +10,8 @@ import torch
 from vclr.config import ConfigError, ModelConfig
 from vclr.model import MODEL_CONFIG_DIR, build_model, get_tokenizer, image_preprocess_cfg, list_models
 
-VCLR_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+VCLR_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json") if "hf_model_name" not in p.read_text())
+HF_TEXT_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json") if "hf_model_name" in p.read_text())
 
 
 def test_vclr_configs_are_registered_with_open_clip():
@@ -55,3 +56,12 @@ def test_pretrained_local_checkpoint_is_loaded(tmp_path):
     name = "visual.conv1.weight"
     assert torch.equal(loaded.clip.state_dict()[name], source.clip.state_dict()[name])
     assert not torch.equal(fresh.clip.state_dict()[name], source.clip.state_dict()[name])
+
+
+@pytest.mark.parametrize("name", HF_TEXT_MODELS)
+def test_hf_text_configs_build_from_a_local_dir(name, tiny_hf_text_dir):
+    model = build_model(ModelConfig(name=name, text_tower_dir=str(tiny_hf_text_dir))).eval()
+    size = image_preprocess_cfg(model)["size"]
+    out = model(torch.randn(2, 3, size, size), get_tokenizer(model.cfg)(["a red circle", "a blue star"]))
+    dim = json.loads((MODEL_CONFIG_DIR / f"{name}.json").read_text())["embed_dim"]
+    assert out["image_features"].shape == out["text_features"].shape == (2, dim)

@@ -38,11 +38,23 @@ class ModelConfig:
     max_logit_scale: float = 100.0  # clamp 1/T as CLIP does, so the learned temperature cannot blow up the logits
     projector: bool = False  # FC-BN-ReLU-FC head after each tower (SimCLR-style); off: towers project themselves
     projector_hidden_dim: int = 512
+    # LiT-style pretrained towers from local files (no hub access): see configs/lit_*.yaml
+    image_tower_weights: str = ""  # state dict for a timm image tower's trunk (scripts/convert_efficientnet_lite0.py)
+    text_tower_dir: str = ""  # local Hugging Face model dir (weights + tokenizer) for an hf_model_name text tower
+    lock_image: bool = False  # freeze the image tower (LiT: "locked image tuning")
+    lock_image_unlocked_groups: int = 0  # ... except its last N layer groups
+    lock_image_freeze_bn: bool = True  # a locked tower keeps its BatchNorm statistics too
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0  # ... except its last N transformer layers
 
     def __post_init__(self):
         _check(self.init_temperature > 0, "model.init_temperature", self.init_temperature, "> 0")
         _check(self.max_logit_scale > 1, "model.max_logit_scale", self.max_logit_scale, "> 1")
         _check(self.projector_hidden_dim > 0, "model.projector_hidden_dim", self.projector_hidden_dim, "> 0")
+        _check(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups",
+               self.lock_image_unlocked_groups, ">= 0")
+        _check(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", self.lock_text_unlocked_layers,
+               ">= 0")
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tup
     if not (run_dir / CONFIG_FILE).is_file():
         raise VclrError(f"run dir {run_dir} has no {CONFIG_FILE}: is it a `vclr train` output_dir?")
     cfg = load_config(run_dir / CONFIG_FILE)
-    model = build_model(dataclasses.replace(cfg.model, pretrained=""))  # the weights come from the run
+    # the weights come from the run: no pretrained files to load, no locking needed for inference
+    model = build_model(dataclasses.replace(cfg.model, pretrained="", image_tower_weights=""))
     model.load_state_dict(load_file(str(_weights_file(run_dir))))
     return model.to(device or default_device()).eval(), cfg
 

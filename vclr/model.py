@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 
 import open_clip
+from open_clip.hf_configs import arch_dict
+from open_clip.tokenizer import HFTokenizer
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
+# open_clip's architecture table lacks BERT's layer names, which partial unlocking of an HF text tower looks up
+# (MiniLM is a BERT); the names are those of transformers' BertModel.
+arch_dict.get("bert", {}).get("config_names", {}).setdefault("layer_attr", "layer")
+arch_dict.get("bert", {}).get("config_names", {}).setdefault("token_embeddings_attr", "embeddings")
 
 
 def list_models() -> list[str]:
@@ -105,21 +111,71 @@ def _quiet_random_init_warning():
         root.removeFilter(log_filter)
 
 
+def _text_cfg_override(cfg: ModelConfig, model_cfg: dict) -> dict:
+    """open_clip kwargs that point an hf_model_name text tower at a local directory (weights + tokenizer)."""
+    if not cfg.text_tower_dir:
+        return {}
+    text_cfg = dict(model_cfg["text_cfg"])
+    if "hf_model_name" not in text_cfg:
+        raise ConfigError(f"model.text_tower_dir is set but {cfg.name} has no Hugging Face text tower "
+                          "(text_cfg.hf_model_name); use a LiT config such as vclr-lit-effl0-minilm")
+    if not (Path(cfg.text_tower_dir) / "config.json").is_file():
+        raise ConfigError(f"model.text_tower_dir={cfg.text_tower_dir!r} is not a Hugging Face model dir "
+                          "(no config.json)")
+    text_cfg.update(hf_model_name=cfg.text_tower_dir, hf_tokenizer_name=cfg.text_tower_dir, hf_model_pretrained=True)
+    return {"text_cfg": text_cfg}
+
+
+def load_image_tower_weights(clip: nn.Module, path: str) -> None:
+    """Load a timm state dict into the image tower's trunk; every trunk tensor must be in the file."""
+    trunk = getattr(clip.visual, "trunk", None)
+    if trunk is None:
+        raise ConfigError("model.image_tower_weights needs a timm image tower (vision_cfg.timm_model_name)")
+    if not Path(path).is_file():
+        raise ConfigError(f"model.image_tower_weights={path!r}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        result = trunk.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        raise ConfigError(f"model.image_tower_weights={path!r} does not fit the image tower: "
+                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(("classifier.", "fc.", "head."))]
+    if result.missing_keys or unexpected:  # a classification head may be left over; anything else is a mismatch
+        first = (result.missing_keys or unexpected)[0]
+        raise ConfigError(f"model.image_tower_weights={path!r} does not fit the image tower: "
+                          f"{len(result.missing_keys)} missing and {len(unexpected)} unexpected tensors (first: {first})")
+    logger.info("loaded image tower weights from %s", path)
+
+
+def _lock_towers(clip: nn.Module, cfg: ModelConfig) -> None:
+    if cfg.lock_image:
+        clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=cfg.lock_image_freeze_bn)
+    if cfg.lock_text:
+        clip.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
+
+
 def build_model(cfg: ModelConfig) -> DualEncoder:
-    """Create the towers from the named open_clip config; load `cfg.pretrained` if set."""
-    embed_dim = _open_clip_config(cfg.name)["embed_dim"]
+    """Create the towers from the named open_clip config; load `cfg.pretrained` and tower weights; lock towers."""
+    model_cfg = _open_clip_config(cfg.name)
     pretrained = cfg.pretrained or None
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained={pretrained!r}: no such checkpoint file")
     with _quiet_random_init_warning():
-        clip = open_clip.create_model(cfg.name, pretrained=pretrained, pretrained_text=False, output_dict=True)
+        clip = open_clip.create_model(cfg.name, pretrained=pretrained, pretrained_text=False, output_dict=True,
+                                      **_text_cfg_override(cfg, model_cfg))
     if pretrained:
         logger.info("loaded pretrained weights %s into %s", pretrained, cfg.name)
-    return DualEncoder(cfg, clip, embed_dim, reset_temperature=not pretrained)
+    if cfg.image_tower_weights:
+        load_image_tower_weights(clip, cfg.image_tower_weights)
+    _lock_towers(clip, cfg)
+    return DualEncoder(cfg, clip, model_cfg["embed_dim"], reset_temperature=not pretrained)
 
 
 def get_tokenizer(cfg: ModelConfig):
-    """open_clip's tokenizer for the model (BPE SimpleTokenizer or the model's HF tokenizer)."""
+    """open_clip's tokenizer for the model: BPE SimpleTokenizer, or the HF tokenizer of the text tower."""
+    if cfg.text_tower_dir:
+        context_length = _open_clip_config(cfg.name)["text_cfg"].get("context_length", 77)
+        return HFTokenizer(cfg.text_tower_dir, context_length=context_length)
     return open_clip.get_tokenizer(cfg.name)
 
 

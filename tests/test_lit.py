@@ -1,0 +1,79 @@
+"""LiT-style towers from local files: a timm image tower with converted weights, a local HF text tower, and locking."""
+
+import timm
+import pytest
+import torch
+
+from vclr.config import ConfigError, LossConfig, ModelConfig
+from vclr.loss import CombinedLoss
+from vclr.model import build_model, get_tokenizer, param_groups
+
+
+@pytest.fixture
+def lit_cfg(tiny_hf_text_dir, tiny_lit_model_name, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "trunk.pt"
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(), weights)
+    return ModelConfig(name=tiny_lit_model_name, text_tower_dir=str(tiny_hf_text_dir), image_tower_weights=str(weights))
+
+
+def _step(model, cfg):
+    tokens = get_tokenizer(cfg)(["a red circle on the left", "a small blue star at the top", "a green square",
+                                 "the large star"])
+    images = torch.randn(4, 3, 64, 64)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    model.train()
+    out = model(images, tokens)
+    CombinedLoss(LossConfig())(out["image_features"], out["text_features"], out["logit_scale"])["loss"].backward()
+    optimizer.step()
+
+
+def test_local_towers_load(lit_cfg, tmp_path):
+    model = build_model(lit_cfg)
+    saved = torch.load(lit_cfg.image_tower_weights, weights_only=True)
+    assert torch.equal(model.clip.visual.trunk.state_dict()["conv_stem.weight"], saved["conv_stem.weight"])
+    from transformers import AutoModel
+    bert = AutoModel.from_pretrained(lit_cfg.text_tower_dir)
+    name = "embeddings.word_embeddings.weight"
+    assert torch.equal(model.clip.text.transformer.state_dict()[name], bert.state_dict()[name])
+    tokens = get_tokenizer(lit_cfg)(["a red circle"])
+    assert tokens.shape == (1, 24) and tokens[0, 0] == 2  # [CLS] from the local vocab
+
+
+def test_locked_towers_do_not_change(lit_cfg):
+    cfg = lit_cfg.__class__(**{**lit_cfg.__dict__, "lock_image": True, "lock_text": True})
+    model = build_model(cfg)
+    trunk_before = {k: v.clone() for k, v in model.clip.visual.trunk.state_dict().items()}
+    text_before = {k: v.clone() for k, v in model.clip.text.transformer.state_dict().items()}
+    head_before = model.clip.visual.head.proj.weight.clone()
+    _step(model, cfg)
+    for k, v in model.clip.visual.trunk.state_dict().items():
+        assert torch.equal(v, trunk_before[k]), f"locked image tower changed: {k}"  # BN stats included
+    for k, v in model.clip.text.transformer.state_dict().items():
+        assert torch.equal(v, text_before[k]), f"locked text tower changed: {k}"
+    assert not torch.equal(model.clip.visual.head.proj.weight, head_before), "the projection must still train"
+
+
+def test_unlocked_towers_do_change(lit_cfg):
+    model = build_model(lit_cfg)
+    before = model.clip.visual.trunk.conv_stem.weight.clone()
+    _step(model, lit_cfg)
+    assert not torch.equal(model.clip.visual.trunk.conv_stem.weight, before)
+
+
+def test_partial_unlock_trains_only_the_last_text_layer(lit_cfg):
+    cfg = lit_cfg.__class__(**{**lit_cfg.__dict__, "lock_text": True, "lock_text_unlocked_layers": 1})
+    model = build_model(cfg)
+    layers = model.clip.text.transformer.encoder.layer
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+
+
+def test_mismatched_tower_files_are_clear_errors(lit_cfg, tmp_path):
+    torch.save({"conv_stem.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="does not fit the image tower"):
+        build_model(lit_cfg.__class__(**{**lit_cfg.__dict__, "image_tower_weights": str(tmp_path / "bad.pt")}))
+    with pytest.raises(ConfigError, match="not a Hugging Face model dir"):
+        build_model(lit_cfg.__class__(**{**lit_cfg.__dict__, "text_tower_dir": str(tmp_path)}))
+    with pytest.raises(ConfigError, match="no Hugging Face text tower"):
+        build_model(ModelConfig(text_tower_dir=lit_cfg.text_tower_dir))

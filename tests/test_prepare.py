@@ -109,3 +109,53 @@ def test_folder_with_csv(tmp_path):
     assert main(argv) == 0 and (out / "test" / "metadata.jsonl").read_text() == first  # deterministic
     i = int(train.image_paths[0].rsplit("/", 1)[1].split(".")[0])
     assert train.captions[0] == [f"photo {i}", f"alt text {i}"]
+
+
+def _openmoji_fixture(root):
+    """The npm package's layout: data/openmoji.json (real keys) and color/svg/<hexcode>.svg."""
+    def entry(hexcode, annotation, group="people-body", skintone="", base=""):
+        return {"emoji": "?", "hexcode": hexcode, "group": group, "subgroups": "hand-fingers-open",
+                "annotation": annotation, "tags": "hand, wave, waving", "openmoji_tags": "", "skintone": skintone,
+                "skintone_combination": "single" if skintone else "", "skintone_base_emoji": "",
+                "skintone_base_hexcode": base, "unicode": 1, "order": 1}
+    entries = [entry("1F44B", "waving hand")]
+    entries += [entry(f"1F44B-1F3F{t}", f"waving hand: tone {t}", skintone=t, base="1F44B") for t in "BCDEF"]
+    entries += [entry(f"1F60{i}", f"face number {i}", group="smileys-emotion") for i in range(10)]
+    entries += [entry("1F3FB", "light skin tone", group="component"), entry("E000", "no svg for this one")]
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "openmoji.json").write_text(json.dumps(entries))
+    (root / "color" / "svg").mkdir(parents=True)
+    for e in entries[:-1]:
+        (root / "color" / "svg" / f"{e['hexcode']}.svg").write_text(
+            '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><circle cx="36" cy="36" r="30" '
+            'fill="#fcea2b" stroke="#000" stroke-width="2"/></svg>')
+    return root
+
+
+@pytest.mark.parametrize("skin_tones, expected", [("drop", 11), ("group", 16), ("keep", 16)])
+def test_openmoji(tmp_path, skin_tones, expected):
+    package = _openmoji_fixture(tmp_path / "package")
+    out = tmp_path / "out"
+    assert main(["prepare", "openmoji", "--source", str(package), "--out", str(out), "--size", "32",
+                 "--skin-tones", skin_tones, "--test-fraction", "0.5"]) == 0
+    rows = [json.loads(line) for split in ("train", "test") if (out / split).is_dir()
+            for line in (out / split / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == expected  # the component entry and the entry without an SVG are never written
+    hands = [r for r in rows if r["file_name"].startswith("1F44B")]
+    if skin_tones == "group":
+        assert {r["concept"] for r in hands} == {"1F44B"}
+        assert all(r["captions"][0] == "waving hand" for r in hands)
+    if skin_tones == "keep":
+        assert len({r["concept"] for r in hands}) == 6
+    # split by concept: one concept never sits on both sides
+    split_of = {}
+    for split in ("train", "test"):
+        for line in (out / split / "metadata.jsonl").read_text().splitlines():
+            concept = json.loads(line)["concept"]
+            assert split_of.setdefault(concept, split) == split
+    assert set(split_of.values()) == {"train", "test"}
+    image = Image.open(next((out / "train").glob("*.png")))
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (255, 255, 255) and image.getpixel((16, 16))[2] < 100  # white bg, yellow face
+    table = load_caption_table(out / "train")
+    assert "an emoji showing" in " ".join(table.captions[0])

@@ -56,6 +56,9 @@ def cmd_prepare(args) -> int:
         counts = prepare.prepare_karpathy(args.json, args.images, args.out, restval_to_train=not args.keep_restval)
     elif args.dataset == "fashion-mnist":
         counts = prepare.prepare_fashion_mnist(args.out, args.source, args.limit)
+    elif args.dataset == "openmoji":
+        counts = prepare.prepare_openmoji(args.out, args.source, args.size, args.skin_tones, args.test_fraction,
+                                          args.seed, args.limit)
     else:
         counts = prepare.prepare_folder(args.images, args.captions, args.out, args.image_column,
                                         tuple(c.strip() for c in args.caption_columns.split(",") if c.strip()),
@@ -201,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--source", help="folder with the IDX .gz files (default: the Debian package's, fetched if absent)")
     d.add_argument("--limit", type=int, help="at most this many images per split")
+    d = datasets_sub.add_parser("openmoji", help="OpenMoji colour emoji (npm package openmoji) with name captions")
+    d.add_argument("--out", required=True)
+    d.add_argument("--source", help="unpacked npm package folder (default: npm pack into the cache)")
+    d.add_argument("--size", type=int, default=64, help="PNG size in pixels")
+    d.add_argument("--skin-tones", choices=("drop", "group", "keep"), default="drop",
+                   help="skin-tone variants: drop them, group them with their base emoji, or keep each")
+    d.add_argument("--test-fraction", type=float, default=0.2, help="share of concepts held out")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--limit", type=int, help="only the first N entries")
     d = datasets_sub.add_parser("folder", help="a folder of images + a CSV/JSONL/parquet table of captions")
     d.add_argument("--images", required=True, help="image folder; the table's paths are relative to it")
     d.add_argument("--captions", required=True, help="the table")

@@ -6,6 +6,7 @@ per image, `file_name` (relative to that split folder) and `captions` (a list), 
     vclr prepare karpathy --json dataset_flickr30k.json --images flickr30k-images --out data/flickr30k
     vclr prepare fashion-mnist --out data/fashion-mnist
     vclr prepare folder --images photos/ --captions captions.csv --out data/photos
+    vclr prepare openmoji --out data/openmoji --size 64
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import json
 import logging
 import os
 import struct
+import io
 import subprocess
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -203,4 +206,96 @@ def prepare_folder(images_dir: str | os.PathLike, captions_file: str | os.PathLi
     for path, captions in zip(table.image_paths, table.captions):
         split = _split_of(os.path.relpath(path, images_dir.resolve()), test_fraction, seed)
         splits[split].append({"file_name": _relative(Path(path), out / split), "captions": captions})
+    return {split: write_split(out, split, rows) for split, rows in splits.items() if rows}
+
+
+# --------------------------------------------------------------------------------------------------------- openmoji
+
+OPENMOJI_VERSION = "17.0.0"
+OPENMOJI_SKIP_GROUPS = ("component",)  # bare skin-tone swatches and hair parts: not concepts anyone searches for
+
+
+def openmoji_source(source: str | os.PathLike | None = None, version: str = OPENMOJI_VERSION) -> Path:
+    """The npm package's folder: `source`, or `npm pack openmoji@version` unpacked into the cache."""
+    if source:
+        return Path(source)
+    target = CACHE_DIR / "npm" / f"openmoji-{version}"
+    if (target / "package" / "data" / "openmoji.json").is_file():
+        return target / "package"
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["npm", "pack", f"openmoji@{version}", "--silent"], cwd=target, check=True,
+                              capture_output=True, text=True, timeout=600)
+        tgz = target / done.stdout.strip().splitlines()[-1]
+        with tarfile.open(tgz) as archive:
+            archive.extractall(target, filter="data")
+        tgz.unlink()
+    except (OSError, subprocess.SubprocessError, IndexError, tarfile.TarError) as e:
+        detail = (getattr(e, "stderr", "") or str(e)).strip()
+        raise PrepareError(f"could not fetch the npm package openmoji@{version} (is the npm registry reachable?): "
+                           f"{detail.splitlines()[-1] if detail else e}") from None
+    return target / "package"
+
+
+def _openmoji_concept(entry: dict, skin_tones: str) -> tuple[str, str] | None:
+    """(concept id, concept name) of an entry, or None when the entry is dropped."""
+    if entry.get("group") in OPENMOJI_SKIP_GROUPS:
+        return None
+    if entry.get("skintone"):
+        if skin_tones == "drop":
+            return None
+        if skin_tones == "group":  # every skin tone of a base emoji is one concept, named like the base
+            return entry["skintone_base_hexcode"], entry["annotation"].split(":")[0].strip()
+    return entry["hexcode"], entry["annotation"]
+
+
+def openmoji_captions(name: str, entry: dict) -> list[str]:
+    """The name plus variants from keywords and group: "face with tears of joy", "a laughing, tears emoji"..."""
+    tags = [t.strip() for t in (entry.get("tags") or "").split(",") if t.strip() and t.strip() not in name]
+    subgroup = (entry.get("subgroups") or "").replace("-", " ").strip()
+    captions = [name, f"{with_article(name)} emoji", f"an emoji showing {name}"]
+    if tags:
+        captions.append(f"{with_article(', '.join(tags[:3]))} emoji")
+    if subgroup:
+        captions.append(f"{name}, an emoji of the {subgroup} kind")
+    return list(dict.fromkeys(captions))
+
+
+def render_svg(svg_path: Path, size: int) -> Image.Image:
+    """Rasterise an SVG onto white (emoji have transparent backgrounds) at size x size."""
+    import resvg_py
+
+    png = resvg_py.svg_to_bytes(svg_path=str(svg_path), width=size, height=size, background="#ffffff")
+    return Image.open(io.BytesIO(bytes(png))).convert("RGB")
+
+
+def prepare_openmoji(out_dir: str | os.PathLike, source: str | os.PathLike | None = None, size: int = 64,
+                     skin_tones: str = "drop", test_fraction: float = 0.2, seed: int = 0,
+                     limit: int | None = None) -> dict[str, int]:
+    """OpenMoji colour emoji -> PNGs with name/keyword captions; train/test split by concept, never by image."""
+    if skin_tones not in ("drop", "group", "keep"):
+        raise PrepareError(f"--skin-tones must be drop, group or keep, got {skin_tones!r}")
+    package, out = openmoji_source(source), Path(out_dir)
+    meta_file = package / "data" / "openmoji.json"
+    if not meta_file.is_file():
+        raise PrepareError(f"{package} is not the openmoji npm package (no data/openmoji.json)")
+    entries = json.loads(meta_file.read_text(encoding="utf-8"))
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    missing = 0
+    for entry in tqdm(entries[:limit] if limit else entries, desc="openmoji", unit="emoji", leave=False):
+        concept = _openmoji_concept(entry, skin_tones)
+        svg = package / "color" / "svg" / f"{entry['hexcode']}.svg"
+        if concept is None:
+            continue
+        if not svg.is_file():
+            missing += 1
+            continue
+        split = _split_of(concept[0], test_fraction, seed)
+        file_name = f"{entry['hexcode']}.png"
+        (out / split).mkdir(parents=True, exist_ok=True)
+        render_svg(svg, size).save(out / split / file_name)
+        splits[split].append({"file_name": file_name, "captions": openmoji_captions(concept[1], entry),
+                              "concept": concept[0], "group": entry.get("group", "")})
+    if missing:
+        logger.warning("openmoji: %d entries have no colour SVG and were skipped", missing)
     return {split: write_split(out, split, rows) for split, rows in splits.items() if rows}

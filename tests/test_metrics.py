@@ -86,3 +86,22 @@ def test_rejects_image_without_caption():
     img = np.eye(3, dtype=np.float32)
     with pytest.raises(ValueError, match="at least one caption"):
         retrieval_metrics(img, img[:2], np.array([0, 1]))
+
+
+def test_zero_shot_matches_argmax_reference():
+    from vclr.metrics import zero_shot_metrics
+
+    rng = np.random.default_rng(3)
+    classes = rng.normal(size=(6, 8)).astype(np.float32)
+    labels = rng.integers(0, 6, size=200)
+    images = (classes[labels] + rng.normal(scale=1.5, size=(200, 8))).astype(np.float32)
+    got = zero_shot_metrics(images, classes, labels, [f"c{i}" for i in range(6)], ks=(1, 3))
+    scores = images @ classes.T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    assert got["zero_shot_top1"] == pytest.approx(100 * np.mean(order[:, 0] == labels))
+    assert got["zero_shot_top3"] == pytest.approx(100 * np.mean([l in o[:3] for l, o in zip(labels, order)]))
+    assert got["zero_shot_top1/c2"] == pytest.approx(100 * np.mean(order[labels == 2, 0] == 2))
+    assert 20 < got["zero_shot_top1"] < 100
+    # ties go to the lower class index
+    tied = zero_shot_metrics(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), np.array([0, 1]), ["a", "b"])
+    assert tied["zero_shot_top1"] == 50.0

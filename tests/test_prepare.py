@@ -159,3 +159,24 @@ def test_openmoji(tmp_path, skin_tones, expected):
     assert image.getpixel((0, 0)) == (255, 255, 255) and image.getpixel((16, 16))[2] < 100  # white bg, yellow face
     table = load_caption_table(out / "train")
     assert "an emoji showing" in " ".join(table.captions[0])
+
+
+def test_zero_shot_on_a_prepared_fashion_mnist(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        _write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
+        _write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    data, run = tmp_path / "fm", tmp_path / "run"
+    assert main(["prepare", "fashion-mnist", "--source", str(src), "--out", str(data)]) == 0
+    assert main(["train", f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"train.output_dir={run}",
+                 "data.batch_size=4", "optim.max_steps=2", "optim.warmup_steps=1", "train.checkpoint_every=2"]) == 0
+    capsys.readouterr()
+    assert main(["zero-shot", "--run", str(run), "--data", str(data / "test"), "--template", "a photo of a {}",
+                 "--template", "a {}"]) == 0
+    assert "zero-shot on 10 images, 10 classes" in capsys.readouterr().out
+    report = json.loads((run / "zero_shot.json").read_text())
+    assert report["classes"][9] == "ankle boot" and report["templates"] == ["a photo of a {}", "a {}"]
+    assert report["metrics"]["zero_shot_top5"] >= report["metrics"]["zero_shot_top1"]
+    assert len([k for k in report["metrics"] if k.startswith("zero_shot_top1/")]) == 10

@@ -113,6 +113,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_zero_shot(args) -> int:
+    from vclr.evaluate import DEFAULT_TEMPLATES, zero_shot_run
+
+    out = args.out or Path(args.run) / "zero_shot.json"
+    report = zero_shot_run(args.run, args.data, args.label_column, args.name_column,
+                           args.template or DEFAULT_TEMPLATES, out)
+    metrics = report["metrics"]
+    print(f"zero-shot on {report['num_images']} images, {len(report['classes'])} classes: "
+          + ", ".join(f"{k.split('_')[-1]} {v:.2f}" for k, v in metrics.items() if "/" not in k))
+    for name in report["classes"]:
+        if f"zero_shot_top1/{name}" in metrics:
+            print(f"  {name:<24}{metrics[f'zero_shot_top1/{name}']:>7.2f}")
+    print(f"report: {out}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from vclr.model import list_models
 
@@ -248,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="test dataset (default: the run's data.test)")
     p.add_argument("--ks", help="comma-separated k values (default: the run's eval.ks)")
     p.add_argument("--out", help="report path (default RUN/eval.json)")
+
+    p = _add(sub, "zero-shot", cmd_zero_shot, "zero-shot classification: images vs prompts of their class names",
+             "vclr zero-shot --run runs/fmnist --data data/fashion-mnist/test --template 'a photo of a {}'")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True, help="dataset with a label column and a class-name column")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--name-column", default="class_name")
+    p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to ensemble")
+    p.add_argument("--out", help="report path (default RUN/zero_shot.json)")
 
     _add(sub, "models", cmd_models, "list model configs accepted by model.name", "vclr models")
     return parser

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Sequence
 
 from vclr.config import VclrError, atomic_write_text, config_hash
-from vclr.data.dataset import load_caption_table
-from vclr.embed import embed_table, load_trained
-from vclr.metrics import retrieval_metrics
+import numpy as np
+
+from vclr.data.dataset import load_caption_table, load_class_labels
+from vclr.embed import embed_table, embed_texts, load_trained
+from vclr.metrics import retrieval_metrics, zero_shot_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +62,33 @@ def format_metrics_table(metrics: dict, ks: Sequence[int]) -> str:
                      f"{metrics[f'{direction}_median_rank']:>7.1f}")
     lines.append(f"rsum {metrics['rsum']:.2f}   ({metrics['num_images']} images, {metrics['num_texts']} captions)")
     return "\n".join(lines)
+
+
+DEFAULT_TEMPLATES = ("a photo of a {}",)
+
+
+def class_embeddings(model, cfg, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """(K, D) one unit vector per class: the mean of its prompt embeddings, renormalised (CLIP's prompt ensemble)."""
+    if not templates or any("{}" not in t for t in templates):
+        raise VclrError(f"each zero-shot template needs a '{{}}' for the class name, got {list(templates)}")
+    prompts = [t.format(name) for name in class_names for t in templates]
+    emb = embed_texts(model, cfg, prompts).reshape(len(class_names), len(templates), -1).mean(axis=1)  # (K, D)
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
+def zero_shot_run(run_dir: str | Path, data: str, label_column: str = "label", name_column: str = "class_name",
+                  templates: Sequence[str] = DEFAULT_TEMPLATES, out: str | Path | None = None) -> dict:
+    """Zero-shot classification of `data`'s images against prompts built from its class names."""
+    model, cfg = load_trained(run_dir)
+    table = load_caption_table(data, cfg.data.image_column, cfg.data.caption_columns)
+    labels, class_names = load_class_labels(data, table.image_paths, label_column, name_column,
+                                            cfg.data.image_column)
+    classes = class_embeddings(model, cfg, class_names, templates)
+    emb = embed_table(model, cfg, table)
+    report = {"metrics": zero_shot_metrics(emb.image_embeddings, classes, labels, class_names),
+              "templates": list(templates), "classes": class_names, "num_images": len(labels),
+              "run_dir": str(Path(run_dir).resolve()), "dataset": str(data),
+              "dataset_fingerprint": table.fingerprint(), "model_config_hash": config_hash(cfg.model)}
+    if out:
+        atomic_write_text(out, json.dumps(report, indent=2))
+    return report

@@ -86,3 +86,20 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     metrics["num_images"] = len(image_embeddings)
     metrics["num_texts"] = len(text_embeddings)
     return metrics
+
+
+def zero_shot_metrics(image_embeddings: np.ndarray, class_embeddings: np.ndarray, labels: np.ndarray,
+                      class_names: Sequence[str], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy (percent) of classifying each image by its most similar class embedding, and per-class top-1.
+
+    Ties between classes go to the lower class index, as everywhere in this module.
+    """
+    scores = np.asarray(image_embeddings, dtype=np.float32) @ np.asarray(class_embeddings, dtype=np.float32).T
+    labels = np.asarray(labels, dtype=np.int64)
+    ranks = _ranks_of_targets(scores, scores[np.arange(len(labels)), labels], labels)  # (N,) rank of the true class
+    out = {f"zero_shot_top{k}": float(100.0 * np.mean(ranks <= k)) for k in ks if k <= scores.shape[1]}
+    for c, name in enumerate(class_names):
+        members = labels == c
+        if members.any():
+            out[f"zero_shot_top1/{name}"] = float(100.0 * np.mean(ranks[members] <= 1))
+    return out

@@ -83,6 +83,38 @@ def _row_captions(row: dict, caption_columns: Sequence[str]) -> list[str]:
     return captions
 
 
+def _read_table(source: str | os.PathLike):
+    """(table file, HF Dataset) of a dataset dir or table file."""
+    import datasets  # heavy import: only when loading data
+
+    table_file = _table_file(Path(source))
+    datasets.disable_progress_bars()
+    try:
+        return table_file, datasets.load_dataset(TABLE_BUILDERS[table_file.suffix], data_files=str(table_file),
+                                                 split="train")
+    except Exception as e:  # datasets raises many types for malformed files
+        raise DataError(f"could not read dataset table {table_file}: {type(e).__name__}: {e}") from None
+
+
+def load_class_labels(source: str | os.PathLike, image_paths: Sequence[str], label_column: str = "label",
+                      name_column: str = "class_name", image_column: str = "file_name",
+                      image_root: str | os.PathLike | None = None) -> tuple[np.ndarray, list[str]]:
+    """Integer labels aligned with `image_paths` (a loaded table's), and the class names indexed by label."""
+    table_file, table = _read_table(source)
+    missing = [c for c in (image_column, label_column, name_column) if c not in table.column_names]
+    if missing:
+        raise DataError(f"dataset table {table_file} has no column {missing[0]!r} (columns: "
+                        f"{', '.join(table.column_names)}); set --label-column / --name-column")
+    root = Path(image_root) if image_root is not None else table_file.parent
+    by_path, names = {}, {}
+    for row in table.select_columns([image_column, label_column, name_column]):
+        by_path[str((root / str(row[image_column])).resolve())] = int(row[label_column])
+        names[int(row[label_column])] = str(row[name_column])
+    if sorted(names) != list(range(len(names))):
+        raise DataError(f"{table_file}: labels must be 0..K-1, got {sorted(names)[:10]}")
+    return np.array([by_path[p] for p in image_paths], dtype=np.int64), [names[k] for k in range(len(names))]
+
+
 def load_caption_table(source: str | os.PathLike, image_column: str = "file_name",
                        caption_columns: Sequence[str] = ("captions",),
                        image_root: str | os.PathLike | None = None) -> CaptionTable:
@@ -90,14 +122,7 @@ def load_caption_table(source: str | os.PathLike, image_column: str = "file_name
 
     Image paths are relative to `image_root`, by default the table's own folder.
     """
-    import datasets  # heavy import: only when loading data
-
-    table_file = _table_file(Path(source))
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(TABLE_BUILDERS[table_file.suffix], data_files=str(table_file), split="train")
-    except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"could not read dataset table {table_file}: {type(e).__name__}: {e}") from None
+    table_file, table = _read_table(source)
     missing = [c for c in (image_column, *caption_columns) if c not in table.column_names]
     if missing:
         raise DataError(f"dataset table {table_file} has no column {missing[0]!r} (columns: "

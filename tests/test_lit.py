@@ -77,3 +77,15 @@ def test_mismatched_tower_files_are_clear_errors(lit_cfg, tmp_path):
         build_model(lit_cfg.__class__(**{**lit_cfg.__dict__, "text_tower_dir": str(tmp_path)}))
     with pytest.raises(ConfigError, match="no Hugging Face text tower"):
         build_model(ModelConfig(text_tower_dir=lit_cfg.text_tower_dir))
+
+
+def test_locked_timm_tower_computes_what_timm_computes(lit_cfg):
+    """Locking must not change the function: BN freezing has to keep timm's fused BN+activation intact."""
+    cfg = lit_cfg.__class__(**{**lit_cfg.__dict__, "lock_image": True})
+    model = build_model(cfg).train()  # a locked tower behaves as in eval mode even while the model trains
+    reference = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    reference.load_state_dict(torch.load(cfg.image_tower_weights, weights_only=True), strict=False)
+    reference.eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.clip.visual.trunk(x), reference(x), rtol=1e-4, atol=1e-4)

@@ -43,7 +43,7 @@ class ModelConfig:
     text_tower_dir: str = ""  # local Hugging Face model dir (weights + tokenizer) for an hf_model_name text tower
     lock_image: bool = False  # freeze the image tower (LiT: "locked image tuning")
     lock_image_unlocked_groups: int = 0  # ... except its last N layer groups
-    lock_image_freeze_bn: bool = True  # a locked tower keeps its BatchNorm statistics too
+    lock_image_freeze_bn: bool = True  # a fully locked tower keeps its BatchNorm statistics too
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0  # ... except its last N transformer layers
 

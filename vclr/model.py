@@ -13,6 +13,7 @@ from pathlib import Path
 
 import open_clip
 from open_clip.hf_configs import arch_dict
+from timm.layers import freeze_batch_norm_2d as timm_freeze_batch_norm_2d
 from open_clip.tokenizer import HFTokenizer
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,16 @@ def load_image_tower_weights(clip: nn.Module, path: str) -> None:
 
 def _lock_towers(clip: nn.Module, cfg: ModelConfig) -> None:
     if cfg.lock_image:
-        clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=cfg.lock_image_freeze_bn)
+        trunk = getattr(clip.visual, "trunk", None)
+        if trunk is None:
+            clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                                  freeze_bn_stats=cfg.lock_image_freeze_bn)
+        else:
+            # open_clip's BN freezing swaps timm's BatchNormAct2d for a plain FrozenBatchNorm2d and so drops the
+            # activation fused into it (EfficientNet's ReLU6): features blow up. timm's own freezer keeps it.
+            clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=False)
+            if cfg.lock_image_freeze_bn and cfg.lock_image_unlocked_groups == 0:
+                clip.visual.trunk = timm_freeze_batch_norm_2d(trunk)
     if cfg.lock_text:
         clip.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
 

@@ -65,13 +65,18 @@ def _write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+def _fashion_mnist_source(folder, train, test, seed=0):
+    """Random 28x28 images with labels 0..9 cycling, as the four IDX .gz files of the real dataset."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", train), ("t10k", test)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return folder
+
+
 def test_fashion_mnist_from_idx_files(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 12), ("t10k", 5)):
-        _write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
-        _write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    src = _fashion_mnist_source(tmp_path / "src", train=12, test=5)
     out = tmp_path / "out"
     assert main(["prepare", "fashion-mnist", "--source", str(src), "--out", str(out), "--limit", "10"]) == 0
     train = load_caption_table(out / "train")
@@ -162,12 +167,7 @@ def test_openmoji(tmp_path, skin_tones, expected):
 
 
 def test_zero_shot_on_a_prepared_fashion_mnist(tmp_path, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(1)
-    for prefix, n in (("train", 20), ("t10k", 10)):
-        _write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
-        _write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    src = _fashion_mnist_source(tmp_path / "src", train=20, test=10, seed=1)
     data, run = tmp_path / "fm", tmp_path / "run"
     assert main(["prepare", "fashion-mnist", "--source", str(src), "--out", str(data)]) == 0
     assert main(["train", f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"train.output_dir={run}",

@@ -7,6 +7,8 @@ import struct
 import datasets
 import numpy as np
 import pytest
+from pathlib import Path
+
 from PIL import Image
 
 from vclr.cli import main
@@ -180,3 +182,43 @@ def test_zero_shot_on_a_prepared_fashion_mnist(tmp_path, capsys):
     assert report["classes"][9] == "ankle boot" and report["templates"] == ["a photo of a {}", "a {}"]
     assert report["metrics"]["zero_shot_top5"] >= report["metrics"]["zero_shot_top1"]
     assert len([k for k in report["metrics"] if k.startswith("zero_shot_top1/")]) == 10
+
+
+def _tar_add(archive, name, data):
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards(tmp_path):
+    import io
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as archive:
+            for i in range(10):
+                key = f"sample{s}{i:02d}"
+                png = io.BytesIO()
+                Image.new("RGB", (8, 8), (i * 20, s * 100, 0)).save(png, format="PNG")
+                _tar_add(archive, f"{key}.png", png.getvalue())
+                if i % 2:
+                    _tar_add(archive, f"{key}.txt", f"caption {s} {i}\nsecond line {i}".encode())
+                else:
+                    _tar_add(archive, f"{key}.json", json.dumps({"caption": f"json caption {s} {i}"}).encode())
+            _tar_add(archive, "nocaption.png", png.getvalue())  # an image alone: skipped
+    out = tmp_path / "out"
+    assert main(["prepare", "webdataset", "--shards", str(shards), "--out", str(out), "--test-fraction", "0.3"]) == 0
+    train, test = load_caption_table(out / "train"), load_caption_table(out / "test")
+    assert len(train) + len(test) == 20 and len(test) > 0
+    by_name = {Path(p).name: c for p, c in zip(train.image_paths + test.image_paths, train.captions + test.captions)}
+    assert by_name["00001_sample103.png"] == ["caption 1 3", "second line 3"]
+    assert by_name["00000_sample004.png"] == ["json caption 0 4"]
+    assert np.asarray(Image.open(out / ("train" if "00001_sample103.png" in map(lambda p: Path(p).name,
+                      train.image_paths) else "test") / "00001_sample103.png")).shape == (8, 8, 3)
+    (shards / "broken.tar").write_bytes(b"not a tar")
+    assert main(["prepare", "webdataset", "--shards", str(shards), "--out", str(tmp_path / "o2")]) == 2

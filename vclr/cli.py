@@ -56,6 +56,8 @@ def cmd_prepare(args) -> int:
         counts = prepare.prepare_karpathy(args.json, args.images, args.out, restval_to_train=not args.keep_restval)
     elif args.dataset == "fashion-mnist":
         counts = prepare.prepare_fashion_mnist(args.out, args.source, args.limit)
+    elif args.dataset == "webdataset":
+        counts = prepare.prepare_webdataset(args.shards, args.out, args.test_fraction, args.seed)
     elif args.dataset == "openmoji":
         counts = prepare.prepare_openmoji(args.out, args.source, args.size, args.skin_tones, args.test_fraction,
                                           args.seed, args.limit)
@@ -229,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test-fraction", type=float, default=0.2, help="share of concepts held out")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--limit", type=int, help="only the first N entries")
+    d = datasets_sub.add_parser("webdataset", help="a folder of webdataset .tar shards (key.jpg + key.txt/.json)")
+    d.add_argument("--shards", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--test-fraction", type=float, default=0.1)
+    d.add_argument("--seed", type=int, default=0)
     d = datasets_sub.add_parser("folder", help="a folder of images + a CSV/JSONL/parquet table of captions")
     d.add_argument("--images", required=True, help="image folder; the table's paths are relative to it")
     d.add_argument("--captions", required=True, help="the table")

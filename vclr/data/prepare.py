@@ -7,6 +7,7 @@ per image, `file_name` (relative to that split folder) and `captions` (a list), 
     vclr prepare fashion-mnist --out data/fashion-mnist
     vclr prepare folder --images photos/ --captions captions.csv --out data/photos
     vclr prepare openmoji --out data/openmoji --size 64
+    vclr prepare webdataset --shards shards/ --out data/web
 """
 
 from __future__ import annotations
@@ -298,4 +299,70 @@ def prepare_openmoji(out_dir: str | os.PathLike, source: str | os.PathLike | Non
                               "concept": concept[0], "group": entry.get("group", "")})
     if missing:
         logger.warning("openmoji: %d entries have no colour SVG and were skipped", missing)
+    return {split: write_split(out, split, rows) for split, rows in splits.items() if rows}
+
+
+# ------------------------------------------------------------------------------------------------------- webdataset
+
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _wds_captions(text_members: dict[str, bytes]) -> list[str]:
+    """Captions of one sample: a .txt file (one caption per line) and/or a .json with caption(s)."""
+    captions: list[str] = []
+    if "txt" in text_members:
+        captions += text_members["txt"].decode("utf-8", errors="replace").splitlines()
+    if "json" in text_members:
+        try:
+            meta = json.loads(text_members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        for key in ("captions", "caption", "text"):
+            value = meta.get(key) if isinstance(meta, dict) else None
+            captions += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    return list(dict.fromkeys(c.strip() for c in captions if isinstance(c, str) and c.strip()))
+
+
+def _wds_samples(shard: Path):
+    """(key, image extension, image bytes, captions) per sample of one tar shard, grouped by key as webdataset does."""
+    current, members = None, {}
+    with tarfile.open(shard) as archive:
+        for info in archive:
+            if not info.isfile():
+                continue
+            key, _, ext = info.name.partition(".")
+            if key != current and current is not None:
+                yield current, members
+                members = {}
+            current = key
+            members[ext.lower()] = archive.extractfile(info).read()
+    if current is not None:
+        yield current, members
+
+
+def prepare_webdataset(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, test_fraction: float = 0.1,
+                       seed: int = 0) -> dict[str, int]:
+    """A directory of webdataset .tar shards (key.jpg + key.txt / key.json) -> images + metadata, hash-split."""
+    shards, out = sorted(Path(shards_dir).glob("*.tar")), Path(out_dir)
+    if not shards:
+        raise PrepareError(f"no .tar shards in {shards_dir}")
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    skipped = 0
+    for shard in tqdm(shards, desc="shards", unit="shard", leave=False):
+        try:
+            for key, members in _wds_samples(shard):
+                ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in members), None)
+                captions = _wds_captions(members)
+                if ext is None or not captions:
+                    skipped += 1
+                    continue
+                split = _split_of(f"{shard.name}/{key}", test_fraction, seed)
+                file_name = f"{shard.stem}_{Path(key).name}.{ext}"
+                (out / split).mkdir(parents=True, exist_ok=True)
+                (out / split / file_name).write_bytes(members[ext])
+                splits[split].append({"file_name": file_name, "captions": captions})
+        except tarfile.TarError as e:
+            raise PrepareError(f"shard {shard} is not a readable tar file: {e}") from None
+    if skipped:
+        logger.warning("webdataset: skipped %d samples without an image or a caption", skipped)
     return {split: write_split(out, split, rows) for split, rows in splits.items() if rows}

@@ -324,13 +324,16 @@ def _wds_captions(text_members: dict[str, bytes]) -> list[str]:
 
 
 def _wds_samples(shard: Path):
-    """(key, image extension, image bytes, captions) per sample of one tar shard, grouped by key as webdataset does."""
+    """(key, {extension: bytes}) per sample of one tar shard; a key is the path up to the basename's first dot, as in
+    webdataset, so keys may live in folders whose names hold dots."""
     current, members = None, {}
     with tarfile.open(shard) as archive:
         for info in archive:
             if not info.isfile():
                 continue
-            key, _, ext = info.name.partition(".")
+            folder, _, base = info.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            key = f"{folder}/{stem}" if folder else stem
             if key != current and current is not None:
                 yield current, members
                 members = {}
@@ -357,7 +360,7 @@ def prepare_webdataset(shards_dir: str | os.PathLike, out_dir: str | os.PathLike
                     skipped += 1
                     continue
                 split = _split_of(f"{shard.name}/{key}", test_fraction, seed)
-                file_name = f"{shard.stem}_{Path(key).name}.{ext}"
+                file_name = f"{shard.stem}_{key.replace('/', '_')}.{ext}"
                 (out / split).mkdir(parents=True, exist_ok=True)
                 (out / split / file_name).write_bytes(members[ext])
                 splits[split].append({"file_name": file_name, "captions": captions})

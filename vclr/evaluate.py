@@ -11,14 +11,27 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from vclr.config import VclrError, atomic_write_text, config_hash
 import numpy as np
 
-from vclr.data.dataset import load_caption_table, load_class_labels
+from vclr.config import Config, VclrError, atomic_write_text, config_hash
+from vclr.data.dataset import CaptionTable, load_caption_table, load_class_labels
 from vclr.embed import embed_table, embed_texts, load_trained
 from vclr.metrics import retrieval_metrics, zero_shot_metrics
 
 logger = logging.getLogger(__name__)
+
+
+def _provenance(run_dir: str | Path, source: str, table: CaptionTable, cfg: Config) -> dict:
+    """What makes a report's numbers comparable across runs: model, data and their fingerprints."""
+    return {"run_dir": str(Path(run_dir).resolve()), "dataset": str(source),
+            "dataset_fingerprint": table.fingerprint(), "model_name": cfg.model.name,
+            "model_config_hash": config_hash(cfg.model)}
+
+
+def _save_report(report: dict, out: str | Path | None) -> None:
+    if out:
+        atomic_write_text(out, json.dumps(report, indent=2))
+        logger.info("wrote %s", out)
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int] | None = None,
@@ -35,20 +48,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int]
     start = time.perf_counter()
     emb = embed_table(model, cfg, table)
     metrics = retrieval_metrics(emb.image_embeddings, emb.text_embeddings, emb.text_to_image, ks)
-    report = {
-        "metrics": metrics,
-        "run_dir": str(Path(run_dir).resolve()),
-        "dataset": str(source),
-        "dataset_fingerprint": table.fingerprint(),
-        "skipped_rows": table.skipped,
-        "model_name": cfg.model.name,
-        "model_config_hash": config_hash(cfg.model),
-        "ks": list(ks),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    if out:
-        atomic_write_text(out, json.dumps(report, indent=2))
-        logger.info("wrote %s", out)
+    report = {"metrics": metrics, **_provenance(run_dir, source, table, cfg), "skipped_rows": table.skipped,
+              "ks": list(ks), "seconds": round(time.perf_counter() - start, 2)}
+    _save_report(report, out)
     return report
 
 
@@ -86,9 +88,7 @@ def zero_shot_run(run_dir: str | Path, data: str, label_column: str = "label", n
     classes = class_embeddings(model, cfg, class_names, templates)
     emb = embed_table(model, cfg, table)
     report = {"metrics": zero_shot_metrics(emb.image_embeddings, classes, labels, class_names),
-              "templates": list(templates), "classes": class_names, "num_images": len(labels),
-              "run_dir": str(Path(run_dir).resolve()), "dataset": str(data),
-              "dataset_fingerprint": table.fingerprint(), "model_config_hash": config_hash(cfg.model)}
-    if out:
-        atomic_write_text(out, json.dumps(report, indent=2))
+              **_provenance(run_dir, data, table, cfg), "templates": list(templates), "classes": class_names,
+              "num_images": len(labels)}
+    _save_report(report, out)
     return report

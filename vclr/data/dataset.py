@@ -96,16 +96,26 @@ def _read_table(source: str | os.PathLike):
         raise DataError(f"could not read dataset table {table_file}: {type(e).__name__}: {e}") from None
 
 
+def _require_columns(table_file: Path, table, columns: Sequence[str], hint: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"dataset table {table_file} has no column {missing[0]!r} (columns: "
+                        f"{', '.join(table.column_names)}); {hint}")
+
+
+def _image_root(table_file: Path, image_root: str | os.PathLike | None) -> Path:
+    """Where a table's relative image paths start: `image_root`, else the table's own folder."""
+    return Path(image_root) if image_root is not None else table_file.parent
+
+
 def load_class_labels(source: str | os.PathLike, image_paths: Sequence[str], label_column: str = "label",
                       name_column: str = "class_name", image_column: str = "file_name",
                       image_root: str | os.PathLike | None = None) -> tuple[np.ndarray, list[str]]:
     """Integer labels aligned with `image_paths` (a loaded table's), and the class names indexed by label."""
     table_file, table = _read_table(source)
-    missing = [c for c in (image_column, label_column, name_column) if c not in table.column_names]
-    if missing:
-        raise DataError(f"dataset table {table_file} has no column {missing[0]!r} (columns: "
-                        f"{', '.join(table.column_names)}); set --label-column / --name-column")
-    root = Path(image_root) if image_root is not None else table_file.parent
+    _require_columns(table_file, table, (image_column, label_column, name_column),
+                     "set --label-column / --name-column")
+    root = _image_root(table_file, image_root)
     by_path, names = {}, {}
     for row in table.select_columns([image_column, label_column, name_column]):
         by_path[str((root / str(row[image_column])).resolve())] = int(row[label_column])
@@ -123,11 +133,9 @@ def load_caption_table(source: str | os.PathLike, image_column: str = "file_name
     Image paths are relative to `image_root`, by default the table's own folder.
     """
     table_file, table = _read_table(source)
-    missing = [c for c in (image_column, *caption_columns) if c not in table.column_names]
-    if missing:
-        raise DataError(f"dataset table {table_file} has no column {missing[0]!r} (columns: "
-                        f"{', '.join(table.column_names)}); set data.image_column / data.caption_columns")
-    root = Path(image_root) if image_root is not None else table_file.parent
+    _require_columns(table_file, table, (image_column, *caption_columns),
+                     "set data.image_column / data.caption_columns")
+    root = _image_root(table_file, image_root)
     paths, captions, skipped = [], [], {"missing image file": 0, "no caption": 0}
     for row in table.select_columns([image_column, *caption_columns]):
         path = root / str(row[image_column] or "")

@@ -16,9 +16,9 @@ import gzip
 import hashlib
 import json
 import logging
+import io
 import os
 import struct
-import io
 import subprocess
 import tarfile
 import tempfile
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vclr.config import VclrError
+from vclr.config import VclrError, atomic_write_text
 from vclr.data.dataset import load_caption_table
 
 logger = logging.getLogger(__name__)
@@ -43,15 +43,10 @@ class PrepareError(VclrError):
 
 def write_split(out_dir: Path, split: str, rows: Iterable[dict]) -> int:
     """Write OUT/split/metadata.jsonl atomically; returns the row count."""
-    split_dir = out_dir / split
-    split_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / split / "metadata.jsonl"
     rows = list(rows)
-    fd, tmp = tempfile.mkstemp(dir=split_dir, prefix=".metadata.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, split_dir / "metadata.jsonl")
-    logger.info("wrote %d rows to %s", len(rows), split_dir / "metadata.jsonl")
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    logger.info("wrote %d rows to %s", len(rows), path)
     return len(rows)
 
 
@@ -71,7 +66,8 @@ def prepare_karpathy(json_path: str | os.PathLike, images_dir: str | os.PathLike
     """
     json_path, images_dir, out = Path(json_path), Path(images_dir), Path(out_dir)
     if not json_path.is_file():
-        raise PrepareError(f"Karpathy split file {json_path} does not exist (dataset_flickr30k.json / dataset_coco.json)")
+        raise PrepareError(f"Karpathy split file {json_path} does not exist "
+                           "(dataset_flickr30k.json / dataset_coco.json)")
     if not images_dir.is_dir():
         raise PrepareError(f"image folder {images_dir} does not exist")
     try:
@@ -178,8 +174,8 @@ def prepare_fashion_mnist(out_dir: str | os.PathLike, source: str | os.PathLike 
             name = FASHION_MNIST_CLASSES[int(labels[i])]
             file_name = f"{i:05d}.png"
             Image.fromarray(images[i], mode="L").save(out / split / file_name)
-            rows.append({"file_name": file_name, "captions": [t.format(with_article(name)) for t in FASHION_MNIST_TEMPLATES],
-                         "label": int(labels[i]), "class_name": name})
+            captions = [t.format(with_article(name)) for t in FASHION_MNIST_TEMPLATES]
+            rows.append({"file_name": file_name, "captions": captions, "label": int(labels[i]), "class_name": name})
         counts[split] = write_split(out, split, rows)
     return counts
 

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vclr.config import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 COLORS = {
@@ -160,14 +162,6 @@ def _unique_scenes(total: int, rng: random.Random) -> Iterator[Scene]:
             yield scene
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def make_synthetic(
     out_dir: str | os.PathLike,
     num_train: int = 20000,
@@ -196,6 +190,6 @@ def make_synthetic(
             render_scene(scene, image_size, item_rng).save(split_dir / file_name)
             captions = scene_captions(scene, item_rng.randint(min_captions, max_captions), item_rng)
             rows.append({"file_name": file_name, "captions": captions})
-        _write_jsonl_atomic(split_dir / "metadata.jsonl", rows)  # written last: its presence marks a complete split
+        atomic_write_text(split_dir / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))  # written last: its presence marks a complete split
         logger.info("wrote %d %s images to %s", len(rows), split, split_dir)
     return out

@@ -63,7 +63,7 @@ class RetrievalIndex:
         text_embeddings = np.ascontiguousarray(text_embeddings, dtype=np.float32)
         if image_embeddings.shape[1] != text_embeddings.shape[1]:
             raise IndexDirError(f"image and text embeddings differ in dimension: {image_embeddings.shape[1]} vs "
-                              f"{text_embeddings.shape[1]}")
+                                f"{text_embeddings.shape[1]}")
         if len(image_paths) != len(image_embeddings) or len(texts) != len(text_embeddings):
             raise IndexDirError("metadata and embeddings differ in length")
         manifest = dict(manifest or {})
@@ -116,7 +116,7 @@ class RetrievalIndex:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         if manifest.get("format_version") != FORMAT_VERSION:
             raise IndexDirError(f"{path}: index format {manifest.get('format_version')} is not supported "
-                              f"(this vclr reads {FORMAT_VERSION}); rebuild it with `vclr index`")
+                                f"(this vclr reads {FORMAT_VERSION}); rebuild it with `vclr index`")
         metadata = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
         index = cls(np.load(path / "image_embeddings.npy"), np.load(path / "text_embeddings.npy"),
                     np.asarray(metadata["text_to_image"], dtype=np.int64), metadata["image_paths"],

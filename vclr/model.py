@@ -13,8 +13,8 @@ from pathlib import Path
 
 import open_clip
 from open_clip.hf_configs import arch_dict
-from timm.layers import freeze_batch_norm_2d as timm_freeze_batch_norm_2d
 from open_clip.tokenizer import HFTokenizer
+from timm.layers import freeze_batch_norm_2d as timm_freeze_batch_norm_2d
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,7 +144,8 @@ def load_image_tower_weights(clip: nn.Module, path: str) -> None:
     if result.missing_keys or unexpected:  # a classification head may be left over; anything else is a mismatch
         first = (result.missing_keys or unexpected)[0]
         raise ConfigError(f"model.image_tower_weights={path!r} does not fit the image tower: "
-                          f"{len(result.missing_keys)} missing and {len(unexpected)} unexpected tensors (first: {first})")
+                          f"{len(result.missing_keys)} missing and {len(unexpected)} unexpected tensors "
+                          f"(first: {first})")
     logger.info("loaded image tower weights from %s", path)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vclr.config import LossConfig
-from vclr.loss import CombinedLoss, InfoNCELoss, TripletLoss
+from vclr.loss import CombinedLoss, FeatureQueue, InfoNCELoss, TripletLoss
 
 
 def _features(batch=7, dim=5, seed=0):
@@ -86,3 +86,67 @@ def test_combined_weights_and_triplet_warmup():
     assert float(loss(img, txt, scale, step=0)["loss"]) == pytest.approx(0.7 * infonce)
     assert float(loss(img, txt, scale, step=5)["loss"]) == pytest.approx(0.7 * infonce + 0.5 * 2.0 * triplet)
     assert float(loss(img, txt, scale, step=50)["loss"]) == pytest.approx(0.7 * infonce + 2.0 * triplet)
+
+
+def naive_infonce_with_bank(img, txt, bank_img, bank_txt, scale):
+    """Each image scored against every caption and every banked caption; each caption likewise against images."""
+    n = len(img)
+    total = 0.0
+    for i in range(n):
+        logits = [scale * float(img[i] @ t) for t in list(txt) + list(bank_txt)]
+        total += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    for j in range(n):
+        logits = [scale * float(txt[j] @ v) for v in list(img) + list(bank_img)]
+        total += -logits[j] + math.log(sum(math.exp(v) for v in logits))
+    return total / (2 * n)
+
+
+def naive_hardest_triplet_with_bank(img, txt, bank_img, bank_txt, margin):
+    n = len(img)
+    i2t = sum(max(max(0.0, margin + float(img[i] @ t) - float(img[i] @ txt[i]))
+                  for j, t in enumerate(list(txt) + list(bank_txt)) if j != i) for i in range(n))
+    t2i = sum(max(max(0.0, margin + float(txt[j] @ v) - float(txt[j] @ img[j]))
+                  for i, v in enumerate(list(img) + list(bank_img)) if i != j) for j in range(n))
+    return i2t / n + t2i / n
+
+
+def test_memory_bank_negatives_match_naive():
+    cfg = LossConfig(infonce_weight=1.0, triplet_weight=1.0, triplet_margin=0.4, memory_bank_size=10)
+    loss = CombinedLoss(cfg, embed_dim=5).double()
+    first_img, first_txt = _features(seed=5)
+    second_img, second_txt = _features(seed=6)
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    # empty bank: plain in-batch loss
+    got = loss(first_img, first_txt, scale)
+    assert float(got["infonce_loss"]) == pytest.approx(naive_infonce(first_img, first_txt, 7.0), rel=1e-10)
+    # the first batch (7 pairs) is now in the bank: extra negatives for the second
+    got = loss(second_img, second_txt, scale)
+    assert float(got["infonce_loss"]) == pytest.approx(
+        naive_infonce_with_bank(second_img, second_txt, first_img, first_txt, 7.0), rel=1e-10)
+    assert float(got["triplet_loss"]) == pytest.approx(
+        naive_hardest_triplet_with_bank(second_img, second_txt, first_img, first_txt, 0.4), rel=1e-10)
+    assert float(got["infonce_loss"]) > naive_infonce(second_img, second_txt, 7.0)  # more negatives, harder task
+
+
+def test_feature_queue_keeps_the_newest_entries_fifo():
+    queue = FeatureQueue(size=5, dim=1)
+    queue.push(torch.arange(3.0)[:, None], -torch.arange(3.0)[:, None])
+    images, texts = queue.negatives()
+    assert images.flatten().tolist() == [0, 1, 2] and texts.flatten().tolist() == [0, -1, -2]
+    queue.push(torch.arange(3.0, 7.0)[:, None], -torch.arange(3.0, 7.0)[:, None])  # wraps: 5, 6 overwrite 0, 1
+    images, _ = queue.negatives()
+    assert sorted(images.flatten().tolist()) == [2, 3, 4, 5, 6]
+    state = queue.state_dict()  # checkpointed with the run
+    restored = FeatureQueue(size=5, dim=1)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.negatives()[0], images) and int(restored.next_slot) == 2
+    queue.push(torch.arange(10.0, 18.0)[:, None], torch.zeros(8, 1))  # more than the queue holds: the newest 5
+    assert sorted(queue.negatives()[0].flatten().tolist()) == [13, 14, 15, 16, 17]
+
+
+def test_bank_is_not_updated_without_grad():
+    loss = CombinedLoss(LossConfig(memory_bank_size=4), embed_dim=5).double()
+    img, txt = _features(batch=3, seed=7)
+    with torch.no_grad():
+        loss(img, txt, torch.tensor(2.0, dtype=torch.float64))
+    assert int(loss.bank.filled) == 0

@@ -70,12 +70,14 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from vclr.train import train
+    from vclr.train import end_distributed, train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
-    print(f"trained {result.step} steps in {result.elapsed_s:.0f}s, loss {result.first_loss:.4f} -> "
-          f"{result.last_loss:.4f}; run dir {result.run_dir}")
+    end_distributed()
+    if result.main_process:  # under `accelerate launch`, one report, not one per process
+        print(f"trained {result.step} steps in {result.elapsed_s:.0f}s, loss {result.first_loss:.4f} -> "
+              f"{result.last_loss:.4f}; run dir {result.run_dir}")
     return 0
 
 

@@ -68,6 +68,9 @@ class DataConfig:
     cache_images: bool = True  # decode + resize once into RAM (uint8) when the dataset fits in `cache_max_gb`
     cache_max_gb: float = 4.0
     augment: bool = False  # random resized crop; off by default: crops and flips break captions about position
+    # where images are decoded: "loader" = PIL in the data loader (cached as uint8 when they fit); "device" = the
+    # loader only reads encoded bytes and the training device decodes whole batches (nvJPEG on CUDA) and resizes
+    decode_on: Literal["loader", "device"] = "loader"
 
     def __post_init__(self):
         _check(self.batch_size >= 2, "data.batch_size", self.batch_size, ">= 2 (contrastive needs negatives)")
@@ -83,6 +86,7 @@ class LossConfig:
     triplet_margin: float = 0.2
     triplet_negatives: Literal["hardest", "all"] = "hardest"  # hardest = VSE++ max-violation
     triplet_warmup_steps: int = 0  # hardest-negative hinge collapses from scratch: phase it in after InfoNCE warms up
+    memory_bank_size: int = 0  # > 0: a FIFO of this many past features adds negatives beyond the batch (MoCo/NPID)
 
     def __post_init__(self):
         _check(self.infonce_weight >= 0, "loss.infonce_weight", self.infonce_weight, ">= 0")
@@ -91,6 +95,7 @@ class LossConfig:
                "> 0 when loss.triplet_weight is 0 (some loss must be on)")
         _check(0 <= self.triplet_margin <= 2, "loss.triplet_margin", self.triplet_margin, "[0, 2] (cosine margin)")
         _check(self.triplet_warmup_steps >= 0, "loss.triplet_warmup_steps", self.triplet_warmup_steps, ">= 0")
+        _check(self.memory_bank_size >= 0, "loss.memory_bank_size", self.memory_bank_size, ">= 0 (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,12 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl rows
     max_minutes: float = 0.0  # wall-time cap on the training loop; 0 = none. Stops early and checkpoints
     threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
+    # GradCache: embed the batch in chunks of this many pairs without graphs, take the loss over the whole batch,
+    # then backprop chunk by chunk. Same gradients as the full batch, activation memory of one chunk. 0 = off
+    grad_cache_chunk: int = 0
+    tf32: bool = True  # CUDA: TF32 matmuls/convolutions for the fp32 parts
+    compile: bool = False  # torch.compile the model (Accelerate's dynamo backend "inductor")
+    channels_last: bool = False  # NHWC memory format for conv towers (faster tensor-core convolutions)
 
     def __post_init__(self):
         _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
@@ -136,6 +147,7 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, ">= 0")
         _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
+        _check(self.grad_cache_chunk >= 0, "train.grad_cache_chunk", self.grad_cache_chunk, ">= 0 (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vclr.config import Config, VclrError, atomic_write_text, save_config
 from vclr.data.dataset import ImageTextDataset, collate_pairs, load_caption_table, normalize_images
+from vclr.data.device_decode import decode_resize
+from vclr.gradcache import grad_cache_step
 from vclr.loss import CombinedLoss, gather_features
 from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg, param_groups
 
@@ -60,6 +62,7 @@ class TrainResult:
     last_loss: float
     elapsed_s: float
     stopped_early: bool  # by train.max_minutes
+    main_process: bool = True  # False in the other processes of a multi-process launch
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Trainer:
     state: TrainState
     mean: tuple
     std: tuple
+    image_size: int
 
     @property
     def run_dir(self) -> Path:
@@ -105,7 +109,8 @@ def build_train_dataset(cfg: Config, tokenizer, image_size: int) -> ImageTextDat
         raise VclrError("data.train is not set: pass data.train=DIR (e.g. from `vclr make-synthetic`)")
     table = load_caption_table(cfg.data.train, cfg.data.image_column, cfg.data.caption_columns)
     dataset = ImageTextDataset(table, tokenizer, image_size, seed=cfg.train.seed, augment=cfg.data.augment,
-                               cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb)
+                               cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb,
+                               encoded=cfg.data.decode_on == "device")
     if len(dataset) < cfg.data.batch_size:
         raise VclrError(f"data.train has {len(dataset)} usable images, fewer than data.batch_size="
                         f"{cfg.data.batch_size}; lower the batch size or add data")
@@ -125,15 +130,24 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
         project_dir=str(run_dir),
         # seedable sampler: the shuffle of epoch e is a function of (seed, e), so resume can replay it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no"),
     )
+    if accelerator.device.type == "cuda":
+        # TF32 for whatever autocast leaves in fp32: ~8x the fp32 tensor-core rate at 10-bit mantissa
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
     set_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     preprocess = image_preprocess_cfg(model)
     dataset = build_train_dataset(cfg, get_tokenizer(cfg.model), preprocess["size"])
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers, collate_fn=collate_pairs,
                         generator=torch.Generator().manual_seed(cfg.train.seed),
-                        persistent_workers=cfg.data.num_workers > 0)
+                        persistent_workers=cfg.data.num_workers > 0, pin_memory=accelerator.device.type == "cuda",
+                        prefetch_factor=4 if cfg.data.num_workers > 0 else None)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                   fused=accelerator.device.type == "cuda")
@@ -142,10 +156,13 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
                                                                            cfg.optim.max_steps))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     state = TrainState()
+    loss_fn = CombinedLoss(cfg.loss, gather=gather_features, embed_dim=accelerator.unwrap_model(model).embed_dim)
+    loss_fn.to(accelerator.device)
     accelerator.register_for_checkpointing(scheduler, state)
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loader, dataset,
-                      CombinedLoss(cfg.loss, gather=gather_features), state,
-                      tuple(preprocess["mean"]), tuple(preprocess["std"]))
+    if loss_fn.bank is not None:
+        accelerator.register_for_checkpointing(loss_fn.bank)  # the queue of negatives resumes with the run
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loader, dataset, loss_fn, state,
+                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"])
     if resume:
         _restore(trainer)
     elif accelerator.is_main_process:
@@ -176,23 +193,52 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------------------------- loop
 
 
+def batch_on_device(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float images (B, 3, S, S) and tokens (B, L) on the training device.
+
+    With data.decode_on=device the batch holds encoded bytes: decode them here, in one batched call, and drop the
+    tokens of images that fail to decode.
+    """
+    device, tokens = trainer.accelerator.device, batch["tokens"]
+    if "encoded" in batch:
+        images, kept = decode_resize(batch["encoded"], trainer.image_size, device, trainer.cfg.data.augment)
+        if not kept.all():
+            tokens = tokens[kept.to(tokens.device)]
+    else:
+        images = batch["images"].to(device, non_blocking=True)
+    images = normalize_images(images, trainer.mean, trainer.std)  # (B, 3, S, S)
+    if trainer.cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, tokens.to(device, non_blocking=True)
+
+
 def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
     """One micro-batch: forward, loss, backward; the optimizer steps when accumulation completes."""
     acc, cfg = trainer.accelerator, trainer.cfg
-    with acc.accumulate(trainer.model):
-        images = normalize_images(batch["images"], trainer.mean, trainer.std)  # (B, 3, S, S)
-        out = trainer.model(images, batch["tokens"])
+    step = trainer.state.step
+
+    def loss_fn(image_features, text_features, logit_scale):
         # the loss in fp32 even under bf16/fp16 autocast: softmax over large batches is precision-sensitive
-        losses = trainer.loss_fn(out["image_features"].float(), out["text_features"].float(),
-                                 out["logit_scale"].float(), step=trainer.state.step)
-        acc.backward(losses["loss"])
+        return trainer.loss_fn(image_features.float(), text_features.float(), logit_scale.float(), step=step)
+
+    with acc.accumulate(trainer.model):
+        images, tokens = batch_on_device(trainer, batch)
+        chunk = cfg.train.grad_cache_chunk
+        if chunk and chunk < len(images):
+            losses, logit_scale = grad_cache_step(trainer.model, images, tokens, chunk, loss_fn, acc.backward,
+                                                  acc.no_sync)
+        else:
+            out = trainer.model(images, tokens)
+            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            logit_scale = out["logit_scale"].detach()
+            acc.backward(losses["loss"])
         if acc.sync_gradients and cfg.optim.grad_clip_norm > 0:
             acc.clip_grad_norm_(trainer.model.parameters(), cfg.optim.grad_clip_norm)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
     if acc.sync_gradients:
         trainer.scheduler.step()
-    return {k: v.detach() for k, v in losses.items()} | {"logit_scale": out["logit_scale"].detach()}
+    return {k: v.detach() for k, v in losses.items()} | {"logit_scale": logit_scale}
 
 
 def save_checkpoint(trainer: Trainer) -> Path:
@@ -217,6 +263,8 @@ def save_checkpoint(trainer: Trainer) -> Path:
 
 
 def _log_row(trainer: Trainer, losses: dict, samples_per_s: float, epoch: int) -> dict:
+    # each process holds the loss of its own anchors; their mean is the global batch's loss
+    losses = {k: trainer.accelerator.reduce(v, "mean") if k.endswith("loss") else v for k, v in losses.items()}
     row = {"step": trainer.state.step, "epoch": epoch, "lr": trainer.scheduler.get_last_lr()[0],
            "temperature": 1.0 / float(losses["logit_scale"]), "samples_per_s": round(samples_per_s, 1),
            "elapsed_s": round(trainer.state.elapsed_s, 2)}
@@ -268,7 +316,8 @@ def run_loop(trainer: Trainer) -> TrainResult:
             if state.step >= cfg.optim.max_steps or stopped_early:
                 break
     bar.close()
-    return TrainResult(trainer.run_dir, state.step, first_loss, last_loss, state.elapsed_s, stopped_early)
+    return TrainResult(trainer.run_dir, state.step, first_loss, last_loss, state.elapsed_s, stopped_early,
+                       acc.is_main_process)
 
 
 def cleanup(trainer: Trainer, result: TrainResult) -> None:
@@ -282,11 +331,20 @@ def cleanup(trainer: Trainer, result: TrainResult) -> None:
         skipped["unreadable image"] = len(trainer.dataset.unreadable_on_the_fly)
     if skipped:
         logger.warning("training data: skipped rows %s", skipped)
-    trainer.accelerator.end_training()
     # Accelerate keeps its state per process; clear the per-run part (precision, accumulation) so that this process
-    # can train again with other settings (the demo, sweeps, tests). The distributed set-up (PartialState) stays.
+    # can train again with other settings (the demo, sweeps, tests). The distributed set-up (PartialState and the
+    # process group) stays: accelerator.end_training() would destroy the group under a second run's feet; the CLI
+    # ends it once, with `end_distributed()`.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+def end_distributed() -> None:
+    """Tear down the process group of a multi-process launch (a no-op in a single process)."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        PartialState().destroy_process_group()
 
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:

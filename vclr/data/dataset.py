@@ -177,6 +177,17 @@ def read_image(path: str) -> Image.Image | None:
         return None
 
 
+def read_bytes(path: str) -> bytes | None:
+    """A file's encoded bytes, or None (with a warning) when it cannot be read or is empty."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        logger.warning("unreadable image %s skipped: %s", path, e)
+        return None
+    return data or None
+
+
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float (B, 3, H, W) normalised; runs on whatever device the batch is on."""
     mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
@@ -195,14 +206,18 @@ class ImageTextDataset(Dataset):
 
     The caption choice is a pure function of (seed, epoch, i), so a resumed run that skips batches sees the same
     captions as an uninterrupted one. With `cache_images` all images are decoded once into one uint8 tensor.
+    With `encoded`, item i's image is the file's bytes instead, decoded later on the training device
+    (`vclr.data.device_decode`); `cache_images` then keeps the bytes in RAM.
     """
 
     def __init__(self, table: CaptionTable, tokenizer, image_size: int, seed: int = 0, augment: bool = False,
-                 cache_images: bool = True, cache_max_gb: float = 4.0):
+                 cache_images: bool = True, cache_max_gb: float = 4.0, encoded: bool = False):
         self.table = table
         self.seed = seed
         self.epoch = 0
         self.image_size = image_size
+        self.encoded = encoded
+        self.encoded_cache: list[bytes | None] | None = None
         self.transform = decode_transform(image_size, augment)
         texts, text_to_image = table.flat_captions()
         self.tokens = tokenize_all(tokenizer, texts)  # (C, L)
@@ -211,6 +226,9 @@ class ImageTextDataset(Dataset):
         self.cache: torch.Tensor | None = None
         self.unreadable = 0  # images dropped at caching time
         self.unreadable_on_the_fly: set[int] = set()  # found while decoding lazily (this process's items only)
+        if encoded:
+            self._maybe_cache_encoded(cache_images, cache_max_gb)
+            return
         cache_gb = len(table) * 3 * image_size**2 / 1e9
         if cache_images and not augment and cache_gb <= cache_max_gb:
             self._fill_cache()
@@ -234,6 +252,15 @@ class ImageTextDataset(Dataset):
         self.cache = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size,
                                                                     dtype=torch.uint8)  # (N, 3, S, S)
 
+    def _maybe_cache_encoded(self, cache_images: bool, cache_max_gb: float) -> None:
+        encoded_gb = sum(os.path.getsize(p) for p in self.table.image_paths) / 1e9
+        if not cache_images or encoded_gb > cache_max_gb:
+            logger.info("reading image bytes from disk per batch (%.1f GB encoded)", encoded_gb)
+            return
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            self.encoded_cache = list(tqdm(pool.map(read_bytes, self.table.image_paths, chunksize=256),
+                                           total=len(self.table), desc="reading images", unit="img", leave=False))
+
     def _drop_rows(self, bad: set[int]) -> None:
         keep = [i for i in range(len(self.table)) if i not in bad]
         caption_rows = np.concatenate([np.arange(self.caption_start[i], self.caption_start[i + 1]) for i in keep])
@@ -255,7 +282,9 @@ class ImageTextDataset(Dataset):
         draw = np.random.default_rng((self.seed, self.epoch, i)).integers(stop - start)
         return int(start + draw)
 
-    def image(self, i: int) -> torch.Tensor | None:
+    def image(self, i: int) -> torch.Tensor | bytes | None:
+        if self.encoded:
+            return self.encoded_cache[i] if self.encoded_cache is not None else read_bytes(self.table.image_paths[i])
         if self.cache is not None:
             return self.cache[i]
         image = read_image(self.table.image_paths[i])
@@ -269,12 +298,18 @@ class ImageTextDataset(Dataset):
         return image, self.tokens[self.caption_index(i)]
 
 
-def collate_pairs(items: list) -> dict[str, torch.Tensor]:
-    """Stack (image, tokens) pairs, dropping unreadable items (None)."""
+def collate_pairs(items: list) -> dict:
+    """Stack (image, tokens) pairs, dropping unreadable items (None).
+
+    Decoded images stack into "images" (B, 3, S, S) uint8; encoded ones stay a list of bytes under "encoded"
+    (bytes, not tensors, so that Accelerate's device placement leaves them on the CPU for the batched decoder).
+    """
     items = [item for item in items if item is not None]
     if not items:
         return {"images": torch.zeros(0, dtype=torch.uint8), "tokens": torch.zeros(0, dtype=torch.long)}
     images, tokens = zip(*items)
+    if isinstance(images[0], bytes):
+        return {"encoded": list(images), "tokens": torch.stack(tokens)}  # B x bytes, (B, L)
     return {"images": torch.stack(images), "tokens": torch.stack(tokens)}  # (B, 3, S, S) uint8, (B, L)
 
 

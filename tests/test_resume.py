@@ -15,12 +15,27 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+def _record_batches(monkeypatch, into: dict):
+    """Fingerprint (token sum, image sum) of the batch each step trains on."""
+    real_step = train_mod.train_step
+
+    def recording_step(trainer, batch):
+        into[trainer.state.step + 1] = (int(batch["tokens"].sum()), int(batch["images"].long().sum()))
+        return real_step(trainer, batch)
+
+    monkeypatch.setattr(train_mod, "train_step", recording_step)
+    return real_step
+
+
 @pytest.mark.slow
 def test_resume_continues_from_saved_step(small_shapes, tmp_path, monkeypatch):
     # 1500 images / batch 64 = 23 batches per epoch: the stop at step 30 is mid-epoch 1, so resume must skip batches
     extra = {"optim.max_steps": 40, "train.checkpoint_every": 30, "train.log_every": 1}
+    full_batches, resumed_batches = {}, {}
+    real_step = _record_batches(monkeypatch, full_batches)
     full = train_mod.train(load_config(None, train_overrides(small_shapes, tmp_path / "full", **extra)))
     assert full.step == 40
+    monkeypatch.setattr(train_mod, "train_step", real_step)
 
     cfg = load_config(None, train_overrides(small_shapes, tmp_path / "stopped", **extra))
     real_save = train_mod.save_checkpoint
@@ -42,8 +57,13 @@ def test_resume_continues_from_saved_step(small_shapes, tmp_path, monkeypatch):
 
     with pytest.raises(VclrError, match="--resume"):
         train_mod.train(cfg)  # not silently restarted over the old run
+    _record_batches(monkeypatch, resumed_batches)
     resumed = train_mod.train(cfg, resume=True)
     assert resumed.step == 40
+    assert sorted(resumed_batches) == list(range(31, 41))  # resumed at step 31, not 0
+    for step in range(31, 41):  # the identical next batches: same images, same captions
+        assert resumed_batches[step] == full_batches[step], step
+    assert full_batches[31] != full_batches[30]
     stopped_losses, full_losses = _losses(tmp_path / "stopped"), _losses(tmp_path / "full")
     assert sorted(stopped_losses) == list(range(1, 41))  # each step logged once: no restart from 0
     # same next batches, same model: same losses. CPU kernels are deterministic; CUDA's atomic-add reductions

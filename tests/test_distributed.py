@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import vclr.train as train_mod
 from vclr.config import load_config
 from vclr.data.synthetic import make_synthetic
+from test_shards import write_shards
 
 PER_PROCESS_BATCH = 8
 STEPS = 3
@@ -54,6 +55,10 @@ def two_process_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     data = make_synthetic(root / "data", num_train=96, num_test=8, seed=5)
     cases = [_overrides(data, root / f"dist_{name}", PER_PROCESS_BATCH, case) for name, case in CASES.items()]
+    # shard streams of unequal length per process (70 vs 26 pairs): epochs must end together, not hang
+    shards = write_shards(data / "train", root / "shards" / "train", 4, sizes=[40, 20, 30, 6]).parent
+    cases.append(_overrides(shards, root / "dist_shards", PER_PROCESS_BATCH,
+                            {"optim.max_steps": 8, "data.decode_on": "device"}))
     (root / "cases.json").write_text(json.dumps(cases))
     worker = Path(__file__).with_name("dist_train_worker.py")
     # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is installed; the torchrun
@@ -91,3 +96,12 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(two_process_r
         torch.testing.assert_close(dist_weights[key], value, rtol=1e-4, atol=2e-6, msg=f"{name}: {key}")
         moved += int(not torch.equal(value, initial[key]))
     assert moved > len(single_weights) // 2  # the comparison is of trained weights, not of the initial ones
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_own_shards_through_epochs(two_process_runs):
+    _, root = two_process_runs
+    rows = [json.loads(line) for line in (root / "dist_shards" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # the shorter stream (26 pairs: 3 batches of 8) ends each epoch for both processes
+    assert [r["epoch"] for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2]

@@ -28,3 +28,13 @@ def test_bf16_training_on_gpu_learns_and_embeds_like_cpu(small_shapes, tmp_path)
     # fp32 inference on both (TF32 matmuls may be on): cosine between the two embeddings of each item ~ 1
     assert np.min(np.sum(gpu.image_embeddings * cpu.image_embeddings, axis=1)) > 0.995
     assert np.min(np.sum(gpu.text_embeddings * cpu.text_embeddings, axis=1)) > 0.995
+
+
+@pytest.mark.parametrize("fast", [
+    {"data.decode_on": "device", "train.channels_last": "true"},  # nvJPEG path (PNG files fall back per image)
+    {"train.grad_cache_chunk": 16, "train.compile": "true"},
+])
+def test_fast_gpu_paths_learn(small_shapes, tmp_path, fast):
+    extra = {"train.mixed_precision": "bf16", "optim.max_steps": 60, "train.log_every": 5, **fast}
+    result = train(load_config(None, train_overrides(small_shapes, tmp_path / "run", **extra)))
+    assert result.step == 60 and result.last_loss < 0.7 * result.first_loss

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from vclr.config import Config, VclrError, atomic_write_text, save_config
 from vclr.data.dataset import ImageTextDataset, collate_pairs, load_caption_table, normalize_images
 from vclr.data.device_decode import decode_resize
+from vclr.data.shards import ShardPairs, collate_stream, find_shards, stream_shards
 from vclr.gradcache import grad_cache_step
 from vclr.loss import CombinedLoss, gather_features
 from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg, param_groups
@@ -44,7 +45,9 @@ class TrainState:
     """Position of the run; checkpointed with the model through accelerator.register_for_checkpointing."""
 
     step: int = 0  # optimizer steps done
-    batches_seen: int = 0  # micro-batches consumed: the data position to resume from
+    batches_seen: int = 0  # micro-batches consumed, over all epochs
+    epoch: int = 0  # the data position to resume from: epoch and micro-batches into it
+    batches_in_epoch: int = 0
     elapsed_s: float = 0.0  # training-loop wall time, summed over resumes
 
     def state_dict(self) -> dict:
@@ -72,8 +75,9 @@ class Trainer:
     model: DualEncoder
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    loader: DataLoader
-    dataset: ImageTextDataset
+    loader: DataLoader | None  # map-style data (prepared: Accelerate shards its batches)
+    dataset: ImageTextDataset | None
+    stream: tuple | None  # shard data: (shards, ShardPairs); a DataLoader per epoch, sharded per process
     loss_fn: CombinedLoss
     state: TrainState
     mean: tuple
@@ -142,26 +146,33 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     preprocess = image_preprocess_cfg(model)
-    dataset = build_train_dataset(cfg, get_tokenizer(cfg.model), preprocess["size"])
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_pairs,
-                        generator=torch.Generator().manual_seed(cfg.train.seed),
-                        persistent_workers=cfg.data.num_workers > 0, pin_memory=accelerator.device.type == "cuda",
-                        prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+    shards = find_shards(cfg.data.train) if cfg.data.train else []
+    dataset = loader = stream = None
+    if shards:
+        stream = (shards, ShardPairs(get_tokenizer(cfg.model), preprocess["size"], cfg.train.seed,
+                                     cfg.data.caption_columns, cfg.data.decode_on == "device", cfg.data.augment))
+        logger.info("streaming %d shards from %s", len(shards), cfg.data.train)
+    else:
+        dataset = build_train_dataset(cfg, get_tokenizer(cfg.model), preprocess["size"])
+        loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(cfg.train.seed), collate_fn=collate_pairs,
+                            **_loader_options(cfg, accelerator))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                   fused=accelerator.device.type == "cuda")
     # Not prepared: accelerate would step a prepared scheduler once per process; ours counts optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps,
                                                                            cfg.optim.max_steps))
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if loader is not None:
+        loader = accelerator.prepare(loader)
     state = TrainState()
     loss_fn = CombinedLoss(cfg.loss, gather=gather_features, embed_dim=accelerator.unwrap_model(model).embed_dim)
     loss_fn.to(accelerator.device)
     accelerator.register_for_checkpointing(scheduler, state)
     if loss_fn.bank is not None:
         accelerator.register_for_checkpointing(loss_fn.bank)  # the queue of negatives resumes with the run
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loader, dataset, loss_fn, state,
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loader, dataset, stream, loss_fn, state,
                       tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"])
     if resume:
         _restore(trainer)
@@ -170,6 +181,12 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / CONFIG_FILE)
     return trainer
+
+
+def _loader_options(cfg: Config, accelerator: Accelerator) -> dict:
+    workers = cfg.data.num_workers
+    return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,
+            "pin_memory": accelerator.device.type == "cuda"}
 
 
 def _restore(trainer: Trainer) -> None:
@@ -275,46 +292,85 @@ def _log_row(trainer: Trainer, losses: dict, samples_per_s: float, epoch: int) -
     return row
 
 
+def epoch_loader(trainer: Trainer, epoch: int):
+    """The DataLoader for `epoch`: map-style data reshuffles by (seed, epoch); shard data opens a new stream."""
+    if trainer.stream is None:
+        trainer.loader.set_epoch(epoch)
+        trainer.dataset.set_epoch(epoch)
+        return trainer.loader
+    shards, pairs = trainer.stream
+    acc = trainer.accelerator
+    return DataLoader(stream_shards(shards, pairs, acc.process_index, acc.num_processes, epoch),
+                      batch_size=trainer.cfg.data.batch_size, drop_last=True, collate_fn=collate_stream,
+                      **_loader_options(trainer.cfg, acc))
+
+
+def _everyone_has_a_batch(trainer: Trainer, has_batch: bool) -> bool:
+    """Shard streams of different processes may end at different batches: the epoch ends when the first one does
+    (otherwise the others would wait for it in the next all_gather forever). Map-style loaders are even already."""
+    acc = trainer.accelerator
+    if trainer.stream is None or acc.num_processes == 1:
+        return has_batch
+    count = acc.reduce(torch.tensor(int(has_batch), device=acc.device), "sum")
+    return int(count) == acc.num_processes
+
+
+def batches(trainer: Trainer):
+    """Batches from the saved data position (epoch, batches into it) on, through as many epochs as it takes.
+
+    The caller counts consumed batches in `trainer.state`, so a checkpoint taken between two batches resumes with
+    the very next one (accelerate's skip_first_batches replays the epoch's order up to it).
+    """
+    state, acc = trainer.state, trainer.accelerator
+    while True:
+        loader = epoch_loader(trainer, state.epoch)
+        if state.batches_in_epoch:
+            loader = acc.skip_first_batches(loader, state.batches_in_epoch)
+        iterator = iter(loader)
+        while _everyone_has_a_batch(trainer, (batch := next(iterator, None)) is not None):
+            yield batch
+        if state.batches_in_epoch == 0:
+            raise VclrError(f"data.train={trainer.cfg.data.train} gave no full batch of data.batch_size="
+                            f"{trainer.cfg.data.batch_size} in an epoch; lower the batch size or add data")
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+
 def run_loop(trainer: Trainer) -> TrainResult:
     cfg, acc, state = trainer.cfg, trainer.accelerator, trainer.state
-    batches_per_epoch = len(trainer.loader)
     global_batch = cfg.data.batch_size * acc.num_processes
     bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", unit="step",
                disable=not acc.is_local_main_process, dynamic_ncols=True)
     first_loss = last_loss = float("nan")
     stopped_early = False
+    finished = state.step >= cfg.optim.max_steps  # resuming a run that is already done
     window_start, window_samples = time.perf_counter(), 0
     last_tick = time.perf_counter()
-    while state.step < cfg.optim.max_steps and not stopped_early:
-        epoch, offset = divmod(state.batches_seen, batches_per_epoch)
-        trainer.loader.set_epoch(epoch)
-        trainer.dataset.set_epoch(epoch)
-        epoch_loader = acc.skip_first_batches(trainer.loader, offset) if offset else trainer.loader
-        for batch in epoch_loader:
-            losses = train_step(trainer, batch)
-            state.batches_seen += 1
-            window_samples += global_batch
-            now = time.perf_counter()
-            state.elapsed_s += now - last_tick  # data loading included
-            last_tick = now
-            if not acc.sync_gradients:
-                continue
-            state.step += 1
-            bar.update(1)
-            if state.step % cfg.train.log_every == 0 or state.step == 1 or state.step == cfg.optim.max_steps:
-                rate = window_samples / (time.perf_counter() - window_start)
-                row = _log_row(trainer, losses, rate, epoch)
-                first_loss = row["loss"] if math.isnan(first_loss) else first_loss
-                last_loss = row["loss"]
-                bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}", samples_s=f"{rate:.0f}")
-                window_start, window_samples = time.perf_counter(), 0
-            if state.step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(trainer)
-            if cfg.train.max_minutes and state.elapsed_s > cfg.train.max_minutes * 60:
-                logger.warning("train.max_minutes=%s reached at step %d: stopping", cfg.train.max_minutes, state.step)
-                stopped_early = True
-            if state.step >= cfg.optim.max_steps or stopped_early:
-                break
+    for batch in batches(trainer) if not finished else ():
+        losses = train_step(trainer, batch)
+        state.batches_seen += 1
+        state.batches_in_epoch += 1
+        window_samples += global_batch
+        now = time.perf_counter()
+        state.elapsed_s += now - last_tick  # data loading included
+        last_tick = now
+        if not acc.sync_gradients:
+            continue
+        state.step += 1
+        bar.update(1)
+        if state.step % cfg.train.log_every == 0 or state.step == 1 or state.step == cfg.optim.max_steps:
+            rate = window_samples / (time.perf_counter() - window_start)
+            row = _log_row(trainer, losses, rate, state.epoch)
+            first_loss = row["loss"] if math.isnan(first_loss) else first_loss
+            last_loss = row["loss"]
+            bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}", samples_s=f"{rate:.0f}")
+            window_start, window_samples = time.perf_counter(), 0
+        if state.step % cfg.train.checkpoint_every == 0:
+            save_checkpoint(trainer)
+        if cfg.train.max_minutes and state.elapsed_s > cfg.train.max_minutes * 60:
+            logger.warning("train.max_minutes=%s reached at step %d: stopping", cfg.train.max_minutes, state.step)
+            stopped_early = True
+        if state.step >= cfg.optim.max_steps or stopped_early:
+            break
     bar.close()
     return TrainResult(trainer.run_dir, state.step, first_loss, last_loss, state.elapsed_s, stopped_early,
                        acc.is_main_process)
@@ -326,8 +382,8 @@ def cleanup(trainer: Trainer, result: TrainResult) -> None:
         save_checkpoint(trainer)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.save_model(trainer.model, str(trainer.run_dir), safe_serialization=True)
-    skipped = dict(trainer.dataset.table.skipped)
-    if trainer.dataset.unreadable_on_the_fly:  # counted in the main process only (data.num_workers=0)
+    skipped = dict(trainer.dataset.table.skipped) if trainer.dataset is not None else {}
+    if trainer.dataset is not None and trainer.dataset.unreadable_on_the_fly:  # main process's (num_workers=0)
         skipped["unreadable image"] = len(trainer.dataset.unreadable_on_the_fly)
     if skipped:
         logger.warning("training data: skipped rows %s", skipped)

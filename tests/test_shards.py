@@ -1,0 +1,121 @@
+"""Streaming training data from webdataset shards: every pair once per epoch, per-process shards, exact resume."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from vclr.config import load_config
+from vclr.data.dataset import DataError, load_caption_table
+from vclr.data.shards import ShardPairs, find_shards, stream_shards
+from vclr.model import get_tokenizer
+from vclr.config import ModelConfig
+
+
+def write_shards(split_dir: Path, out: Path, n_shards: int, sizes=None) -> Path:
+    """An imagefolder split -> webdataset .tar shards (key.png + key.json with the captions)."""
+    table = load_caption_table(split_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(zip(table.image_paths, table.captions))
+    sizes = sizes or [len(rows) // n_shards + (i < len(rows) % n_shards) for i in range(n_shards)]
+    start = 0
+    for shard, size in enumerate(sizes):
+        with tarfile.open(out / f"shard-{shard:04d}.tar", "w") as tar:
+            for i, (path, captions) in enumerate(rows[start:start + size], start):
+                for name, data in ((f"{i:06d}.png", Path(path).read_bytes()),
+                                   (f"{i:06d}.json", json.dumps({"captions": captions}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        start += size
+    return out
+
+
+@pytest.fixture(scope="module")
+def shard_dir(small_shapes, tmp_path_factory):
+    return write_shards(small_shapes / "train", tmp_path_factory.mktemp("shards"), 4)
+
+
+def _keys(stream) -> list[str]:
+    return [json.dumps(row["tokens"].tolist()) + str(len(row["image"])) for row in stream]
+
+
+def _pairs(seed=0):
+    return ShardPairs(get_tokenizer(ModelConfig()), 64, seed, ("captions",), encoded=True, augment=False)
+
+
+def test_find_shards(shard_dir, small_shapes):
+    assert [p.name for p in find_shards(shard_dir)] == [f"shard-{i:04d}.tar" for i in range(4)]
+    assert find_shards(small_shapes / "train") == []  # an imagefolder split is not a shard dir
+
+
+def test_stream_gives_every_pair_once_per_epoch_in_a_seeded_order(shard_dir):
+    shards = find_shards(shard_dir)
+    epoch0 = _keys(stream_shards(shards, _pairs(), 0, 1, epoch=0))
+    assert len(epoch0) == 1500 and len({k.split("]")[1] + k for k in epoch0}) >= 1490  # (near-)unique images
+    assert _keys(stream_shards(shards, _pairs(), 0, 1, epoch=0)) == epoch0  # same (seed, epoch): same order
+    epoch1 = _keys(stream_shards(shards, _pairs(), 0, 1, epoch=1))
+    assert epoch1 != epoch0 and len(epoch1) == 1500
+
+
+def test_each_process_reads_its_own_shards(shard_dir):
+    shards = find_shards(shard_dir)
+    images = [{row["image"] for row in stream_shards(shards, _pairs(), rank, 2, epoch=0)} for rank in (0, 1)]
+    assert images[0].isdisjoint(images[1])
+    assert len(images[0]) + len(images[1]) == len({row["image"] for row in stream_shards(shards, _pairs(), 0, 1, 0)})
+    assert abs(len(images[0]) - len(images[1])) <= 1
+
+
+def test_mixed_shard_kinds_are_an_error(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "b.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match="mixes"):
+        find_shards(tmp_path)
+
+
+@pytest.mark.slow
+def test_training_from_shards_resumes_with_the_identical_next_batch(shard_dir, tmp_path, monkeypatch):
+    import vclr.train as train_mod
+
+    def overrides(run, **extra):
+        values = {"data.train": shard_dir, "train.output_dir": tmp_path / run, "data.batch_size": 64,
+                  "optim.max_steps": 30, "optim.warmup_steps": 5, "train.log_every": 1, "train.checkpoint_every": 26,
+                  "data.decode_on": "device", "train.threads": 2}
+        values.update(extra)
+        return [f"{k}={v}" for k, v in values.items()]
+
+    seen = {}
+    real_step = train_mod.train_step
+
+    def recording_step(trainer, batch):
+        seen.setdefault(trainer.cfg.train.output_dir, {})[trainer.state.step + 1] = int(batch["tokens"].sum())
+        return real_step(trainer, batch)
+
+    monkeypatch.setattr(train_mod, "train_step", recording_step)
+    full = train_mod.train(load_config(None, overrides("full")))
+    assert full.step == 30  # 1500 pairs / 64 = 23 batches an epoch: the run crosses into epoch 1
+
+    real_save = train_mod.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_die(trainer):
+        real_save(trainer)
+        raise Stop  # dies right after the step-26 checkpoint, 3 batches into epoch 1
+
+    cfg = load_config(None, overrides("stopped"))
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(Stop):
+        train_mod.train(cfg)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    resumed = train_mod.train(cfg, resume=True)
+    assert resumed.step == 30
+    full_seen, stopped_seen = seen[str(tmp_path / "full")], seen[str(tmp_path / "stopped")]
+    assert [stopped_seen[s] for s in range(1, 31)] == [full_seen[s] for s in range(1, 31)]
+    full_losses = [json.loads(r)["loss"] for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    resumed_losses = [json.loads(r)["loss"] for r in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed_losses == pytest.approx(full_losses, rel=1e-4)

@@ -1,0 +1,119 @@
+"""Training pairs streamed from shards, for datasets larger than memory: webdataset .tar or parquet files.
+
+`data.train` names a directory of shards (and no metadata table). HF `datasets` streams them; each process reads its
+own shards (`split_dataset_by_node`: whole shards when their count divides by the number of processes), and the
+DataLoader's workers split a process's shards again. Order is a function of (seed, epoch): a shard shuffle plus a
+buffer shuffle, so a resumed run replays the same stream. Images stay encoded bytes until decoded: in the workers
+(PIL) or on the training device (`data.decode_on=device`).
+
+Webdataset samples: key.jpg|jpeg|png|webp + key.txt (one caption) or key.json ({"captions": [...]} or
+{"caption": ...}). Parquet rows: an `image` column (HF Image: {"bytes", "path"}) and the data.caption_columns.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vclr.data.dataset import METADATA_NAMES, DataError, decode_transform
+
+logger = logging.getLogger(__name__)
+
+SHARD_BUILDERS = {".tar": "webdataset", ".parquet": "parquet"}
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "image")
+SHUFFLE_BUFFER = 2000
+
+
+def find_shards(source: str | os.PathLike) -> list[Path]:
+    """The shard files of a shard directory; [] for anything else (a table file, an imagefolder split)."""
+    folder = Path(source)
+    if not folder.is_dir() or any((folder / name).is_file() for name in METADATA_NAMES):
+        return []
+    shards = sorted(p for p in folder.iterdir() if p.suffix in SHARD_BUILDERS)
+    if len({p.suffix for p in shards}) > 1:
+        raise DataError(f"{folder} mixes .tar and .parquet shards; keep one kind per directory")
+    return shards
+
+
+def _captions(row: dict, caption_columns: Sequence[str]) -> list[str]:
+    values: list = []
+    if "txt" in row and row["txt"]:
+        values.append(row["txt"])
+    meta = row.get("json")
+    if isinstance(meta, dict):
+        values += meta.get("captions") or [meta.get("caption")]
+    for column in caption_columns:
+        value = row.get(column)
+        values += value if isinstance(value, (list, tuple)) else [value]
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
+class ShardPairs:
+    """Row -> {"image": bytes or uint8 (3, S, S), "tokens": (L,)}; None-image rows are dropped by the collate."""
+
+    def __init__(self, tokenizer, image_size: int, seed: int, caption_columns: Sequence[str], encoded: bool,
+                 augment: bool):
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.epoch = 0
+        self.caption_columns = tuple(caption_columns)
+        self.encoded = encoded
+        self.transform = decode_transform(image_size, augment)
+
+    def __call__(self, row: dict) -> dict:
+        image = next((row[k] for k in IMAGE_KEYS if row.get(k) is not None), None)
+        data = image.get("bytes") if isinstance(image, dict) else image  # HF Image(decode=False) or raw binary
+        captions = _captions(row, self.caption_columns)
+        if not data or not captions:
+            return {"image": None, "tokens": None}
+        # caption choice: a pure function of (seed, epoch, key), as for in-memory datasets
+        key = str(row.get("__key__", "")) + str(row.get("__url__", ""))
+        draw = np.random.default_rng((self.seed, self.epoch, zlib.crc32(key.encode()))).integers(len(captions))
+        tokens = self.tokenizer([captions[draw]])[0]  # (L,)
+        return {"image": data if self.encoded else self._decode(data), "tokens": tokens}
+
+    def _decode(self, data: bytes) -> torch.Tensor | None:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return self.transform(image.convert("RGB"))  # (3, S, S) uint8
+        except Exception as e:  # broken bytes: dropped, like unreadable files
+            logger.warning("unreadable image in shard skipped: %s", e)
+            return None
+
+
+def stream_shards(shards: list[Path], pairs: ShardPairs, rank: int, world: int, epoch: int):
+    """An HF IterableDataset of this process's pairs for `epoch`, shuffled by (seed, epoch)."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    builder = SHARD_BUILDERS[shards[0].suffix]
+    try:
+        stream = datasets.load_dataset(builder, data_files=[str(s) for s in shards], split="train", streaming=True)
+    except Exception as e:
+        raise DataError(f"could not read shards in {shards[0].parent}: {type(e).__name__}: {e}") from None
+    for column, feature in (stream.features or {}).items():
+        if isinstance(feature, datasets.Image):
+            stream = stream.cast_column(column, datasets.Image(decode=False))  # bytes: decoded later, in batches
+    if world > 1 and len(shards) % world:
+        logger.warning("%d shards for %d processes: each process reads every shard and keeps 1/%d of the rows; "
+                       "use a multiple of %d shards", len(shards), world, world, world)
+    stream = split_dataset_by_node(stream, rank=rank, world_size=world)
+    stream = stream.shuffle(seed=pairs.seed, buffer_size=SHUFFLE_BUFFER)
+    stream.set_epoch(epoch)
+    pairs.epoch = epoch
+    return stream.map(pairs, remove_columns=list(stream.column_names or []))
+
+
+def collate_stream(rows: list[dict]) -> dict:
+    """Stream rows -> the same batch dict as `collate_pairs`."""
+    from vclr.data.dataset import collate_pairs
+
+    return collate_pairs([(r["image"], r["tokens"]) if r["image"] is not None else None for r in rows])

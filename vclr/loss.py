@@ -7,6 +7,7 @@ global batch of N = world * B columns; its positives sit at columns rank * B + a
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -15,6 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vclr.config import LossConfig
+
+# torch marks torch.distributed.nn.functional.all_gather deprecated in favour of a private functional-collectives API;
+# the public, autograd-aware one is still the documented way (open_clip uses it too), so say it once, not every step
+warnings.filterwarnings("once", message=r".*all_gather is deprecated", category=FutureWarning)
 
 GatherFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, int]]
 

@@ -33,8 +33,8 @@ def _assert_one_line_error(capsys, code, expected):
 
 @pytest.mark.parametrize("argv, expected", [
     (["search", "--index", "{index}", "--text", "   "], "text query is empty"),
-    (["search", "--index", "{index}", "--text", "a red circle", "-k", "0"], "k must be a positive integer"),
-    (["search", "--index", "{index}", "--text", "a red circle", "-k", "-3"], "k must be a positive integer"),
+    (["search", "--index", "{index}", "--text", "a red circle", "-k", "0"], "k must be an integer from 1 to 1000"),
+    (["search", "--index", "{index}", "--text", "a red circle", "-k", "-3"], "k must be an integer from 1 to 1000"),
     (["search", "--index", "{tmp}/nowhere", "--text", "a red circle"], "does not exist"),
     (["search", "--index", "{index}"], "exactly one of --text or --image"),
     (["search", "--index", "{index}", "--text", "x" * 1001], "limit is 1000"),

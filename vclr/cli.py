@@ -82,11 +82,59 @@ def cmd_train(args) -> int:
 
 
 def cmd_index(args) -> int:
+    from vclr.index import IndexOptions
     from vclr.search import build_index
 
-    index = build_index(args.run, args.data, args.out)
+    if not 0 < args.recall_target <= 1:
+        raise VclrError(f"--recall-target must be in (0, 1], got {args.recall_target}")
+    if args.memory_budget_gb < 0:
+        raise VclrError(f"--memory-budget-gb must be >= 0 (0 = no limit), got {args.memory_budget_gb}")
+    options = IndexOptions(kind=args.index_type, recall_target=args.recall_target,
+                           memory_budget_gb=args.memory_budget_gb)
+    index = build_index(args.run, args.data, args.out, options)
     print(f"indexed {index.manifest['num_images']} images and {index.manifest['num_texts']} captions "
           f"(dim {index.manifest['dim']}) into {args.out}")
+    for modality, tuning in index.manifest["index"].items():
+        setting = f", {tuning['param']}={tuning['value']}" if tuning["param"] else ""
+        print(f"  {modality:<7}{tuning['factory']}{setting}: cross-modal recall@{tuning['k']} "
+              f"{tuning['recall']:.3f}, {tuning['qps']:.0f} queries/s")
+    return 0
+
+
+def cmd_index_add(args) -> int:
+    from vclr.search import add_to_index
+
+    images, captions = add_to_index(args.index, args.data, args.run)
+    print(f"added {images} images and {captions} captions to {args.index}")
+    return 0
+
+
+def cmd_index_delete(args) -> int:
+    from vclr.search import delete_from_index
+
+    if not args.image_ids and not args.text_ids:
+        raise VclrError("nothing to delete: pass --image-ids and/or --text-ids (comma-separated)")
+    counts = delete_from_index(args.index, _parse_ids(args.image_ids, "--image-ids"),
+                               _parse_ids(args.text_ids, "--text-ids"))
+    print(f"{args.index}: {counts['deleted_images']} of {counts['num_images']} images and "
+          f"{counts['deleted_texts']} of {counts['num_texts']} captions deleted")
+    return 0
+
+
+def _parse_ids(text: str | None, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in (text or "").split(",") if v.strip()]
+    except ValueError:
+        raise VclrError(f"{flag} must be comma-separated integer ids, got {text!r}") from None
+
+
+def cmd_serve(args) -> int:
+    from vclr.serve import serve
+
+    if not 0 < args.port < 65536:
+        raise VclrError(f"--port must be 1..65535, got {args.port}")
+    print(f"serving {args.index} on http://{args.host}:{args.port}  (Ctrl-C stops)")
+    serve(args.index, args.run, args.host, args.port, args.mmap)
     return 0
 
 
@@ -257,6 +305,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="training run dir")
     p.add_argument("--data", help="dataset to index (default: the run's data.test)")
     p.add_argument("--out", required=True, help="index dir to write")
+    p.add_argument("--index-type", choices=("auto", "flat", "ivf_flat", "hnsw", "ivf_pq"), default="auto",
+                   help="auto: exact up to 50k items, else the first ANN type meeting --recall-target")
+    p.add_argument("--recall-target", type=float, default=0.95,
+                   help="recall@10 vs exact search, measured with cross-modal queries (default 0.95)")
+    p.add_argument("--memory-budget-gb", type=float, default=0.0, help="index memory budget (0 = no limit)")
+
+    p = _add(sub, "index-add", cmd_index_add, "embed more data and add it to an index, without rebuilding",
+             "vclr index-add --index vclr-demo/index --data data/more")
+    p.add_argument("--index", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
+
+    p = _add(sub, "index-delete", cmd_index_delete, "delete images (with their captions) or captions by id",
+             "vclr index-delete --index vclr-demo/index --image-ids 3,17")
+    p.add_argument("--index", required=True)
+    p.add_argument("--image-ids")
+    p.add_argument("--text-ids")
+
+    p = _add(sub, "serve", cmd_serve, "search service: JSON API and web page over an index",
+             "vclr serve --index vclr-demo/index --port 8000")
+    p.add_argument("--index", required=True)
+    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it into RAM")
 
     p = _add(sub, "search", cmd_search, "search an index by text (-> images) or by image (-> captions)",
              "vclr search --index vclr-demo/index --text 'a red circle' -k 5")

@@ -85,10 +85,16 @@ def embed_texts(model: DualEncoder, cfg: Config, texts: Sequence[str], batch_siz
     return embed_tokens(model, tokenize_all(get_tokenizer(cfg.model), texts), batch_size, device)
 
 
-def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
-    """Embed images given by path (search queries); an unreadable file is an error here."""
+def embed_pil_images(model: DualEncoder, images: Sequence) -> np.ndarray:
+    """Embed decoded RGB PIL images (search queries, uploads)."""
     device = next(model.parameters()).device
     transform = decode_transform(image_preprocess_cfg(model)["size"])
+    batch = torch.stack([transform(image) for image in images])  # (B, 3, S, S) uint8
+    return embed_image_batches(model, DataLoader(batch, batch_size=len(images)), device)
+
+
+def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
+    """Embed images given by path (search queries); an unreadable file is an error here."""
     images = []
     for path in paths:
         if not Path(path).is_file():
@@ -96,8 +102,8 @@ def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
         image = read_image(path)
         if image is None:
             raise VclrError(f"query image {path} is not a readable image")
-        images.append(transform(image))
-    return embed_image_batches(model, DataLoader(torch.stack(images), batch_size=len(images)), device)
+        images.append(image)
+    return embed_pil_images(model, images)
 
 
 def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size: int | None = None) -> Embeddings:

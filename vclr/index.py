@@ -1,35 +1,58 @@
-"""FAISS retrieval index over both modalities, saved as a directory. numpy + faiss only.
+"""FAISS retrieval index over both modalities, saved as a directory. numpy + faiss (+ the SQLite metadata store).
 
     idx = RetrievalIndex.build(image_embeddings, text_embeddings, text_to_image, image_paths, texts, manifest)
     idx.save("indexes/demo")
     D, I = RetrievalIndex.load("indexes/demo").search_images(xq, k=5)   # text queries -> images
 
-Directory: images.faiss, texts.faiss (exact inner product: cosine on unit vectors), image_embeddings.npy,
-text_embeddings.npy, metadata.json (image paths, captions, caption -> image), manifest.json (dimension, counts,
-model run and config hash). A save writes a temp directory and renames it into place, so a crash leaves the previous
-index whole.
+Each modality gets its own index, exact or approximate (`vclr.ann`: chosen from the collection size, a memory budget
+and a recall target measured with queries of the other modality). Items can be added without rebuilding (trained
+indexes take new vectors as they are) and deleted by id (marked in the store and filtered out of every search with
+a faiss ID selector; ids never shift).
+
+Directory: images.faiss, texts.faiss, image_embeddings.npy, text_embeddings.npy (kept for exact evaluation and
+rebuilds), metadata.sqlite (ids -> paths, captions, extra fields, deletions), manifest.json (format, dimension,
+counts, model run and config hash, index choice with its measured recall and speed, and the size and SHA-256 of
+every file). A save writes a temp directory and renames it into place; a crash at any moment leaves the previous
+index whole, and a load that finds a file whose checksum disagrees with the manifest refuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
 
+from vclr.ann import Tuning, choose_index
 from vclr.config import VclrError
+from vclr.store import MetadataStore
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+FILES = ("images.faiss", "texts.faiss", "image_embeddings.npy", "text_embeddings.npy", "metadata.sqlite")
 
 
 class IndexDirError(VclrError):
-    """A missing, foreign or inconsistent index directory, or a query that does not fit the index."""
+    """A missing, foreign, corrupt or inconsistent index directory, or a query that does not fit the index."""
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How `build` picks each modality's index (see vclr.ann)."""
+
+    kind: str = "auto"  # auto | flat | ivf_flat | hnsw | ivf_pq
+    recall_target: float = 0.95  # recall@k against exact search, cross-modal queries
+    k: int = 10
+    memory_budget_gb: float = 0.0  # 0 = no limit
+    exact_below: int = 50_000  # collections up to this size stay exact
+    tuning_queries: int = 1000
 
 
 def _as_queries(xq: np.ndarray, d: int) -> np.ndarray:
@@ -45,20 +68,36 @@ def exact_index(xb: np.ndarray) -> faiss.Index:
     return index
 
 
+def _build_modality(xb: np.ndarray, other: np.ndarray, options: IndexOptions, seed: int) -> tuple[faiss.Index, dict]:
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(other), min(options.tuning_queries, len(other)), replace=False)
+    budget = options.memory_budget_gb * 1e9 or None
+    index, tuning = choose_index(xb, other[np.sort(sample)], options.k, options.recall_target, budget,
+                                 options.exact_below, options.kind, seed)
+    return index, tuning.to_dict()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass
 class RetrievalIndex:
     image_embeddings: np.ndarray  # (N, d) float32
     text_embeddings: np.ndarray  # (C, d) float32
-    text_to_image: np.ndarray  # (C,) int64
-    image_paths: list[str]
-    texts: list[str]
+    store: MetadataStore
     manifest: dict = field(default_factory=dict)
     image_index: faiss.Index | None = None
     text_index: faiss.Index | None = None
 
     @classmethod
     def build(cls, image_embeddings, text_embeddings, text_to_image, image_paths, texts,
-              manifest: dict | None = None) -> "RetrievalIndex":
+              manifest: dict | None = None, options: IndexOptions = IndexOptions(), seed: int = 0,
+              image_extras: Sequence[dict] | None = None) -> "RetrievalIndex":
         image_embeddings = np.ascontiguousarray(image_embeddings, dtype=np.float32)
         text_embeddings = np.ascontiguousarray(text_embeddings, dtype=np.float32)
         if image_embeddings.shape[1] != text_embeddings.shape[1]:
@@ -66,23 +105,109 @@ class RetrievalIndex:
                                 f"{text_embeddings.shape[1]}")
         if len(image_paths) != len(image_embeddings) or len(texts) != len(text_embeddings):
             raise IndexDirError("metadata and embeddings differ in length")
+        store = MetadataStore()
+        store.add_images(image_paths, image_extras)
+        store.add_texts(texts, text_to_image)
+        # captions search the image index and images the caption index: each is tuned with the other's queries
+        image_index, image_tuning = _build_modality(image_embeddings, text_embeddings, options, seed)
+        text_index, text_tuning = _build_modality(text_embeddings, image_embeddings, options, seed + 1)
         manifest = dict(manifest or {})
         manifest.update(format_version=FORMAT_VERSION, dim=int(image_embeddings.shape[1]),
-                        num_images=len(image_embeddings), num_texts=len(text_embeddings), index_type="IndexFlatIP")
-        return cls(image_embeddings, text_embeddings, np.asarray(text_to_image, dtype=np.int64), list(image_paths),
-                   list(texts), manifest, exact_index(image_embeddings), exact_index(text_embeddings))
+                        index={"images": image_tuning, "texts": text_tuning})
+        index = cls(image_embeddings, text_embeddings, store, manifest, image_index, text_index)
+        index._update_counts()
+        return index
+
+    # --------------------------------------------------------------------------------------------------- reading
 
     @property
     def d(self) -> int:
         return self.image_embeddings.shape[1]
 
+    @property
+    def image_paths(self) -> list[str]:
+        return self.store.image_paths()
+
+    @property
+    def texts(self) -> list[str]:
+        return self.store.texts()
+
+    @property
+    def text_to_image(self) -> np.ndarray:
+        return self.store.text_to_image()
+
+    def _search(self, index: faiss.Index, table: str, xq: np.ndarray, k: int):
+        deleted = self.store.deleted_ids(table)
+        k = min(k, index.ntotal - len(deleted))
+        if k <= 0:
+            return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
+        if not len(deleted):
+            return index.search(_as_queries(xq, self.d), k)
+        # skip deleted ids inside faiss: k live results without over-fetching (the selectors must outlive the call)
+        batch = faiss.IDSelectorBatch(deleted)
+        live = faiss.IDSelectorNot(batch)
+        return index.search(_as_queries(xq, self.d), k, params=_search_params(index, live))
+
     def search_images(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Queries (nq, d) against the images: D, I of shape (nq, min(k, N))."""
-        return self.image_index.search(_as_queries(xq, self.d), min(k, self.image_index.ntotal))
+        """Queries (nq, d) against the images: D, I of shape (nq, min(k, live images))."""
+        return self._search(self.image_index, "images", xq, k)
 
     def search_texts(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Queries (nq, d) against the captions: D, I of shape (nq, min(k, C))."""
-        return self.text_index.search(_as_queries(xq, self.d), min(k, self.text_index.ntotal))
+        """Queries (nq, d) against the captions: D, I of shape (nq, min(k, live captions))."""
+        return self._search(self.text_index, "texts", xq, k)
+
+    def check_model(self, dim: int, config_hash: str | None) -> None:
+        """A clear error when a model of another dimension or config would query this index."""
+        if dim != self.d:
+            raise IndexDirError(f"the model embeds into {dim} dimensions but the index holds {self.d}-dimensional "
+                                "vectors; use the model the index was built with, or rebuild the index")
+        if config_hash is not None and config_hash != self.manifest.get("model_config_hash"):
+            raise IndexDirError(f"the model's config (hash {config_hash}) is not the one this index was built with "
+                                f"({self.manifest.get('model_name')}, hash {self.manifest.get('model_config_hash')})"
+                                "; pass the right --run or rebuild the index")
+
+    # ----------------------------------------------------------------------------------------- adding, deleting
+
+    def add(self, image_embeddings: np.ndarray, image_paths: Sequence[str], text_embeddings: np.ndarray,
+            texts: Sequence[str], text_image: Sequence[int], image_extras: Sequence[dict] | None = None):
+        """Append images and captions (`text_image` indexes the NEW images) without rebuilding; -> their ids."""
+        image_embeddings = _as_queries(image_embeddings, self.d) if len(image_embeddings) else np.zeros((0, self.d),
+                                                                                                         np.float32)
+        text_embeddings = _as_queries(text_embeddings, self.d) if len(text_embeddings) else np.zeros((0, self.d),
+                                                                                                      np.float32)
+        if len(image_paths) != len(image_embeddings) or len(texts) != len(text_embeddings) or \
+                len(text_image) != len(texts):
+            raise IndexDirError("add: metadata and embeddings differ in length")
+        if len(text_image) and not (0 <= min(text_image) and max(text_image) < len(image_paths)):
+            raise IndexDirError("add: text_image must index the images being added")
+        image_ids = self.store.add_images(image_paths, image_extras)
+        first_new = int(image_ids[0]) if len(image_ids) else self.store.count("images")
+        text_ids = self.store.add_texts(texts, [first_new + int(i) for i in text_image])
+        self.image_index.add(image_embeddings)
+        self.text_index.add(text_embeddings)
+        self.image_embeddings = np.concatenate([self.image_embeddings, image_embeddings])
+        self.text_embeddings = np.concatenate([self.text_embeddings, text_embeddings])
+        self._update_counts()
+        return image_ids, text_ids
+
+    def delete(self, image_ids: Sequence[int] = (), text_ids: Sequence[int] = ()) -> None:
+        """Remove items from every later search. Ids stay reserved; deleting an image deletes its captions too."""
+        for table, ids, total in (("images", image_ids, self.store.count("images")),
+                                  ("texts", text_ids, self.store.count("texts"))):
+            bad = [i for i in ids if not 0 <= int(i) < total]
+            if bad:
+                raise IndexDirError(f"delete: no {table[:-1]} with id {bad[0]} (ids are 0..{total - 1})")
+        if len(image_ids):
+            owned = np.flatnonzero(np.isin(self.store.text_to_image(), np.asarray(image_ids, dtype=np.int64)))
+            text_ids = np.union1d(np.asarray(text_ids, dtype=np.int64), owned)
+        self.store.mark_deleted("images", image_ids)
+        self.store.mark_deleted("texts", text_ids)
+        self._update_counts()
+
+    def _update_counts(self) -> None:
+        self.manifest.update(num_images=self.image_index.ntotal, num_texts=self.text_index.ntotal,
+                             deleted_images=len(self.store.deleted_ids("images")),
+                             deleted_texts=len(self.store.deleted_ids("texts")))
 
     # ---------------------------------------------------------------------------------------------- persistence
 
@@ -96,18 +221,22 @@ class RetrievalIndex:
             faiss.write_index(self.text_index, str(tmp / "texts.faiss"))
             np.save(tmp / "image_embeddings.npy", self.image_embeddings)
             np.save(tmp / "text_embeddings.npy", self.text_embeddings)
-            metadata = {"image_paths": self.image_paths, "texts": self.texts,
-                        "text_to_image": self.text_to_image.tolist()}
-            (tmp / "metadata.json").write_text(json.dumps(metadata), encoding="utf-8")
-            (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")  # last: marks whole
+            self.store.save_to(tmp / "metadata.sqlite")
+            manifest = dict(self.manifest, files={name: {"bytes": (tmp / name).stat().st_size,
+                                                         "sha256": _sha256(tmp / name)} for name in FILES})
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")  # last: marks whole
+            _fsync_dir(tmp)
             _swap_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self.manifest = manifest
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RetrievalIndex":
+    def load(cls, path: str | os.PathLike, mmap: bool = False, verify: bool = True) -> "RetrievalIndex":
+        """Open a saved index. `mmap`: map the vectors and (IVF) lists from disk instead of reading them into RAM.
+        `verify`: check every file's SHA-256 against the manifest (sizes are always checked)."""
         path = Path(path)
         if not path.is_dir():
             raise IndexDirError(f"index dir {path} does not exist; build one with `vclr index`")
@@ -117,14 +246,67 @@ class RetrievalIndex:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise IndexDirError(f"{path}: index format {manifest.get('format_version')} is not supported "
                                 f"(this vclr reads {FORMAT_VERSION}); rebuild it with `vclr index`")
-        metadata = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
-        index = cls(np.load(path / "image_embeddings.npy"), np.load(path / "text_embeddings.npy"),
-                    np.asarray(metadata["text_to_image"], dtype=np.int64), metadata["image_paths"],
-                    metadata["texts"], manifest,
-                    faiss.read_index(str(path / "images.faiss")), faiss.read_index(str(path / "texts.faiss")))
+        _verify_files(path, manifest, checksums=verify)
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = cls(np.load(path / "image_embeddings.npy", mmap_mode="r" if mmap else None),
+                    np.load(path / "text_embeddings.npy", mmap_mode="r" if mmap else None),
+                    _open_store_copy(path / "metadata.sqlite"), manifest,
+                    _read_index(path / "images.faiss", flags), _read_index(path / "texts.faiss", flags))
         if index.image_index.ntotal != manifest["num_images"] or index.text_index.ntotal != manifest["num_texts"]:
             raise IndexDirError(f"{path}: index files disagree with the manifest's counts; rebuild it")
+        for modality, faiss_index in (("images", index.image_index), ("texts", index.text_index)):
+            tuning = manifest["index"][modality]
+            if tuning.get("param"):
+                faiss.ParameterSpace().set_index_parameter(faiss_index, tuning["param"], int(tuning["value"]))
         return index
+
+    def tuning(self, modality: str) -> Tuning:
+        return Tuning(**self.manifest["index"][modality])
+
+
+def _search_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Per-call parameters with an ID selector; they replace the index's own nprobe/efSearch, so carry those over."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    if hasattr(inner, "nprobe"):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
+    if hasattr(inner, "hnsw"):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
+
+
+def _read_index(path: Path, flags: int) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError:
+        if flags:  # index types without mmap support (HNSW): read normally
+            return faiss.read_index(str(path))
+        raise
+
+
+def _open_store_copy(path: Path) -> MetadataStore:
+    """The store in memory: adds and deletes before the next save must not touch the saved index."""
+    on_disk = MetadataStore(path, read_only=True)
+    store = MetadataStore()
+    on_disk.db.backup(store.db)
+    on_disk.close()
+    return store
+
+
+def _verify_files(path: Path, manifest: dict, checksums: bool) -> None:
+    for name, expected in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != expected["bytes"]:
+            raise IndexDirError(f"{path}: {name} is missing or has the wrong size; the index is damaged, rebuild it")
+        if checksums and _sha256(file) != expected["sha256"]:
+            raise IndexDirError(f"{path}: {name} does not match its checksum in {MANIFEST}; the index is damaged, "
+                                "rebuild it")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush the new files before the rename makes them the index (a power cut must not publish empty files)."""
+    for file in folder.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:

@@ -1,0 +1,156 @@
+"""Index lifecycle: ANN indexes saved and loaded with their tuning, incremental add, delete by id, checksums,
+memory-mapped loading, model checks, and a SIGKILL in the middle of saving."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vclr.ann import structured_pairs
+from vclr.index import IndexDirError, IndexOptions, RetrievalIndex
+
+
+@pytest.fixture(scope="module")
+def collection():
+    images, _ = structured_pairs(6000, 32, seed=3, clusters=100, queries=1)
+    rng = np.random.default_rng(4)
+    text_to_image = np.repeat(np.arange(6000), 2)
+    texts = images[text_to_image] + 0.2 * rng.standard_normal((12000, 32)).astype(np.float32)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    return images, texts, text_to_image
+
+
+def _build(collection, kind="ivf_flat", n=5000):
+    images, texts, t2i = collection
+    keep = t2i < n
+    return RetrievalIndex.build(images[:n], texts[keep], t2i[keep], [f"/data/{i}.png" for i in range(n)],
+                                [f"caption {j}" for j in range(int(keep.sum()))], {"model_config_hash": "h1"},
+                                IndexOptions(kind=kind, recall_target=0.9, exact_below=1000))
+
+
+def test_ann_index_round_trip_keeps_tuning_and_results(collection, tmp_path):
+    index = _build(collection)
+    tuning = index.manifest["index"]["images"]
+    assert tuning["kind"] == "ivf_flat" and tuning["met"] and tuning["recall"] >= 0.9
+    queries = collection[1][:50]
+    before = index.search_images(queries, 10)
+    index.save(tmp_path / "idx")
+    for mmap in (False, True):
+        loaded = RetrievalIndex.load(tmp_path / "idx", mmap=mmap)
+        after = loaded.search_images(queries, 10)
+        assert np.array_equal(before[1], after[1]) and np.array_equal(before[0], after[0])
+        assert loaded.manifest["index"]["images"]["value"] == tuning["value"]
+    saved = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert set(saved["files"]) >= {"images.faiss", "metadata.sqlite"} and saved["dim"] == 32
+
+
+def test_add_without_rebuilding_then_delete(collection, tmp_path):
+    images, texts, t2i = collection
+    index = _build(collection, kind="flat")
+    new = t2i >= 5000
+    image_ids, text_ids = index.add(images[5000:], [f"/data/{i}.png" for i in range(5000, 6000)], texts[new],
+                                    [f"caption {j}" for j in range(int(new.sum()))], t2i[new] - 5000)
+    assert image_ids[0] == 5000 and index.manifest["num_images"] == 6000
+    # the added vectors are searched like the first ones: exact search over all 6000 images, by brute force
+    D, I = index.search_images(texts[new][:20], 1)
+    assert np.array_equal(I[:, 0], np.argmax(texts[new][:20] @ images.T, axis=1))
+    assert (I[:, 0] >= 5000).sum() >= 5  # and the new images do come up
+    assert index.store.image_paths([5003]) == ["/data/5003.png"]
+    assert index.text_to_image[text_ids[0]] == 5000
+
+    target = int(I[0, 0])
+    index.delete(image_ids=[target])
+    D2, I2 = index.search_images(texts[new][:1], 10)
+    assert target not in I2[0] and I2.shape == (1, 10)
+    _, caption_hits = index.search_texts(images[target:target + 1], 50)
+    assert not set(caption_hits[0]) & set(np.flatnonzero(index.text_to_image == target))  # its captions went too
+    index.save(tmp_path / "idx")
+    loaded = RetrievalIndex.load(tmp_path / "idx")
+    assert target not in loaded.search_images(texts[new][:1], 10)[1][0]
+    assert loaded.manifest["deleted_images"] == 1 and loaded.manifest["deleted_texts"] == 2
+    with pytest.raises(IndexDirError, match="no image with id 99999"):
+        loaded.delete(image_ids=[99999])
+
+
+def test_add_to_an_ivf_index_needs_no_retraining(collection):
+    images, texts, t2i = collection
+    index = _build(collection, kind="ivf_flat")
+    nprobe_before = index.manifest["index"]["images"]["value"]
+    index.add(images[5000:5010], [f"n{i}" for i in range(10)], texts[:0], [], [])
+    D, I = index.search_images(images[5000:5010], 1)
+    assert list(I[:, 0]) == list(range(5000, 5010)) and index.manifest["index"]["images"]["value"] == nprobe_before
+
+
+def test_corrupt_file_is_detected(collection, tmp_path):
+    _build(collection, kind="flat", n=300).save(tmp_path / "idx")
+    path = tmp_path / "idx" / "image_embeddings.npy"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # same size, one flipped byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexDirError, match="checksum"):
+        RetrievalIndex.load(tmp_path / "idx")
+    (tmp_path / "idx" / "texts.faiss").write_bytes(b"short")
+    with pytest.raises(IndexDirError, match="wrong size"):
+        RetrievalIndex.load(tmp_path / "idx", verify=False)
+
+
+def test_model_mismatch_is_a_clear_error(collection):
+    index = _build(collection, kind="flat", n=300)
+    index.check_model(32, "h1")
+    with pytest.raises(IndexDirError, match="embeds into 64 dimensions"):
+        index.check_model(64, "h1")
+    with pytest.raises(IndexDirError, match="not the one this index was built with"):
+        index.check_model(32, "other")
+
+
+SAVER = """
+import sys, numpy as np
+from vclr.index import RetrievalIndex, IndexOptions
+rng = np.random.default_rng(0)
+versions = []
+for v in range(2):
+    img = rng.standard_normal((20000, 64)).astype(np.float32); img /= np.linalg.norm(img, axis=1, keepdims=True)
+    versions.append(RetrievalIndex.build(img, img[:100], np.arange(100), [f"v{v}/{i}" for i in range(20000)],
+                                         [f"v{v}" for _ in range(100)], {"version": v}, IndexOptions(kind="flat")))
+versions[0].save(sys.argv[1])
+print("ready", flush=True)
+while True:  # overwrite the index again and again until killed
+    for version in versions[::-1] + versions:
+        version.save(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_leaves_a_loadable_index(tmp_path):
+    """SIGKILL a process that keeps overwriting an index, at 12 random moments; each time the index loads, passes
+    its checksums and answers exactly as one of the two versions that were being written."""
+    target = tmp_path / "idx"
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    rng = np.random.default_rng(0)
+    expected = {}
+    kills = 0
+    for attempt in range(12):
+        proc = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.05, 1.5)))  # somewhere inside a save: faiss, npy, sqlite or rename
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        loaded = RetrievalIndex.load(target)  # verify=True: every checksum
+        version = loaded.manifest["version"]
+        D, I = loaded.search_images(loaded.text_embeddings[:5], 3)
+        assert loaded.image_paths[0] == f"v{version}/0"
+        if version in expected:
+            assert np.array_equal(expected[version], I)
+        expected[version] = I
+    assert kills == 12
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx")]
+    assert len(leftovers) <= 12  # temp dirs of killed saves are never mistaken for the index

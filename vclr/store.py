@@ -1,0 +1,99 @@
+"""Metadata of an index: item id -> image path / caption / extra fields, in SQLite (stdlib; fast at 1M rows).
+
+Ids are row positions in the index's embedding arrays: images 0..N-1, captions 0..C-1, append-only. A deleted item
+keeps its id and is marked, so ids never shift under a client that holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, extra TEXT, deleted INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY, text TEXT NOT NULL, image_id INTEGER NOT NULL,
+                                  deleted INTEGER DEFAULT 0);
+CREATE INDEX IF NOT EXISTS texts_by_image ON texts (image_id);
+"""
+
+
+class MetadataStore:
+    def __init__(self, path: str | Path = ":memory:", read_only: bool = False):
+        uri = f"file:{path}?mode=ro" if read_only else str(path)
+        self.db = sqlite3.connect(uri, uri=read_only, check_same_thread=False)
+        if not read_only:
+            self.db.executescript(SCHEMA)
+
+    # ------------------------------------------------------------------------------------------------- writing
+
+    def add_images(self, paths: Sequence[str], extras: Sequence[dict] | None = None) -> np.ndarray:
+        start = self.count("images")
+        extras = extras or [None] * len(paths)
+        with self.db:
+            self.db.executemany("INSERT INTO images (id, path, extra) VALUES (?, ?, ?)",
+                                ((start + i, str(p), json.dumps(e) if e else None)
+                                 for i, (p, e) in enumerate(zip(paths, extras))))
+        return np.arange(start, start + len(paths), dtype=np.int64)
+
+    def add_texts(self, texts: Sequence[str], image_ids: Sequence[int]) -> np.ndarray:
+        start = self.count("texts")
+        with self.db:
+            self.db.executemany("INSERT INTO texts (id, text, image_id) VALUES (?, ?, ?)",
+                                ((start + i, t, int(m)) for i, (t, m) in enumerate(zip(texts, image_ids))))
+        return np.arange(start, start + len(texts), dtype=np.int64)
+
+    def mark_deleted(self, table: str, ids: Iterable[int]) -> None:
+        with self.db:
+            self.db.executemany(f"UPDATE {_table(table)} SET deleted = 1 WHERE id = ?", ((int(i),) for i in ids))
+
+    def save_to(self, path: str | Path) -> None:
+        """A consistent copy of the whole store (SQLite's online backup)."""
+        target = sqlite3.connect(str(path))
+        try:
+            self.db.backup(target)
+        finally:
+            target.close()
+
+    # ------------------------------------------------------------------------------------------------- reading
+
+    def count(self, table: str) -> int:
+        return self.db.execute(f"SELECT COUNT(*) FROM {_table(table)}").fetchone()[0]
+
+    def deleted_ids(self, table: str) -> np.ndarray:
+        rows = self.db.execute(f"SELECT id FROM {_table(table)} WHERE deleted = 1 ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def image_paths(self, ids: Sequence[int] | None = None) -> list[str]:
+        return self._column("images", "path", ids)
+
+    def texts(self, ids: Sequence[int] | None = None) -> list[str]:
+        return self._column("texts", "text", ids)
+
+    def image_extra(self, image_id: int) -> dict:
+        row = self.db.execute("SELECT extra FROM images WHERE id = ?", (int(image_id),)).fetchone()
+        return json.loads(row[0]) if row and row[0] else {}
+
+    def text_to_image(self) -> np.ndarray:
+        rows = self.db.execute("SELECT image_id FROM texts ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def _column(self, table: str, column: str, ids: Sequence[int] | None) -> list[str]:
+        if ids is None:
+            return [r[0] for r in self.db.execute(f"SELECT {column} FROM {_table(table)} ORDER BY id")]
+        ids = [int(i) for i in ids]
+        found = dict(self.db.execute(f"SELECT id, {column} FROM {_table(table)} WHERE id IN "
+                                     f"({','.join('?' * len(ids))})", ids).fetchall()) if ids else {}
+        return [found[i] for i in ids]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _table(name: str) -> str:
+    if name not in ("images", "texts"):
+        raise ValueError(f"no table {name!r}")
+    return name

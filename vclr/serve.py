@@ -12,8 +12,8 @@ Bounds: 1 <= k <= MAX_K, text up to MAX_QUERY_CHARS, uploads up to `max_upload_b
 {"error": "..."} with a 4xx status.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations (UploadFile, imported lazily
+# inside create_app) at runtime
 import io
 import logging
 import mimetypes

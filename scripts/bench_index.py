@@ -1,94 +1,94 @@
 """Index benchmark at scale: build time, memory, queries/s and cross-modal recall@10 vs exact, per index type.
 
-    python scripts/bench_index.py                       # 1M x 512, every type, then the automatic choice
+    python scripts/bench_index.py                       # 1M x 512: exact, IVF-Flat, HNSW, OPQ+IVF-PQ, then auto
     python scripts/bench_index.py --n 200000 --kinds flat,ivf_flat
 
 Vectors: `vclr.ann.structured_pairs`, CLIP-like clustered unit "image" vectors with paired "text" queries shifted by a
-modality gap. Each type is tuned to the smallest nprobe/efSearch reaching --target recall@10 against exact search
-(IndexFlatIP) on the text queries, then timed on all of them in one batch. One JSON line per index type, then one
-for the automatic choice (`vclr.ann.choose_index`) with its speed-up over exact search measured in the same run.
+modality gap. Each type is tuned (`vclr.ann.tune`) on the first half of the text queries to the smallest
+nprobe/efSearch reaching --target recall@10 against exact search, then measured on the held-out second half: recall
+and queries/s (all held-out queries in one batch). One JSON line per type, then one for the automatic choice: the
+rule of `vclr.ann.choose_index` (`vclr.ann.pick`: the fastest type meeting the target among those whose raw vectors
+fit the memory budget, exact search included) applied to the indexes built above, with its speed-up over exact
+search measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 
 import faiss
 import numpy as np
 
-from vclr.ann import (build, choose_index, memory_bytes, recall_at_k, spec_for, structured_pairs, timed_search,
-                      tune)
+from vclr.ann import (build, candidate_kinds, memory_bytes, pick, recall_at_k, spec_for, structured_pairs,
+                      timed_search, tune, Tuning)
 
 
-def rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak, KiB on Linux
-
-
-def index_bytes(index: faiss.Index) -> int:
-    return int(faiss.serialize_index(index).nbytes)
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--queries", type=int, default=2000, help="half tune, half measure")
     parser.add_argument("--target", type=float, default=0.95)
-    parser.add_argument("--kinds", default="flat,ivf_flat,hnsw,ivf_pq")
-    parser.add_argument("--no-auto", action="store_true")
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--noise", type=float, default=1.0, help="spread around cluster centres (higher: harder)")
+    parser.add_argument("--kinds", default="flat,ivf_flat,hnsw,ivf_pq")
+    parser.add_argument("--memory-budget-gb", type=float, default=0.0, help="for the automatic choice (0: none)")
     args = parser.parse_args()
-    if args.threads:
-        faiss.omp_set_num_threads(args.threads)
 
     start = time.perf_counter()
     xb, xq = structured_pairs(args.n, args.d, seed=0, queries=args.queries, noise=args.noise)
-    common = {"n": args.n, "d": args.d, "queries": args.queries, "k": 10, "noise": args.noise,
-              "threads": faiss.omp_get_max_threads()}
-    exact_index = faiss.IndexFlatIP(args.d)
-    exact_index.add(xb)
-    exact, exact_qps = timed_search(exact_index, xq, 10)  # ground truth and the exact baseline, same run
-    print(json.dumps({"bench": "index", "kind": "flat", "factory": "Flat", **common, "build_s": 0.0,
-                      "bytes": args.n * args.d * 4, "qps": round(exact_qps, 1), "recall_at_10": 1.0,
-                      "speedup_vs_exact": 1.0, "data_s": round(time.perf_counter() - start, 1)}), flush=True)
-    del exact_index
+    half = len(xq) // 2
+    tune_q, test_q = xq[:half], xq[half:]
+    common = {"n": args.n, "d": args.d, "k": 10, "noise": args.noise, "target": args.target,
+              "tuning_queries": half, "test_queries": len(test_q), "threads": faiss.omp_get_max_threads()}
+    flat = faiss.IndexFlatIP(args.d)
+    flat.add(xb)
+    exact_tune = flat.search(tune_q, 10)[1]
+    exact_test, exact_qps = timed_search(flat, test_q, 10)  # ground truth and the exact baseline, same run
+    data_s = time.perf_counter() - start
 
-    for kind in [k for k in args.kinds.split(",") if k and k != "flat"]:
+    tried = []
+    for kind in [k for k in args.kinds.split(",") if k]:
         spec = spec_for(kind, args.n, args.d)
         t0 = time.perf_counter()
-        index = build(spec, xb)
+        index = flat if kind == "flat" else build(spec, xb)
         build_s = time.perf_counter() - t0
-        tuning = tune(index, spec, xq, exact, 10, args.target)
-        print(json.dumps({"bench": "index", "kind": kind, "factory": spec.factory, **common,
-                          "build_s": round(build_s, 1), "bytes": index_bytes(index),
-                          "bytes_estimate": memory_bytes(spec, args.n, args.d), "param": tuning.param,
-                          "value": tuning.value, "qps": round(tuning.qps, 1), "recall_at_10": round(tuning.recall, 4),
-                          "met_target": tuning.met, "speedup_vs_exact": round(tuning.qps / exact_qps, 2),
-                          "curve": [[v, round(r, 4), round(q, 1)] for v, r, q in tuning.curve],
-                          "peak_rss_gb": round(rss_gb(), 2)}), flush=True)
-        del index
+        if kind == "flat":
+            tuning = Tuning("flat", "Flat", None, None, 1.0, exact_qps, 10, args.target, True)
+        else:
+            tuning = tune(index, spec, tune_q, exact_tune, 10, args.target)
+        found, qps = timed_search(index, test_q, 10)  # held-out queries, tuned parameter
+        recall = recall_at_k(found, exact_test, 10)
+        line = {"bench": "index", "kind": kind, "factory": spec.factory, **common, "build_s": round(build_s, 1),
+                "bytes": int(faiss.serialize_index(index).nbytes) if kind != "flat" else args.n * args.d * 4,
+                "bytes_estimate": memory_bytes(spec, args.n, args.d), "param": tuning.param, "value": tuning.value,
+                "tuning_recall": round(tuning.recall, 4), "recall_at_10": round(recall, 4),
+                "qps": round(qps, 1), "speedup_vs_exact": round(qps / exact_qps, 2),
+                "curve": [[v, round(r, 4), round(q, 1)] for v, r, q in tuning.curve],
+                "peak_rss_gb": round(peak_rss_gb(), 2)}
+        if kind == "flat":
+            line["data_s"] = round(data_s, 1)
+        print(json.dumps(line), flush=True)
+        held_out = Tuning(kind, spec.factory, tuning.param, tuning.value, tuning.recall, qps, 10, args.target,
+                          tuning.met)
+        tried.append((kind, index, held_out, recall))
 
-    if not args.no_auto:
-        # tuned on the first half of the queries, measured on the other half: no credit for fitting the test set
-        half = len(xq) // 2
-        t0 = time.perf_counter()
-        index, tuning = choose_index(xb, xq[:half], 10, args.target)
-        total_s = time.perf_counter() - t0
-        found, qps = timed_search(index, xq[half:], 10)
-        held_out_recall = recall_at_k(found, exact[half:], 10)
-        print(json.dumps({"bench": "index", "kind": "auto", "chosen": tuning.kind, "factory": tuning.factory,
-                          **common, "param": tuning.param, "value": tuning.value, "tuning_recall": round(tuning.recall, 4),
-                          "recall_at_10": round(held_out_recall, 4), "met_target": held_out_recall >= args.target,
-                          "qps": round(qps, 1),
-                          "exact_qps": round(exact_qps, 1), "speedup_vs_exact": round(qps / exact_qps, 2),
-                          "choose_s": round(total_s, 1), "peak_rss_gb": round(rss_gb(), 2)}), flush=True)
+    eligible = candidate_kinds(args.n, args.d, args.memory_budget_gb * 1e9 or None, 50_000)
+    chosen_index, chosen = pick([(i, t) for kind, i, t, _ in tried if kind in eligible], 10, args.target)
+    test_recall = next(r for kind, _, t, r in tried if t is chosen)
+    print(json.dumps({"bench": "index", "kind": "auto", "chosen": chosen.kind, "factory": chosen.factory, **common,
+                      "eligible": eligible, "param": chosen.param, "value": chosen.value,
+                      "recall_at_10": round(test_recall, 4), "met_target": test_recall >= args.target,
+                      "qps": round(chosen.qps, 1), "exact_qps": round(exact_qps, 1),
+                      "speedup_vs_exact": round(chosen.qps / exact_qps, 2), "candidates": chosen.candidates,
+                      "total_s": round(time.perf_counter() - start, 1)}), flush=True)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     main()

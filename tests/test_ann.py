@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vclr.ann import (choose_index, exact_neighbours, memory_bytes, preferred_kinds, recall_at_k, spec_for,
+from vclr.ann import (choose_index, exact_neighbours, memory_bytes, candidate_kinds, recall_at_k, spec_for,
                       structured_pairs, build, tune)
 
 
@@ -64,9 +64,10 @@ def test_auto_choice(pairs):
     index, tuning = choose_index(xb, xq, k=10, target=0.9)  # 20k <= exact_below: exact
     assert tuning.kind == "flat" and tuning.recall == 1.0 and index.ntotal == len(xb)
     index, tuning = choose_index(xb, xq, k=10, target=0.9, exact_below=1000)
-    assert tuning.kind == "ivf_flat" and tuning.met and tuning.value is not None
+    assert tuning.met and [c[0] for c in tuning.candidates] == ["Flat", "IVF256,Flat", "HNSW32,Flat"]
+    assert tuning.qps == max(c[2] for c in tuning.candidates if c[3])  # the fastest that meets the target
     # a budget below the raw vectors' size leaves only compressed codes
     budget = memory_bytes(spec_for("ivf_pq", len(xb), 32), len(xb), 32) * 1.5
-    assert preferred_kinds(len(xb), 32, budget, 1000) == ["ivf_pq"]
+    assert candidate_kinds(len(xb), 32, budget, 1000) == ["ivf_pq"]
     index, tuning = choose_index(xb, xq, k=10, target=0.5, memory_budget_bytes=budget, exact_below=1000)
     assert tuning.kind == "ivf_pq"

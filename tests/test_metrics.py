@@ -105,3 +105,98 @@ def test_zero_shot_matches_argmax_reference():
     # ties go to the lower class index
     tied = zero_shot_metrics(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), np.array([0, 1]), ["a", "b"])
     assert tied["zero_shot_top1"] == 50.0
+
+
+# ---------------------------------------------------------------- classification, clustering, verification
+
+
+def test_knn_classify_matches_naive_weighted_votes():
+    from vclr.metrics import knn_classify, top_k_accuracy
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(60, 8)).astype(np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    labels = rng.integers(0, 4, 60)
+    test = rng.normal(size=(9, 8)).astype(np.float32)
+    test /= np.linalg.norm(test, axis=1, keepdims=True)
+    got = knn_classify(train, labels, test, num_classes=4, k=7, temperature=0.1)
+    for i, query in enumerate(test):
+        sims = train @ query
+        top = np.argsort(-sims, kind="stable")[:7]
+        want = np.zeros(4)
+        for j in top:
+            want[labels[j]] += np.exp(sims[j] / 0.1)
+        np.testing.assert_allclose(got[i], want, rtol=1e-4)
+    acc = top_k_accuracy(got, np.argmax(got, axis=1), ks=(1,))
+    assert acc == {"knn_top1": 100.0}
+
+
+def _naive_ari(a, b):
+    from itertools import combinations
+    from math import comb
+
+    n = len(a)
+    same_a = [a[i] == a[j] for i, j in combinations(range(n), 2)]
+    same_b = [b[i] == b[j] for i, j in combinations(range(n), 2)]
+    index = sum(x and y for x, y in zip(same_a, same_b))
+    rows, cols = sum(same_a), sum(same_b)
+    expected = rows * cols / comb(n, 2)
+    return (index - expected) / ((rows + cols) / 2 - expected)
+
+
+def _naive_nmi(a, b):
+    n = len(a)
+    mutual = 0.0
+    for x in set(a):
+        for y in set(b):
+            joint = sum(1 for i in range(n) if a[i] == x and b[i] == y) / n
+            if joint:
+                mutual += joint * np.log(joint / ((list(a).count(x) / n) * (list(b).count(y) / n)))
+    h = lambda v: -sum((list(v).count(x) / n) * np.log(list(v).count(x) / n) for x in set(v))  # noqa: E731
+    return mutual / ((h(a) + h(b)) / 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nmi_and_ari_match_naive_definitions(seed):
+    from vclr.metrics import adjusted_rand_index, normalized_mutual_info
+
+    rng = np.random.default_rng(seed)
+    labels, clusters = rng.integers(0, 4, 40), rng.integers(0, 5, 40)
+    assert adjusted_rand_index(labels, clusters) == pytest.approx(_naive_ari(labels, clusters))
+    assert normalized_mutual_info(labels, clusters) == pytest.approx(_naive_nmi(labels, clusters))
+    relabelled = (labels + 7) * 3  # names do not matter, only the partition
+    assert adjusted_rand_index(labels, relabelled) == pytest.approx(1.0)
+    assert normalized_mutual_info(labels, relabelled) == pytest.approx(1.0)
+
+
+def test_clustering_recovers_separated_groups():
+    from vclr.metrics import adjusted_rand_index, cluster, normalized_mutual_info
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 32)) * 4
+    labels = np.repeat(np.arange(6), 50)
+    x = centres[labels] + rng.normal(size=(300, 32))
+    found = cluster(x, 6, pca_dim=8, seed=0)
+    assert normalized_mutual_info(labels, found) > 0.95 and adjusted_rand_index(labels, found) > 0.9
+    shuffled = rng.permutation(labels)  # clusters vs unrelated labels: near 0
+    assert abs(adjusted_rand_index(shuffled, found)) < 0.05
+
+
+def test_best_f1_threshold_is_the_brute_force_best():
+    from vclr.metrics import best_f1_threshold, verification_prf
+
+    rng = np.random.default_rng(3)
+    positive = np.round(rng.normal(0.6, 0.15, 80), 2)  # rounding makes ties
+    negative = np.round(rng.normal(0.3, 0.15, 300), 2)
+    threshold = best_f1_threshold(positive, negative)
+    best = max(verification_prf(positive, negative, t)["f1"] for t in np.unique(np.concatenate([positive, negative])))
+    assert verification_prf(positive, negative, threshold)["f1"] == pytest.approx(best)
+    prf = verification_prf(np.array([0.9, 0.8, 0.2]), np.array([0.85, 0.1]), 0.5)
+    assert prf["precision"] == pytest.approx(200 / 3) and prf["recall"] == pytest.approx(200 / 3)
+
+
+def test_blocks_are_sized_to_the_memory_budget():
+    from vclr.metrics import block_rows
+
+    assert block_rows(1_000_000) * 1_000_000 * 6 <= (1 << 30)
+    assert block_rows(10) == 8192 and block_rows(10**12) == 1

@@ -159,9 +159,22 @@ def cmd_eval(args) -> int:
 
     ks = _parse_ks(args.ks) if args.ks else None
     out = args.out or Path(args.run) / "eval.json"
-    report = evaluate_run(args.run, args.data, ks, out)
+    plots = None if args.no_plots else (args.plots or Path(out).parent / "plots")
+    report = evaluate_run(args.run, args.data, ks, out, plots, args.index, args.label_column, args.knn_train)
     print(format_metrics_table(report["metrics"], report["ks"]))
-    print(f"report: {out}")
+    if report.get("verification"):
+        v = report["verification"]
+        print(f"pair verification at similarity >= {v['threshold']:.3f} (chosen on a validation half): "
+              f"precision {v['precision']:.2f}, recall {v['recall']:.2f}, F1 {v['f1']:.2f}")
+    for key, value in report.get("ann_vs_exact", {}).items():
+        if key != "index":
+            print(f"  through the index {key}: {value['index']:.2f} vs exact {value['exact']:.2f} "
+                  f"(cost {value['cost']:.2f})")
+    if "classification" in report:
+        c = report["classification"]
+        print("classification: " + ", ".join(f"{k} {v:.2f}" for k, v in c.items()
+                                              if isinstance(v, float)))
+    print(f"report: {out}" + (f"; plots: {', '.join(report['plots'].values())}" if report.get("plots") else ""))
     return 0
 
 
@@ -178,6 +191,16 @@ def cmd_zero_shot(args) -> int:
         if f"zero_shot_top1/{name}" in metrics:
             print(f"  {name:<24}{metrics[f'zero_shot_top1/{name}']:>7.2f}")
     print(f"report: {out}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from vclr.sweep import SWEEP_METRICS, format_table, run_sweep
+
+    result = run_sweep(args.config, args.grid, args.out, args.overrides)
+    print(format_table(list(result["grid"]), result["rows"]), end="")
+    print(f"sweep: {Path(args.out) / 'sweep.json'}, {Path(args.out) / 'sweep.md'}, {Path(args.out) / 'sweep.png'}"
+          f" ({', '.join(SWEEP_METRICS)})")
     return 0
 
 
@@ -218,7 +241,7 @@ def cmd_demo(args) -> int:
     print(f"[3/5] indexing the test split into {index}")
     built = build_index(run, str(data / "test"), index)
     print("[4/5] evaluating retrieval on the held-out test split")
-    report = evaluate_run(run, str(data / "test"), out=out / "eval.json")
+    report = evaluate_run(run, str(data / "test"), out=out / "eval.json", plots_dir=out / "plots")
     print(format_metrics_table(report["metrics"], report["ks"]))
     query, truth = built.texts[0], built.image_paths[built.text_to_image[0]]  # a held-out caption and its image
     print(f"[5/5] vclr search --index {index} --text {query!r} -k 5    (its own image: {Path(truth).name})")
@@ -346,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="test dataset (default: the run's data.test)")
     p.add_argument("--ks", help="comma-separated k values (default: the run's eval.ks)")
     p.add_argument("--out", help="report path (default RUN/eval.json)")
+    p.add_argument("--plots", help="folder for the PNG plots (default: plots/ beside the report)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--index", help="also score retrieval through this index: what the ANN index costs vs exact")
+    p.add_argument("--label-column", help="class labels in the data: adds kNN classification and clustering")
+    p.add_argument("--knn-train", help="labelled dataset the kNN votes come from (default: the run's data.train)")
 
     p = _add(sub, "zero-shot", cmd_zero_shot, "zero-shot classification: images vs prompts of their class names",
              "vclr zero-shot --run runs/fmnist --data data/fashion-mnist/test --template 'a photo of a {}'")
@@ -355,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name-column", default="class_name")
     p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to ensemble")
     p.add_argument("--out", help="report path (default RUN/zero_shot.json)")
+
+    p = _add(sub, "sweep", cmd_sweep, "train + evaluate every point of a config grid; table and plot",
+             "vclr sweep --config configs/demo.yaml --grid loss.triplet_margin=0.1,0.5,0.9 --out runs/margin")
+    p.add_argument("--config", help="base YAML config")
+    p.add_argument("--grid", action="append", default=[], required=True, metavar="key=v1,v2,...",
+                   help="a swept config key and its values; repeat for a product grid")
+    p.add_argument("--out", required=True, help="folder for the runs, sweep.json/.md/.png")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every point")
 
     _add(sub, "models", cmd_models, "list model configs accepted by model.name", "vclr models")
     return parser

@@ -1,0 +1,99 @@
+"""`vclr eval` on a trained run: the JSON report's sections and the PNG plots; `vclr sweep` over a small grid."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import train_overrides
+from vclr.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_shapes, tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval_run") / "run"
+    extra = {"optim.max_steps": 60, "train.log_every": 5}
+    assert main(["train", *train_overrides(small_shapes, run, **extra)]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_eval_writes_report_and_plots(trained_run, small_shapes, tmp_path):
+    index = tmp_path / "index"
+    assert main(["index", "--run", str(trained_run), "--data", str(small_shapes / "test"), "--out", str(index),
+                 "--index-type", "ivf_flat", "--recall-target", "0.9"]) == 0
+    out = tmp_path / "report" / "eval.json"
+    assert main(["eval", "--run", str(trained_run), "--out", str(out), "--index", str(index)]) == 0
+    report = json.loads(out.read_text())
+    metrics = report["metrics"]
+    assert report["recall_curve"]["k"][:3] == [1, 2, 5]
+    assert report["recall_curve"]["text_to_image"][0] == pytest.approx(metrics["text_to_image_R@1"])
+    assert all(a <= b for a, b in zip(report["recall_curve"]["image_to_text"],
+                                      report["recall_curve"]["image_to_text"][1:]))
+    v = report["verification"]
+    assert 0 < v["f1"] <= 100 and v["validation_pairs"] > 0 and v["test_pairs"] > 0
+    ann = report["ann_vs_exact"]
+    assert ann["index"]["images"].startswith("IVF")
+    for key in ("text_to_image_R@1", "image_to_text_R@10"):
+        assert ann[key]["exact"] == pytest.approx(metrics[key]) and ann[key]["index"] <= ann[key]["exact"] + 1e-9
+    assert report["dataset_fingerprint"] and report["model_config_hash"]
+    for name in ("recall_curves", "training_curves", "examples"):
+        path = tmp_path / "report" / "plots" / f"{name}.png"
+        assert path == type(path)(report["plots"][name])
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+        assert image.width > 300 and pixels.std() > 10  # a real figure, not a blank canvas
+
+
+@pytest.mark.slow
+def test_eval_with_labels_adds_knn_and_clustering(tmp_path):
+    """Fashion-MNIST-shaped labelled data: classes of synthetic shapes, with label + class_name columns."""
+    from vclr.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", num_train=600, num_test=120, seed=2)
+    for split in ("train", "test"):  # label = the first shape named in the first caption
+        meta = data / split / "metadata.jsonl"
+        rows = [json.loads(line) for line in meta.read_text().splitlines()]
+        for r in rows:
+            name = next((s for s in ("circle", "square", "triangle", "star", "cross", "diamond")
+                         if s in r["captions"][0]), "other")
+            r["class_name"] = name
+        names = sorted({r["class_name"] for r in rows})
+        for r in rows:
+            r["label"] = names.index(r["class_name"])
+        meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert main(["train", *train_overrides(data, run, **{"optim.max_steps": 30, "data.batch_size": 64})]) == 0
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--run", str(run), "--out", str(out), "--label-column", "label", "--no-plots"]) == 0
+    c = json.loads(out.read_text())["classification"]
+    assert c["num_classes"] >= 3 and 0 <= c["knn_top1"] <= 100 and -100 <= c["cluster_ari"] <= 100
+    assert 0 <= c["cluster_nmi"] <= 100
+
+
+@pytest.mark.slow
+def test_sweep_trains_each_point_and_writes_table_and_plot(small_shapes, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    overrides = train_overrides(small_shapes, tmp_path / "unused", **{"optim.max_steps": 12,
+                                                                     "optim.warmup_steps": 2,
+                                                                     "loss.triplet_weight": 0.5,
+                                                                     "loss.triplet_warmup_steps": 0})
+    overrides = [o for o in overrides if not o.startswith("train.output_dir")]
+    argv = ["sweep", "--grid", "loss.triplet_margin=0.1,0.5", "--out", str(out), *overrides]
+    assert main(argv) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert [r["loss.triplet_margin"] for r in result["rows"]] == ["0.1", "0.5"]
+    assert (out / "loss.triplet_margin=0.1" / "model.safetensors").is_file()
+    assert "| loss.triplet_margin |" in (out / "sweep.md").read_text()
+    with Image.open(out / "sweep.png") as image:
+        assert image.width > 300
+    capsys.readouterr()
+    assert main(argv) == 0  # a second call reuses the finished points
+    assert "reusing" not in capsys.readouterr().out  # (logged, not printed) and still a table
+    assert json.loads((out / "sweep.json").read_text())["rows"] == result["rows"]
+
+
+def test_bad_grid_is_one_clear_error(capsys):
+    assert main(["sweep", "--grid", "loss.triplet_margin", "--out", "/tmp/x"]) == 2
+    assert "bad --grid" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""Report figures (matplotlib, PNG): recall@k curves, training curves, a retrieval example sheet, sweep results.
+
+Every figure is written atomically (temp file, then rename) and labels its axes and series.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def recall_curves(image_to_text_ranks: np.ndarray, text_to_image_ranks: np.ndarray, path: str | os.PathLike,
+                  max_k: int = 100, title: str = "") -> Path:
+    """Recall@k for k = 1..max_k, both directions, on a log k axis."""
+    ks = np.arange(1, max_k + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ranks in (("image → text", image_to_text_ranks), ("text → image", text_to_image_ranks)):
+        recall = 100 * np.searchsorted(np.sort(ranks), ks, side="right") / len(ranks)
+        ax.plot(ks, recall, label=f"{name} (R@1 {recall[0]:.1f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (log scale)")
+    ax.set_ylabel("recall@k (%)")
+    ax.set_ylim(0, 100.5)
+    ax.set_title(title or "Retrieval recall@k")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def training_curves(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Loss terms and the temperature against the optimizer step, from a run's metrics.jsonl rows."""
+    steps = [r["step"] for r in rows]
+    fig, (loss_ax, temp_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in sorted({k for r in rows for k in r if k.endswith("loss")}):
+        loss_ax.plot(steps, [r.get(key, np.nan) for r in rows], label=key)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("Training loss")
+    loss_ax.grid(True, alpha=0.3)
+    loss_ax.legend()
+    temp_ax.plot(steps, [r["temperature"] for r in rows], color="tab:red")
+    temp_ax.set_xlabel("step")
+    temp_ax.set_ylabel("temperature (1 / logit scale)")
+    temp_ax.set_title("Learned temperature")
+    temp_ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def retrieval_examples(queries: Sequence[str], hit_paths: Sequence[Sequence[str]], hit_scores: np.ndarray,
+                       correct: np.ndarray, path: str | os.PathLike) -> Path:
+    """One row per text query: the query, then its top-k images with scores; the query's own image framed green."""
+    from PIL import Image
+
+    rows, k = len(queries), len(hit_paths[0])
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.7 * (k + 1) + 1.5, 1.8 * rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2] + [1] * k})
+    for r, query in enumerate(queries):
+        text_ax = axes[r][0]
+        text_ax.axis("off")
+        text_ax.text(0, 0.5, "\n".join(_wrap(query, 28)), va="center", fontsize=8)
+        for c in range(k):
+            ax = axes[r][c + 1]
+            with Image.open(hit_paths[r][c]) as image:
+                ax.imshow(image.convert("RGB"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            color = "tab:green" if correct[r][c] else "0.8"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color)
+                spine.set_linewidth(3 if correct[r][c] else 1)
+            ax.set_title(f"#{c + 1}  {hit_scores[r][c]:.2f}", fontsize=7)
+    fig.suptitle("Text → image: top results (green: the caption's own image)", fontsize=10)
+    return _save(fig, path)
+
+
+def sweep_plot(values: Sequence, metrics: dict[str, Sequence[float]], parameter: str,
+               path: str | os.PathLike) -> Path:
+    """Each metric against the swept parameter."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = list(values) if numeric else list(range(len(values)))
+    for name, ys in metrics.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if not numeric:
+        ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(parameter)
+    ax.set_ylabel("metric")
+    ax.set_title(f"Sweep over {parameter}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines

@@ -52,7 +52,7 @@ def recall_curves(image_to_text_ranks: np.ndarray, text_to_image_ranks: np.ndarr
 def training_curves(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """Loss terms and the temperature against the optimizer step, from a run's metrics.jsonl rows."""
     steps = [r["step"] for r in rows]
-    fig, (loss_ax, temp_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (loss_ax, temp_ax) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"wspace": 0.35})
     for key in sorted({k for r in rows for k in r if k.endswith("loss")}):
         loss_ax.plot(steps, [r.get(key, np.nan) for r in rows], label=key)
     loss_ax.set_xlabel("step")

@@ -9,9 +9,11 @@ temp dir then renamed, so a crash never leaves a half checkpoint), model.safeten
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+CHECKSUM_FILE = "checksums.json"
 
 
 @dataclass
@@ -99,10 +102,48 @@ def warmup_cosine(warmup_steps: int, max_steps: int):
     return factor
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp dirs of interrupted saves start with '.' and are ignored)."""
+    return sorted((run_dir / CHECKPOINT_DIR).glob("step_*")) if (run_dir / CHECKPOINT_DIR).is_dir() else []
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest complete checkpoint (temp dirs of interrupted saves start with '.' and are ignored)."""
-    ckpts = sorted((run_dir / CHECKPOINT_DIR).glob("step_*")) if (run_dir / CHECKPOINT_DIR).is_dir() else []
+    ckpts = checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """SHA-256 of every file of a checkpoint, written (and fsynced) before the checkpoint is renamed into place."""
+    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUM_FILE}
+    with open(folder / CHECKSUM_FILE, "w", encoding="utf-8") as f:
+        json.dump(sums, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (missing checksums, a missing or altered file), or None."""
+    sums_file = folder / CHECKSUM_FILE
+    if not sums_file.is_file():
+        return f"no {CHECKSUM_FILE}"
+    try:
+        sums = json.loads(sums_file.read_text(encoding="utf-8"))
+    except ValueError:
+        return f"unreadable {CHECKSUM_FILE}"
+    for name, expected in sums.items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if _sha256(folder / name) != expected:
+            return f"{name} does not match its checksum"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------ setup
@@ -190,9 +231,16 @@ def _loader_options(cfg: Config, accelerator: Accelerator) -> dict:
 
 
 def _restore(trainer: Trainer) -> None:
-    ckpt = latest_checkpoint(trainer.run_dir)
+    """Load the newest checkpoint that passes its checksums; a damaged one is skipped with a warning."""
+    ckpt = None
+    for candidate in reversed(checkpoints(trainer.run_dir)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            ckpt = candidate
+            break
+        logger.warning("checkpoint %s is damaged (%s): falling back to the one before it", candidate, problem)
     if ckpt is None:
-        logger.warning("--resume: no checkpoint in %s, starting from step 0", trainer.run_dir)
+        logger.warning("--resume: no usable checkpoint in %s, starting from step 0", trainer.run_dir)
         return
     trainer.accelerator.load_state(str(ckpt))
     _truncate_metrics(trainer.run_dir / METRICS_FILE, trainer.state.step)
@@ -270,6 +318,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
+        write_checksums(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

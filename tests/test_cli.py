@@ -46,10 +46,47 @@ def _assert_one_line_error(capsys, code, expected):
     (["index", "--run", "{tmp}/no-run", "--out", "{tmp}/i"], "has no config.yaml"),
     (["eval", "--run", "{tmp}", "--ks", "1,x"], "--ks must be comma-separated integers"),
     (["make-synthetic", "--out", "{tmp}/s", "--train", "0"], "must be >= 1"),
+    # every config section: the field, the bad value and the allowed range or choices
+    (["train", "--config", CONFIG, "data.num_workers=-1"], "data.num_workers=-1 is out of range: must be >= 0"),
+    (["train", "--config", CONFIG, "data.decode_on=gpu"], "data.decode_on='gpu' is not allowed: choose one of"),
+    (["train", "--config", CONFIG, "data.batch_size=1"], "data.batch_size=1 is out of range: must be >= 2"),
+    (["train", "--config", CONFIG, "loss.triplet_margin=3"], "loss.triplet_margin=3.0 is out of range"),
+    (["train", "--config", CONFIG, "loss.triplet_negatives=some"], "choose one of hardest, all"),
+    (["train", "--config", CONFIG, "loss.memory_bank_size=-5"], "loss.memory_bank_size=-5 is out of range"),
+    (["train", "--config", CONFIG, "optim.lr=0"], "optim.lr=0.0 is out of range: must be > 0"),
+    (["train", "--config", CONFIG, "optim.warmup_steps=5000"], "optim.warmup_steps=5000 is out of range"),
+    (["train", "--config", CONFIG, "optim.beta2=1"], "optim.beta2=1.0 is out of range: must be [0, 1)"),
+    (["train", "--config", CONFIG, "train.mixed_precision=fp8"], "train.mixed_precision='fp8' is not allowed"),
+    (["train", "--config", CONFIG, "train.grad_cache_chunk=-2"], "train.grad_cache_chunk=-2 is out of range"),
+    (["train", "--config", CONFIG, "train.compile=maybe"], "train.compile='maybe' has the wrong type"),
+    (["train", "--config", CONFIG, "train.keep_checkpoints=0"], "train.keep_checkpoints=0 is out of range"),
+    (["train", "--config", CONFIG, "model.init_temperature=0"], "model.init_temperature=0.0 is out of range"),
+    (["train", "--config", CONFIG, "eval.ks=0,5"], "eval.ks=(0, 5) is out of range"),
+    (["train", "--config", CONFIG, "nokey"], "bad override 'nokey'"),
+    # command-line flags
+    (["search", "--index", "{index}", "--text", "a red circle", "-k", "5000"], "k must be an integer from 1 to"),
+    (["search", "--index", "{index}", "--text", "a", "-k", "five"], "argument -k: invalid int value: 'five'"),
+    (["index", "--run", "{tmp}", "--out", "{tmp}/i", "--recall-target", "1.5"], "--recall-target must be in (0, 1]"),
+    (["index", "--run", "{tmp}", "--out", "{tmp}/i", "--memory-budget-gb", "-1"], "--memory-budget-gb must be >= 0"),
+    (["index", "--run", "{tmp}", "--out", "{tmp}/i", "--index-type", "magic"], "invalid choice: 'magic'"),
+    (["index-delete", "--index", "{index}"], "nothing to delete"),
+    (["index-delete", "--index", "{index}", "--image-ids", "1,two"], "--image-ids must be comma-separated integer"),
+    (["index-delete", "--index", "{index}", "--image-ids", "99"], "no image with id 99"),
+    (["serve", "--index", "{index}", "--port", "0"], "--port must be 1..65535"),
+    (["sweep", "--grid", "optim.lr", "--out", "{tmp}/sw"], "bad --grid"),
+    (["sweep", "--grid", "optim.lr=1,2", "--grid", "optim.lr=3", "--out", "{tmp}/sw"], "names optim.lr twice"),
+    (["sweep", "--grid", "optim.nothing=1", "--out", "{tmp}/sw"], "unknown config key 'optim.nothing'"),
+    (["prepare", "webdataset", "--shards", "{tmp}/none", "--out", "{tmp}/o"], "no .tar shards"),
+    (["no-such-command"], "invalid choice: 'no-such-command'"),
 ])
 def test_user_errors(argv, expected, tmp_path, fake_index, capsys):
     argv = [a.format(index=fake_index, tmp=tmp_path) for a in argv]
-    _assert_one_line_error(capsys, main(argv), expected)
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own checks (types, choices) exit from inside parse_args
+        code = exit_.code
+    _assert_one_line_error(capsys, code, expected)
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -1,5 +1,6 @@
 """Global negatives across processes: 2 CPU processes (gloo, `accelerate launch`) with per-process batch B train
-exactly as one process with batch 2B (a world-size check in the worker makes sure two processes really ran), for InfoNCE, the hardest-negative triplet term, the memory bank and GradCache.
+exactly as one process with batch 2B (a world-size check in the worker makes sure two processes really ran), for
+InfoNCE, the hardest-negative triplet term, the memory bank and GradCache.
 
 The model is the tiny ViT: LayerNorm only. BatchNorm would make the comparison meaningless, since under DDP each
 process normalises with its own batch statistics.

@@ -226,8 +226,9 @@ def structured_pairs(n: int, d: int, seed: int = 0, clusters: int = 1000, querie
 
     Embeddings of real models have a low intrinsic dimension: points live near a `latent_dim`-dimensional subspace
     (here: `clusters` Gaussian concepts with spread `noise`, mapped into d dimensions by a random linear map) plus a
-    little full-rank noise (`ambient_noise` times the signal's norm). Each "text" vector describes a held-out image drawn the
-    same way: its latent point plus caption noise, shifted by a shared modality-gap direction of length `gap`.
+    little full-rank noise (`ambient_noise` times the signal's norm). Each "text" vector describes a held-out image
+    drawn the same way: its latent point plus caption noise, shifted by a shared modality-gap direction of length
+    `gap`.
     `latent_dim=0` gives the full-rank, isotropic variant (much harder for every ANN index).
     """
     rng = np.random.default_rng(seed)

@@ -253,6 +253,14 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with vclr's error contract: one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        print(f"vclr: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _add(sub, name: str, func, help_text: str, example: str, aliases: Sequence[str] = ()):
     parser = sub.add_parser(name, help=help_text, description=help_text, aliases=list(aliases),
                             epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,7 +269,7 @@ def _add(sub, name: str, func, help_text: str, example: str, aliases: Sequence[s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vclr", description="Train, index, search and evaluate image-text "
+    parser = _Parser(prog="vclr", description="Train, index, search and evaluate image-text "
                                                               "retrieval models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")

@@ -215,6 +215,7 @@ class RetrievalIndex:
         """Write to a sibling temp dir, then swap it in: readers see the old index or the new one, never half."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_disk_space(path.parent)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
             faiss.write_index(self.image_index, str(tmp / "images.faiss"))
@@ -232,6 +233,16 @@ class RetrievalIndex:
             raise
         self.manifest = manifest
         return path
+
+    def _check_disk_space(self, folder: Path) -> None:
+        """Refuse before writing anything when the new index cannot fit next to the old one."""
+        vectors = self.image_embeddings.nbytes + self.text_embeddings.nbytes
+        needed = 2 * vectors + 64 * 2**20  # the .npy copies, FAISS files of about the same size, the metadata
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise IndexDirError(f"not enough disk space in {folder} to write the index: it needs about "
+                                f"{needed / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; free some space or pass "
+                                "another output folder")
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = False, verify: bool = True) -> "RetrievalIndex":

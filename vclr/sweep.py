@@ -32,7 +32,8 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
         key, sep, values = spec.partition("=")
         items = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key.strip() or not items:
-            raise ConfigError(f"bad --grid {spec!r}: write it as section.key=v1,v2,..., e.g. loss.triplet_margin=0.1,0.5")
+            raise ConfigError(f"bad --grid {spec!r}: write it as section.key=v1,v2,..., "
+                              "e.g. loss.triplet_margin=0.1,0.5")
         if key.strip() in grid:
             raise ConfigError(f"--grid names {key.strip()} twice")
         grid[key.strip()] = items

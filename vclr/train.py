@@ -306,6 +306,31 @@ def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in losses.items()} | {"logit_scale": logit_scale}
 
 
+class ResourceError(VclrError):
+    """The requested work does not fit this machine (memory, disk)."""
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _step_or_explain_oom(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
+    try:
+        return train_step(trainer, batch)
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            raise
+        batch_size = trainer.cfg.data.batch_size
+        raise ResourceError(
+            f"a training step at data.batch_size={batch_size} ran out of memory on {trainer.accelerator.device} "
+            f"({type(e).__name__}); lower data.batch_size, or keep the contrastive batch and cut activation memory "
+            f"with GradCache: train.grad_cache_chunk={max(1, batch_size // 4)}. Checkpoints so far are kept "
+            "(--resume continues).") from None
+
+
 def save_checkpoint(trainer: Trainer) -> Path:
     """accelerate save_state into a temp dir, then an atomic rename; prune old checkpoints."""
     acc = trainer.accelerator
@@ -394,33 +419,35 @@ def run_loop(trainer: Trainer) -> TrainResult:
     finished = state.step >= cfg.optim.max_steps  # resuming a run that is already done
     window_start, window_samples = time.perf_counter(), 0
     last_tick = time.perf_counter()
-    for batch in batches(trainer) if not finished else ():
-        losses = train_step(trainer, batch)
-        state.batches_seen += 1
-        state.batches_in_epoch += 1
-        window_samples += global_batch
-        now = time.perf_counter()
-        state.elapsed_s += now - last_tick  # data loading included
-        last_tick = now
-        if not acc.sync_gradients:
-            continue
-        state.step += 1
-        bar.update(1)
-        if state.step % cfg.train.log_every == 0 or state.step == 1 or state.step == cfg.optim.max_steps:
-            rate = window_samples / (time.perf_counter() - window_start)
-            row = _log_row(trainer, losses, rate, state.epoch)
-            first_loss = row["loss"] if math.isnan(first_loss) else first_loss
-            last_loss = row["loss"]
-            bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}", samples_s=f"{rate:.0f}")
-            window_start, window_samples = time.perf_counter(), 0
-        if state.step % cfg.train.checkpoint_every == 0:
-            save_checkpoint(trainer)
-        if cfg.train.max_minutes and state.elapsed_s > cfg.train.max_minutes * 60:
-            logger.warning("train.max_minutes=%s reached at step %d: stopping", cfg.train.max_minutes, state.step)
-            stopped_early = True
-        if state.step >= cfg.optim.max_steps or stopped_early:
-            break
-    bar.close()
+    try:  # the bar is closed whatever happens: an error message must not share a line with it
+        for batch in batches(trainer) if not finished else ():
+            losses = _step_or_explain_oom(trainer, batch)
+            state.batches_seen += 1
+            state.batches_in_epoch += 1
+            window_samples += global_batch
+            now = time.perf_counter()
+            state.elapsed_s += now - last_tick  # data loading included
+            last_tick = now
+            if not acc.sync_gradients:
+                continue
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.train.log_every == 0 or state.step == 1 or state.step == cfg.optim.max_steps:
+                rate = window_samples / (time.perf_counter() - window_start)
+                row = _log_row(trainer, losses, rate, state.epoch)
+                first_loss = row["loss"] if math.isnan(first_loss) else first_loss
+                last_loss = row["loss"]
+                bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}", samples_s=f"{rate:.0f}")
+                window_start, window_samples = time.perf_counter(), 0
+            if state.step % cfg.train.checkpoint_every == 0:
+                save_checkpoint(trainer)
+            if cfg.train.max_minutes and state.elapsed_s > cfg.train.max_minutes * 60:
+                logger.warning("train.max_minutes=%s reached at step %d: stopping", cfg.train.max_minutes, state.step)
+                stopped_early = True
+            if state.step >= cfg.optim.max_steps or stopped_early:
+                break
+    finally:
+        bar.close()
     return TrainResult(trainer.run_dir, state.step, first_loss, last_loss, state.elapsed_s, stopped_early,
                        acc.is_main_process)
 
@@ -436,12 +463,21 @@ def cleanup(trainer: Trainer, result: TrainResult) -> None:
         skipped["unreadable image"] = len(trainer.dataset.unreadable_on_the_fly)
     if skipped:
         logger.warning("training data: skipped rows %s", skipped)
+    if trainer.accelerator.is_main_process:
+        write_data_report(trainer, skipped)
     # Accelerate keeps its state per process; clear the per-run part (precision, accumulation) so that this process
     # can train again with other settings (the demo, sweeps, tests). The distributed set-up (PartialState and the
     # process group) stays: accelerator.end_training() would destroy the group under a second run's feet; the CLI
     # ends it once, with `end_distributed()`.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+def write_data_report(trainer: Trainer, skipped: dict) -> None:
+    """What the training data held and what was skipped or repaired, by reason: RUN/data_report.json."""
+    report = {"source": trainer.cfg.data.train, "skipped_or_repaired": skipped,
+              "usable_pairs": len(trainer.dataset) if trainer.dataset is not None else None}
+    atomic_write_text(trainer.run_dir / "data_report.json", json.dumps(report, indent=2))
 
 
 def end_distributed() -> None:

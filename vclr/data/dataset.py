@@ -8,12 +8,15 @@ image is missing or unreadable, or that have no caption, are skipped with a warn
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from tqdm import tqdm
 from vclr.config import VclrError
 
 logger = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
 
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -83,17 +87,59 @@ def _row_captions(row: dict, caption_columns: Sequence[str]) -> list[str]:
     return captions
 
 
+MAX_CAPTION_CHARS = 4000  # a tokenizer keeps ~77 tokens anyway; megabyte captions only cost time
+MAX_IMAGE_PIXELS = 64_000_000  # images above this are refused before decoding (decompression bombs)
+
+
+def _sanitized_jsonl(table_file: Path) -> tuple[Path, dict[str, int], tempfile.TemporaryDirectory | None]:
+    """A JSON-lines table as datasets can read it: lines with bytes that are not UTF-8 are decoded with U+FFFD
+    replacements, lines that are not JSON objects are dropped; both counted. The file itself is used when clean."""
+    counts = {"non-UTF-8 bytes in metadata (replaced)": 0, "malformed metadata line": 0}
+    lines = []
+    with open(table_file, "rb") as f:
+        for raw in f:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                counts["non-UTF-8 bytes in metadata (replaced)"] += 1
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                counts["malformed metadata line"] += 1
+                continue
+            lines.append(json.dumps(row, ensure_ascii=False))
+    counts = {k: v for k, v in counts.items() if v}
+    if not counts:
+        return table_file, {}, None
+    scratch = tempfile.TemporaryDirectory(prefix="vclr-table-")
+    clean = Path(scratch.name) / table_file.name
+    clean.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return clean, counts, scratch
+
+
 def _read_table(source: str | os.PathLike):
-    """(table file, HF Dataset) of a dataset dir or table file."""
+    """(table file, HF Dataset, rows skipped or repaired while reading) of a dataset dir or table file."""
     import datasets  # heavy import: only when loading data
 
     table_file = _table_file(Path(source))
     datasets.disable_progress_bars()
+    readable, repaired, scratch = table_file, {}, None
+    if table_file.suffix == ".jsonl":
+        readable, repaired, scratch = _sanitized_jsonl(table_file)
     try:
-        return table_file, datasets.load_dataset(TABLE_BUILDERS[table_file.suffix], data_files=str(table_file),
-                                                 split="train")
+        table = datasets.load_dataset(TABLE_BUILDERS[table_file.suffix], data_files=str(readable), split="train",
+                                      keep_in_memory=scratch is not None)
     except Exception as e:  # datasets raises many types for malformed files
         raise DataError(f"could not read dataset table {table_file}: {type(e).__name__}: {e}") from None
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    return table_file, table, repaired
 
 
 def _require_columns(table_file: Path, table, columns: Sequence[str], hint: str) -> None:
@@ -112,7 +158,7 @@ def load_class_labels(source: str | os.PathLike, image_paths: Sequence[str], lab
                       name_column: str = "class_name", image_column: str = "file_name",
                       image_root: str | os.PathLike | None = None) -> tuple[np.ndarray, list[str]]:
     """Integer labels aligned with `image_paths` (a loaded table's), and the class names indexed by label."""
-    table_file, table = _read_table(source)
+    table_file, table, _ = _read_table(source)
     _require_columns(table_file, table, (image_column, label_column, name_column),
                      "set --label-column / --name-column")
     root = _image_root(table_file, image_root)
@@ -132,20 +178,31 @@ def load_caption_table(source: str | os.PathLike, image_column: str = "file_name
 
     Image paths are relative to `image_root`, by default the table's own folder.
     """
-    table_file, table = _read_table(source)
+    table_file, table, repaired = _read_table(source)
     _require_columns(table_file, table, (image_column, *caption_columns),
                      "set data.image_column / data.caption_columns")
     root = _image_root(table_file, image_root)
-    paths, captions, skipped = [], [], {"missing image file": 0, "no caption": 0}
+    paths, captions, row_of = [], [], {}
+    skipped = {"missing image file": 0, "no caption": 0, "duplicate image row (captions merged)": 0,
+               "caption truncated": 0, **repaired}
     for row in table.select_columns([image_column, *caption_columns]):
         path = root / str(row[image_column] or "")
         row_captions = _row_captions(row, caption_columns)
+        long = [c for c in row_captions if len(c) > MAX_CAPTION_CHARS]
+        if long:
+            skipped["caption truncated"] += len(long)
+            row_captions = [c[:MAX_CAPTION_CHARS] for c in row_captions]
         if not row[image_column] or not path.is_file():
             skipped["missing image file"] += 1
         elif not row_captions:
             skipped["no caption"] += 1
+        elif (resolved := str(path.resolve())) in row_of:  # the same image again: one row, all its captions
+            skipped["duplicate image row (captions merged)"] += 1
+            merged = captions[row_of[resolved]]
+            merged.extend(c for c in row_captions if c not in merged)
         else:
-            paths.append(str(path.resolve()))
+            row_of[resolved] = len(paths)
+            paths.append(resolved)
             captions.append(row_captions)
     skipped = {k: v for k, v in skipped.items() if v}
     for reason, count in skipped.items():
@@ -167,10 +224,22 @@ def decode_transform(image_size: int, augment: bool = False) -> Callable[[Image.
     return T.Compose([T.PILToTensor(), geometry])
 
 
-def read_image(path: str) -> Image.Image | None:
-    """RGB image, or None (with a warning) when the file is unreadable."""
+def read_image(path: str | BinaryIO) -> Image.Image | None:
+    """RGB image, or None (with a warning) when the file is unreadable or larger than MAX_IMAGE_PIXELS.
+
+    The pixel count is read from the header, before decoding: a decompression bomb costs nothing. Any mode (CMYK,
+    grayscale, 16-bit, palette with transparency) is converted to RGB.
+    """
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                logger.warning("image %s refused: %dx%d pixels is over the %d-pixel limit", path, image.width,
+                               image.height, MAX_IMAGE_PIXELS)
+                return None
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit gray: scale to 8 bits, not clip
+                image = image.point(lambda v: v / 256).convert("L")
+            if image.mode in ("P", "LA", "PA") or (image.mode == "L" and "transparency" in image.info):
+                image = image.convert("RGBA")  # palette transparency becomes alpha, then RGB
             return image.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         logger.warning("unreadable image %s skipped: %s", path, e)

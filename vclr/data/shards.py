@@ -21,9 +21,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from vclr.data.dataset import METADATA_NAMES, DataError, decode_transform
+from vclr.data.dataset import METADATA_NAMES, DataError, decode_transform, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +80,8 @@ class ShardPairs:
         return {"image": data if self.encoded else self._decode(data), "tokens": tokens}
 
     def _decode(self, data: bytes) -> torch.Tensor | None:
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                return self.transform(image.convert("RGB"))  # (3, S, S) uint8
-        except Exception as e:  # broken bytes: dropped, like unreadable files
-            logger.warning("unreadable image in shard skipped: %s", e)
-            return None
+        image = read_image(io.BytesIO(data))  # same limits and mode handling as files; None when unreadable
+        return None if image is None else self.transform(image)  # (3, S, S) uint8
 
 
 def stream_shards(shards: list[Path], pairs: ShardPairs, rank: int, world: int, epoch: int):

@@ -73,6 +73,9 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(small_
     subprocess.run(_train_cmd(small_shapes, run, True), env=_env(), check=True, capture_output=True)
 
     assert len(kills) >= 6 and "checkpoint" in kills
+    ARTIFACTS = ROOT / "test-artifacts"
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "kill_points.json").write_text(json.dumps({"kills": kills}))
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 25))  # every step logged once, none lost, none doubled
     final, expected = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")

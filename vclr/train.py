@@ -241,6 +241,8 @@ def _restore(trainer: Trainer) -> None:
         logger.warning("checkpoint %s is damaged (%s): falling back to the one before it", candidate, problem)
     if ckpt is None:
         logger.warning("--resume: no usable checkpoint in %s, starting from step 0", trainer.run_dir)
+        if trainer.accelerator.is_main_process:  # rows of an attempt killed before its first checkpoint
+            (trainer.run_dir / METRICS_FILE).unlink(missing_ok=True)
         return
     trainer.accelerator.load_state(str(ckpt))
     _truncate_metrics(trainer.run_dir / METRICS_FILE, trainer.state.step)

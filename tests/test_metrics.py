@@ -200,3 +200,22 @@ def test_blocks_are_sized_to_the_memory_budget():
 
     assert block_rows(1_000_000) * 1_000_000 * 6 <= (1 << 30)
     assert block_rows(10) == 8192 and block_rows(10**12) == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("block", [2, None])
+def test_torch_ranks_equal_numpy_ranks(device, block):
+    """The device evaluator against the numpy one, on integer vectors (exact dot products, many exact ties) with a
+    variable number of captions per image."""
+    import torch
+
+    from vclr.metrics_torch import retrieval_ranks
+
+    rng = np.random.default_rng(5)
+    img = rng.integers(-2, 3, size=(40, 6)).astype(np.float32)
+    t2i = np.concatenate([np.arange(40), rng.integers(0, 40, 50)])
+    txt = (img[t2i] + rng.integers(-1, 2, size=(90, 6))).astype(np.float32)
+    i2t, t2i_ranks = retrieval_ranks(img, txt, t2i, torch.device(device), block)
+    assert np.array_equal(i2t, image_to_text_ranks(img, txt, t2i, block=block))
+    assert np.array_equal(t2i_ranks, text_to_image_ranks(img, txt, t2i, block=block))

@@ -58,8 +58,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int]
     start = time.perf_counter()
     emb = embed_table(model, cfg, table)
     check_retrieval_inputs(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
-    i2t = image_to_text_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)  # (N,)
-    t2i = text_to_image_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)  # (C,)
+    i2t, t2i = exact_ranks(emb)  # (N,), (C,)
     metrics = metrics_from_ranks(i2t, t2i, ks)
     curve_ks = [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= len(emb.image_embeddings)]
     report = {"metrics": metrics, **_provenance(run_dir, source, table, cfg), "skipped_rows": table.skipped,
@@ -77,6 +76,18 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int]
         report["plots"] = write_plots(Path(plots_dir), Path(run_dir), emb, i2t, t2i, examples)
     _save_report(report, out)
     return report
+
+
+def exact_ranks(emb) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ranks both ways: on the GPU when there is one (score blocks only), else with numpy."""
+    import torch
+
+    if torch.cuda.is_available():
+        from vclr.metrics_torch import retrieval_ranks
+
+        return retrieval_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image, torch.device("cuda"))
+    return (image_to_text_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image),
+            text_to_image_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image))
 
 
 def verification_report(emb, seed: int = 0) -> dict:

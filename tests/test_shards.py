@@ -119,3 +119,24 @@ def test_training_from_shards_resumes_with_the_identical_next_batch(shard_dir, t
     full_losses = [json.loads(r)["loss"] for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     resumed_losses = [json.loads(r)["loss"] for r in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert resumed_losses == pytest.approx(full_losses, rel=1e-4)
+
+
+def test_parquet_shards_stream_like_tar_shards(small_shapes, tmp_path):
+    """Parquet shards (an HF Image column + a captions column) stream through the same path."""
+    import datasets
+
+    table = load_caption_table(small_shapes / "test")
+    for shard in range(2):
+        rows = range(shard * 100, (shard + 1) * 100)
+        ds = datasets.Dataset.from_dict({"image": [table.image_paths[i] for i in rows],
+                                         "captions": [table.captions[i] for i in rows]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "captions": [datasets.Value("string")]}))
+        ds.to_parquet(str(tmp_path / f"part-{shard}.parquet"))
+    shards = find_shards(tmp_path)
+    assert [p.suffix for p in shards] == [".parquet", ".parquet"]
+    rows = list(stream_shards(shards, _pairs(), 0, 1, epoch=0))
+    assert len(rows) == 200 and all(isinstance(r["image"], bytes) and r["image"][:4] == b"\x89PNG" for r in rows)
+    decoded = ShardPairs(get_tokenizer(ModelConfig()), 32, 0, ("captions",), encoded=False, augment=False)
+    first = next(iter(stream_shards(shards, decoded, 0, 1, epoch=0)))
+    assert tuple(first["image"].shape) == (3, 32, 32)

@@ -7,7 +7,8 @@ buffer shuffle, so a resumed run replays the same stream. Images stay encoded by
 (PIL) or on the training device (`data.decode_on=device`).
 
 Webdataset samples: key.jpg|jpeg|png|webp + key.txt (one caption) or key.json ({"captions": [...]} or
-{"caption": ...}). Parquet rows: an `image` column (HF Image: {"bytes", "path"}) and the data.caption_columns.
+{"caption": ...}). Parquet rows: an `image` column (HF Image: {"bytes", "path"}; without bytes the path is read) and
+the data.caption_columns.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vclr.data.dataset import METADATA_NAMES, DataError, decode_transform, read_image
+from vclr.data.dataset import METADATA_NAMES, DataError, decode_transform, read_bytes, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class ShardPairs:
     def __call__(self, row: dict) -> dict:
         image = next((row[k] for k in IMAGE_KEYS if row.get(k) is not None), None)
         data = image.get("bytes") if isinstance(image, dict) else image  # HF Image(decode=False) or raw binary
+        if not data and isinstance(image, dict) and image.get("path"):  # parquet written without embedded bytes
+            data = read_bytes(image["path"])
         captions = _captions(row, self.caption_columns)
         if not data or not captions:
             return {"image": None, "tokens": None}

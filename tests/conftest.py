@@ -14,6 +14,14 @@ def small_shapes(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("small_shapes"), num_train=1500, num_test=200, seed=1)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train_overrides(data, run, **extra):
     values = {"data.train": data / "train", "data.test": data / "test", "train.output_dir": run,
               "optim.max_steps": 150, "optim.warmup_steps": 10, "data.batch_size": 64,

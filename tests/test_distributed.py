@@ -8,7 +8,6 @@ process normalises with its own batch statistics.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import vclr.train as train_mod
+from conftest import free_port
 from vclr.config import load_config
 from vclr.data.synthetic import make_synthetic
 from test_shards import write_shards
@@ -45,12 +45,6 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -66,7 +60,7 @@ def two_process_runs(tmp_path_factory):
     # launcher (--multi_gpu) with ACCELERATE_USE_CPU=1 starts two CPU processes on gloo, even on a GPU machine
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--gpu_ids", "all", "--num_processes",
            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(worker), str(root / "cases.json")]
+           "--main_process_port", str(free_port()), str(worker), str(root / "cases.json")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).parent.parent)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -2,7 +2,6 @@
 
 import io
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import free_port
 from vclr.config import load_config, save_config
 from vclr.search import Searcher, build_index
 
@@ -118,19 +118,13 @@ def test_info_reports_the_index(client):
 # ------------------------------------------------------------------------------------------ the page, in a browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(searcher):
     import uvicorn
 
     from vclr.serve import create_app
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(searcher), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

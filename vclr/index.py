@@ -18,7 +18,6 @@ index whole, and a load that finds a file whose checksum disagrees with the mani
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ import faiss
 import numpy as np
 
 from vclr.ann import Tuning, choose_index
-from vclr.config import VclrError
+from vclr.config import VclrError, sha256_file
 from vclr.store import MetadataStore
 
 FORMAT_VERSION = 2
@@ -76,13 +75,6 @@ def _build_modality(xb: np.ndarray, other: np.ndarray, options: IndexOptions, se
                                  options.exact_below, options.kind, seed)
     return index, tuning.to_dict()
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -224,7 +216,7 @@ class RetrievalIndex:
             np.save(tmp / "text_embeddings.npy", self.text_embeddings)
             self.store.save_to(tmp / "metadata.sqlite")
             manifest = dict(self.manifest, files={name: {"bytes": (tmp / name).stat().st_size,
-                                                         "sha256": _sha256(tmp / name)} for name in FILES})
+                                                         "sha256": sha256_file(tmp / name)} for name in FILES})
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")  # last: marks whole
             _fsync_dir(tmp)
             _swap_into_place(tmp, path)
@@ -308,7 +300,7 @@ def _verify_files(path: Path, manifest: dict, checksums: bool) -> None:
         file = path / name
         if not file.is_file() or file.stat().st_size != expected["bytes"]:
             raise IndexDirError(f"{path}: {name} is missing or has the wrong size; the index is damaged, rebuild it")
-        if checksums and _sha256(file) != expected["sha256"]:
+        if checksums and sha256_file(file) != expected["sha256"]:
             raise IndexDirError(f"{path}: {name} does not match its checksum in {MANIFEST}; the index is damaged, "
                                 "rebuild it")
 

@@ -9,7 +9,6 @@ temp dir then renamed, so a crash never leaves a half checkpoint), model.safeten
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_see
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vclr.config import Config, VclrError, atomic_write_text, save_config
+from vclr.config import Config, VclrError, atomic_write_text, save_config, sha256_file
 from vclr.data.dataset import ImageTextDataset, collate_pairs, load_caption_table, normalize_images
 from vclr.data.device_decode import decode_resize
 from vclr.data.shards import ShardPairs, collate_stream, find_shards, stream_shards
@@ -112,17 +111,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def write_checksums(folder: Path) -> None:
     """SHA-256 of every file of a checkpoint, written (and fsynced) before the checkpoint is renamed into place."""
-    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUM_FILE}
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUM_FILE}
     with open(folder / CHECKSUM_FILE, "w", encoding="utf-8") as f:
         json.dump(sums, f, indent=1)
         f.flush()
@@ -141,7 +133,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     for name, expected in sums.items():
         if not (folder / name).is_file():
             return f"{name} is missing"
-        if _sha256(folder / name) != expected:
+        if sha256_file(folder / name) != expected:
             return f"{name} does not match its checksum"
     return None
 

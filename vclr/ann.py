@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 INDEX_KINDS = ("flat", "ivf_flat", "hnsw", "ivf_pq")
 SEARCH_PARAM = {"flat": None, "ivf_flat": "nprobe", "ivf_pq": "nprobe", "hnsw": "efSearch"}
 HNSW_M = 32
+PLATEAU = 0.002  # recall gained over two search-parameter steps below which the tuner stops climbing
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,12 @@ def tune(index: faiss.Index, spec: IndexSpec, queries: np.ndarray, exact: np.nda
         curve.append((value, recall_at_k(found, exact, k), qps))
         if curve[-1][1] >= target:
             break
-    value, recall, qps = next((c for c in curve if c[1] >= target), max(curve, key=lambda c: c[1]))
+        if len(curve) >= 3 and curve[-1][1] - curve[-3][1] < PLATEAU:
+            break  # compressed codes cap the recall below the target: more probes only cost time
+    # the smallest value that meets the target, else the smallest within PLATEAU of the best recall reached
+    meeting = [c for c in curve if c[1] >= target]
+    best_recall = max(c[1] for c in curve)
+    value, recall, qps = meeting[0] if meeting else next(c for c in curve if c[1] >= best_recall - PLATEAU)
     set_search_param(index, spec.search_param, value)
     return Tuning(spec.kind, spec.factory, spec.search_param, value, recall, qps, k, target, recall >= target,
                   curve=curve)

@@ -13,7 +13,7 @@ from vclr.cli import main
 @pytest.fixture(scope="module")
 def trained_run(small_shapes, tmp_path_factory):
     run = tmp_path_factory.mktemp("eval_run") / "run"
-    extra = {"optim.max_steps": 60, "train.log_every": 5}
+    extra = {"optim.max_steps": 30, "train.log_every": 5}
     assert main(["train", *train_overrides(small_shapes, run, **extra)]) == 0
     return run
 

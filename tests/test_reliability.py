@@ -238,7 +238,7 @@ def test_index_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path, mon
 @pytest.mark.slow
 def test_same_seed_same_data_model_and_metrics(tmp_path):
     def pipeline(folder: Path, seed: int) -> tuple:
-        assert main(["-q", "make-synthetic", "--out", str(folder / "data"), "--train", "400", "--test", "60",
+        assert main(["-q", "make-synthetic", "--out", str(folder / "data"), "--train", "200", "--test", "40",
                      "--seed", str(seed)]) == 0
         overrides = train_overrides(folder / "data", folder / "run", **{"optim.max_steps": 10,
                                                                         "optim.warmup_steps": 2,

@@ -77,12 +77,14 @@ def test_mixed_shard_kinds_are_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_from_shards_resumes_with_the_identical_next_batch(shard_dir, tmp_path, monkeypatch):
+def test_training_from_shards_resumes_with_the_identical_next_batch(small_shapes, tmp_path, monkeypatch):
     import vclr.train as train_mod
 
+    shards = write_shards(small_shapes / "test", tmp_path / "shards", 3)  # 200 pairs: 6 batches of 32 an epoch
+
     def overrides(run, **extra):
-        values = {"data.train": shard_dir, "train.output_dir": tmp_path / run, "data.batch_size": 64,
-                  "optim.max_steps": 30, "optim.warmup_steps": 5, "train.log_every": 1, "train.checkpoint_every": 26,
+        values = {"data.train": shards, "train.output_dir": tmp_path / run, "data.batch_size": 32,
+                  "optim.max_steps": 10, "optim.warmup_steps": 2, "train.log_every": 1, "train.checkpoint_every": 8,
                   "data.decode_on": "device", "train.threads": 2}
         values.update(extra)
         return [f"{k}={v}" for k, v in values.items()]
@@ -96,7 +98,7 @@ def test_training_from_shards_resumes_with_the_identical_next_batch(shard_dir, t
 
     monkeypatch.setattr(train_mod, "train_step", recording_step)
     full = train_mod.train(load_config(None, overrides("full")))
-    assert full.step == 30  # 1500 pairs / 64 = 23 batches an epoch: the run crosses into epoch 1
+    assert full.step == 10  # 6 batches an epoch: the run crosses into epoch 1
 
     real_save = train_mod.save_checkpoint
 
@@ -105,7 +107,7 @@ def test_training_from_shards_resumes_with_the_identical_next_batch(shard_dir, t
 
     def save_then_die(trainer):
         real_save(trainer)
-        raise Stop  # dies right after the step-26 checkpoint, 3 batches into epoch 1
+        raise Stop  # dies right after the step-8 checkpoint, 2 batches into epoch 1
 
     cfg = load_config(None, overrides("stopped"))
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
@@ -113,9 +115,9 @@ def test_training_from_shards_resumes_with_the_identical_next_batch(shard_dir, t
         train_mod.train(cfg)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     resumed = train_mod.train(cfg, resume=True)
-    assert resumed.step == 30
+    assert resumed.step == 10
     full_seen, stopped_seen = seen[str(tmp_path / "full")], seen[str(tmp_path / "stopped")]
-    assert [stopped_seen[s] for s in range(1, 31)] == [full_seen[s] for s in range(1, 31)]
+    assert [stopped_seen[s] for s in range(1, 11)] == [full_seen[s] for s in range(1, 11)]
     full_losses = [json.loads(r)["loss"] for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     resumed_losses = [json.loads(r)["loss"] for r in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert resumed_losses == pytest.approx(full_losses, rel=1e-4)

@@ -25,7 +25,7 @@ from vclr.search import MAX_K, MAX_QUERY_CHARS, Searcher, check_k, check_text_qu
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
-MAX_UPLOAD_PIXELS = 40_000_000  # PIL's decompression-bomb guard, made an error
+MAX_UPLOAD_PIXELS = 40_000_000  # refused from the image header, before decoding
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vclr search</title>
@@ -134,19 +134,16 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
 
 
 def _decode_upload(data: bytes):
-    from PIL import Image
+    """The training data's decoder (pixel limit from the header, any mode to RGB), with the upload's own limit."""
+    from vclr.data.dataset import read_image
 
     if not data:
         raise VclrError("the upload is empty: send an image file in the 'file' field")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_UPLOAD_PIXELS:
-                raise VclrError(f"the image has {image.width}x{image.height} pixels; the limit is {MAX_UPLOAD_PIXELS}")
-            return image.convert("RGB")
-    except VclrError:
-        raise
-    except Exception:
-        raise VclrError("the upload is not a readable image (JPEG, PNG, WebP...)") from None
+    image = read_image(io.BytesIO(data), max_pixels=MAX_UPLOAD_PIXELS)
+    if image is None:
+        raise VclrError(f"the upload is not a readable image (JPEG, PNG, WebP...) of at most {MAX_UPLOAD_PIXELS} "
+                        "pixels")
+    return image
 
 
 def serve(index_dir: str, run_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,

@@ -47,7 +47,6 @@ class TrainState:
     """Position of the run; checkpointed with the model through accelerator.register_for_checkpointing."""
 
     step: int = 0  # optimizer steps done
-    batches_seen: int = 0  # micro-batches consumed, over all epochs
     epoch: int = 0  # the data position to resume from: epoch and micro-batches into it
     batches_in_epoch: int = 0
     elapsed_s: float = 0.0  # training-loop wall time, summed over resumes
@@ -209,9 +208,10 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
                       tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"])
     if resume:
         _restore(trainer)
-    elif accelerator.is_main_process:
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier attempt that left no checkpoint
     if accelerator.is_main_process:
+        # rows logged after the step this run starts from (by an attempt killed before its next checkpoint, or by an
+        # earlier run that left none) will be logged again
+        _truncate_metrics(run_dir / METRICS_FILE, trainer.state.step)
         save_config(cfg, run_dir / CONFIG_FILE)
     return trainer
 
@@ -233,16 +233,13 @@ def _restore(trainer: Trainer) -> None:
         logger.warning("checkpoint %s is damaged (%s): falling back to the one before it", candidate, problem)
     if ckpt is None:
         logger.warning("--resume: no usable checkpoint in %s, starting from step 0", trainer.run_dir)
-        if trainer.accelerator.is_main_process:  # rows of an attempt killed before its first checkpoint
-            (trainer.run_dir / METRICS_FILE).unlink(missing_ok=True)
         return
     trainer.accelerator.load_state(str(ckpt))
-    _truncate_metrics(trainer.run_dir / METRICS_FILE, trainer.state.step)
     logger.info("resumed from %s at step %d", ckpt, trainer.state.step)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+    """Keep only the rows up to `step` (0: none)."""
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
@@ -416,7 +413,6 @@ def run_loop(trainer: Trainer) -> TrainResult:
     try:  # the bar is closed whatever happens: an error message must not share a line with it
         for batch in batches(trainer) if not finished else ():
             losses = _step_or_explain_oom(trainer, batch)
-            state.batches_seen += 1
             state.batches_in_epoch += 1
             window_samples += global_batch
             now = time.perf_counter()

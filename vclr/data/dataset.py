@@ -224,17 +224,17 @@ def decode_transform(image_size: int, augment: bool = False) -> Callable[[Image.
     return T.Compose([T.PILToTensor(), geometry])
 
 
-def read_image(path: str | BinaryIO) -> Image.Image | None:
-    """RGB image, or None (with a warning) when the file is unreadable or larger than MAX_IMAGE_PIXELS.
+def read_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image | None:
+    """RGB image, or None (with a warning) when the file is unreadable or has more than `max_pixels` pixels.
 
     The pixel count is read from the header, before decoding: a decompression bomb costs nothing. Any mode (CMYK,
     grayscale, 16-bit, palette with transparency) is converted to RGB.
     """
     try:
         with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
+            if image.width * image.height > max_pixels:
                 logger.warning("image %s refused: %dx%d pixels is over the %d-pixel limit", path, image.width,
-                               image.height, MAX_IMAGE_PIXELS)
+                               image.height, max_pixels)
                 return None
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit gray: scale to 8 bits, not clip
                 image = image.point(lambda v: v / 256).convert("L")

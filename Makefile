@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# DEMO_ARGS: extra `vclr demo` arguments, e.g. a shortened demo (CI runs one before the tests, as a user would)
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(VENV)/bin/vclr demo
+	$(VENV)/bin/vclr demo $(DEMO_ARGS)
 
 test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q

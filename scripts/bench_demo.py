@@ -19,12 +19,12 @@ from pathlib import Path
 import open_clip
 import torch
 
-from vclr.config import load_config
+from vclr.config import BUILTIN_CONFIGS, load_config
 from vclr.data.synthetic import make_synthetic
 from vclr.model import build_model, image_preprocess_cfg
 from vclr.train import train
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+CONFIG = BUILTIN_CONFIGS / "demo.yaml"
 
 
 def reference_samples_per_s(model_name: str, batch: int, steps: int, device: torch.device) -> float:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from vclr.config import load_config
-from vclr.data.prepare import CACHE_DIR, prepare_openmoji
+from vclr.data.prepare import cache_dir, prepare_openmoji
 from vclr.evaluate import evaluate_run
 from vclr.train import train
 
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--variants", default="a,b,c")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    data = Path(args.data) if args.data else CACHE_DIR / "bench" / "openmoji-128"
+    data = Path(args.data) if args.data else cache_dir() / "bench" / "openmoji-128"
     if not (data / "test" / "metadata.jsonl").is_file():
         prepare_openmoji(data, size=128)
     with tempfile.TemporaryDirectory() as tmp:

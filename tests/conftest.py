@@ -1,9 +1,25 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing is fetched from a hub in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # for the scripts/ and the sources; configs come from the package
+
+
+@pytest.fixture(autouse=True)
+def isolated_working_dir(request, tmp_path_factory, monkeypatch):
+    """Every test runs in an empty working directory of its own, with vclr's and the hub's caches in it too: what
+    `make demo`, an earlier test run or a user's own runs left in the checkout cannot change a result, and no test
+    writes into the checkout. A test marked `real_cache` keeps the user's caches."""
+    work = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(work)
+    if "real_cache" not in request.keywords:
+        monkeypatch.setenv("VCLR_CACHE", str(work / ".cache" / "vclr"))
+        monkeypatch.setenv("HF_HOME", str(work / ".cache" / "huggingface"))
+    return work
 
 
 @pytest.fixture(scope="session")

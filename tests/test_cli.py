@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from vclr.cli import main
+from vclr.config import BUILTIN_CONFIGS
 from vclr.config import ModelConfig, config_hash
 from vclr.index import RetrievalIndex
 
-CONFIG = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+CONFIG = str(BUILTIN_CONFIGS / "demo.yaml")
 
 
 @pytest.fixture
@@ -107,3 +108,21 @@ def test_help_has_examples(capsys):
         main(["search", "--help"])
     assert info.value.code == 0
     assert "example:" in capsys.readouterr().out
+
+
+def test_config_mistakes_are_reported_before_the_run_directory(tmp_path, capsys):
+    """A run dir that already holds checkpoints (say, `make demo`'s) must not hide the real mistake: bad data."""
+    (tmp_path / "run" / "checkpoints" / "step_0000010").mkdir(parents=True)
+    code = main(["train", "--config", CONFIG, f"data.train={tmp_path}/nodata", f"train.output_dir={tmp_path}/run"])
+    _assert_one_line_error(capsys, code, f"data.train={tmp_path}/nodata does not exist")
+    code = main(["train", "--config", CONFIG, f"data.train={tmp_path}", f"train.output_dir={tmp_path}/run",
+                 f"model.text_tower_dir={tmp_path}/no-bert"])
+    _assert_one_line_error(capsys, code, "model.text_tower_dir")
+    code = main(["train", "--config", CONFIG, f"data.train={tmp_path}", f"train.output_dir={tmp_path}/run"])
+    _assert_one_line_error(capsys, code, "already holds checkpoints")  # inputs fine: now the run dir speaks
+
+
+def test_builtin_configs_resolve_by_name_from_any_directory():
+    from vclr.config import load_config
+
+    assert load_config("demo").model.name == load_config("configs/demo.yaml").model.name == "vclr-tiny-rn"

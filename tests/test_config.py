@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vclr.config import Config, ConfigError, config_to_dict, load_config, save_config
+from vclr.config import BUILTIN_CONFIGS, Config, ConfigError, config_to_dict, load_config, save_config
 
-CONFIG_FILES = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIG_FILES = sorted(BUILTIN_CONFIGS.rglob("*.yaml"))
 
 
 def test_configs_dir_is_not_empty():

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from vclr.cli import main
+from vclr.config import BUILTIN_CONFIGS
 from conftest import train_overrides
 
-CONFIG = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+CONFIG = str(BUILTIN_CONFIGS / "demo.yaml")
 CHANCE_R1 = 100 / 200  # 200 test images
 
 

@@ -1,6 +1,7 @@
 """The search service: JSON API bounds and errors (FastAPI TestClient), and the web page in headless Chromium."""
 
 import io
+import os
 import shutil
 import threading
 import time
@@ -139,13 +140,12 @@ def server(searcher):
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium + chromedriver (Debian: apt-get install "
                     "chromium chromium-driver; `make test` installs them when it can)")
-def test_search_page_in_headless_chromium(server):
+def test_search_page_in_headless_chromium(server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -169,9 +169,11 @@ def test_search_page_in_headless_chromium(server):
             "return [...document.querySelectorAll('figure.hit img')].every(i => i.complete && i.naturalWidth > 0)"))
         captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "figure.hit figcaption")]
         assert captions[0].startswith("#1 ·") and captions[-1].startswith("#12 ·")
-        ARTIFACTS.mkdir(exist_ok=True)
-        driver.save_screenshot(str(ARTIFACTS / "search_page.png"))
-        assert (ARTIFACTS / "search_page.png").stat().st_size > 5000
+        # the screenshot goes to $VCLR_TEST_ARTIFACTS when set (to look at), else into the test's temp dir
+        artifacts = Path(os.environ.get("VCLR_TEST_ARTIFACTS") or tmp_path)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(artifacts / "search_page.png"))
+        assert (artifacts / "search_page.png").stat().st_size > 5000
 
         box.clear()
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()  # empty query: the API's error shows

@@ -20,7 +20,7 @@ from vclr.config import VclrError, load_config
 
 logger = logging.getLogger("vclr")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # the built-in configs/demo.yaml, shipped in the package
 
 
 def _print_hits(hits) -> None:
@@ -216,7 +216,8 @@ def cmd_demo(args) -> int:
     from vclr.data.synthetic import make_synthetic
     from vclr.evaluate import evaluate_run, format_metrics_table
     from vclr.search import build_index, search_by_text
-    from vclr.train import MODEL_FILE, latest_checkpoint, train
+    from vclr.rundir import MODEL_FILE, latest_checkpoint
+    from vclr.train import train
 
     out = Path(args.out)
     data, run, index = out / "data", out / "run", out / "index"

@@ -12,13 +12,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from vclr.storage import atomic_write_text
 
 
 class VclrError(Exception):
@@ -264,13 +265,32 @@ def config_from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Conf
     return _build(Config, tree)
 
 
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; `configs/` in the checkout
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config file by path; else a built-in one by name (`demo`, `demo.yaml` or `configs/demo.yaml`), so that the
+    documented commands work from any directory and from an installed wheel."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        builtin = BUILTIN_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+        if builtin.is_file():
+            return builtin
+    raise ConfigError(f"config file {path} does not exist; pass a YAML file or a built-in config name "
+                      f"({', '.join(builtin_configs())})")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file (if given) <- `key=value` overrides."""
+    """Defaults <- YAML file (a path or a built-in name, if given) <- `key=value` overrides."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        path = resolve_config_path(path)
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -291,29 +311,6 @@ def config_hash(section: Any) -> str:
     """Short stable hash of a config (section); the index manifest uses the model section's."""
     blob = json.dumps(json.loads(json.dumps(dataclasses.asdict(section))), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in 4 MiB blocks (checkpoints and indexes record it to detect damage)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

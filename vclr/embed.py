@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vclr.config import Config, VclrError, load_config
+from vclr.config import Config, VclrError
 from vclr.data.dataset import CaptionTable, ImageOnlyDataset, ImageTextDataset, normalize_images, read_image, \
     decode_transform, tokenize_all
 from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg
-from vclr.train import CONFIG_FILE, MODEL_FILE, latest_checkpoint
+from vclr.rundir import load_run_config, weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,25 +40,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _weights_file(run_dir: Path) -> Path:
-    if (run_dir / MODEL_FILE).is_file():
-        return run_dir / MODEL_FILE
-    ckpt = latest_checkpoint(run_dir)  # a run stopped before it finished: its newest checkpoint
-    if ckpt is not None and (ckpt / MODEL_FILE).is_file():
-        logger.warning("%s has no %s; using checkpoint %s", run_dir, MODEL_FILE, ckpt.name)
-        return ckpt / MODEL_FILE
-    raise VclrError(f"run dir {run_dir} has no trained weights ({MODEL_FILE}); train first with `vclr train`")
-
-
 def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
     """The model of a run directory (its config.yaml and weights), in eval mode."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise VclrError(f"run dir {run_dir} has no {CONFIG_FILE}: is it a `vclr train` output_dir?")
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_run_config(run_dir)
     # the weights come from the run: no pretrained files to load, no locking needed for inference
     model = build_model(dataclasses.replace(cfg.model, pretrained="", image_tower_weights=""))
-    model.load_state_dict(load_file(str(_weights_file(run_dir))))
+    model.load_state_dict(load_file(str(weights_file(run_dir))))
     return model.to(device or default_device()).eval(), cfg
 
 

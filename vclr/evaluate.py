@@ -19,7 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from vclr.config import Config, VclrError, atomic_write_text, config_hash
+from vclr.config import Config, VclrError, config_hash
+from vclr.rundir import read_metrics
+from vclr.storage import atomic_write_text
 from vclr.data.dataset import CaptionTable, load_caption_table, load_class_labels
 from vclr.embed import embed_table, embed_texts, load_trained
 from vclr.metrics import (adjusted_rand_index, best_f1_threshold, check_retrieval_inputs, cluster,
@@ -161,11 +163,9 @@ def write_plots(folder: Path, run_dir: Path, emb, i2t: np.ndarray, t2i: np.ndarr
 
     written = {"recall_curves": str(plots.recall_curves(i2t, t2i, folder / "recall_curves.png",
                                                         max_k=min(100, len(emb.image_embeddings))))}
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-        if rows:
-            written["training_curves"] = str(plots.training_curves(rows, folder / "training_curves.png"))
+    rows = read_metrics(run_dir)
+    if rows:
+        written["training_curves"] = str(plots.training_curves(rows, folder / "training_curves.png"))
     if examples:
         # the first caption of evenly spaced images: their own image's rank is shown by a green frame
         picks = np.unique(np.linspace(0, len(emb.texts) - 1, examples).astype(int))

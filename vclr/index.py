@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,12 +29,12 @@ import faiss
 import numpy as np
 
 from vclr.ann import Tuning, choose_index
-from vclr.config import VclrError, sha256_file
+from vclr.config import VclrError
+from vclr.storage import directory_problem, remove_stale_temp_dirs, write_directory
 from vclr.store import MetadataStore
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-FILES = ("images.faiss", "texts.faiss", "image_embeddings.npy", "text_embeddings.npy", "metadata.sqlite")
 
 
 class IndexDirError(VclrError):
@@ -208,22 +207,15 @@ class RetrievalIndex:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._check_disk_space(path.parent)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
+
+        def write_files(tmp: Path) -> None:
             faiss.write_index(self.image_index, str(tmp / "images.faiss"))
             faiss.write_index(self.text_index, str(tmp / "texts.faiss"))
             np.save(tmp / "image_embeddings.npy", self.image_embeddings)
             np.save(tmp / "text_embeddings.npy", self.text_embeddings)
             self.store.save_to(tmp / "metadata.sqlite")
-            manifest = dict(self.manifest, files={name: {"bytes": (tmp / name).stat().st_size,
-                                                         "sha256": sha256_file(tmp / name)} for name in FILES})
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")  # last: marks whole
-            _fsync_dir(tmp)
-            _swap_into_place(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.manifest = manifest
+
+        self.manifest = write_directory(path, write_files, MANIFEST, self.manifest)  # the manifest last: marks whole
         return path
 
     def _check_disk_space(self, folder: Path) -> None:
@@ -249,7 +241,10 @@ class RetrievalIndex:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise IndexDirError(f"{path}: index format {manifest.get('format_version')} is not supported "
                                 f"(this vclr reads {FORMAT_VERSION}); rebuild it with `vclr index`")
-        _verify_files(path, manifest, checksums=verify)
+        problem = directory_problem(path, MANIFEST, checksums=verify, manifest=manifest)
+        if problem:
+            raise IndexDirError(f"{path}: {problem}; the index is damaged, rebuild it")
+        remove_stale_temp_dirs(path.parent, path.name)  # of saves that were killed
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = cls(np.load(path / "image_embeddings.npy", mmap_mode="r" if mmap else None),
                     np.load(path / "text_embeddings.npy", mmap_mode="r" if mmap else None),
@@ -293,30 +288,3 @@ def _open_store_copy(path: Path) -> MetadataStore:
     on_disk.db.backup(store.db)
     on_disk.close()
     return store
-
-
-def _verify_files(path: Path, manifest: dict, checksums: bool) -> None:
-    for name, expected in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file() or file.stat().st_size != expected["bytes"]:
-            raise IndexDirError(f"{path}: {name} is missing or has the wrong size; the index is damaged, rebuild it")
-        if checksums and sha256_file(file) != expected["sha256"]:
-            raise IndexDirError(f"{path}: {name} does not match its checksum in {MANIFEST}; the index is damaged, "
-                                "rebuild it")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush the new files before the rename makes them the index (a power cut must not publish empty files)."""
-    for file in folder.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-    os.replace(path, old / "index")  # two renames: the old index survives until the new one is in place
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)

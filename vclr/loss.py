@@ -1,5 +1,7 @@
-"""Contrastive losses over L2-normalised features. Pure modules: `forward(image_features, text_features, logit_scale)`
-returns a dict of `*_loss` terms. Cross-process gathering is the separate `gather_features`, passed in.
+"""Contrastive losses over L2-normalised features. Every term is a `LossTerm`: `term.score(batch)` takes a `LossBatch`
+(local features, the gathered global batch, rank, memory-bank negatives, temperature) and returns `{"<name>_loss": t}`;
+`term(image_features, text_features, logit_scale)` gathers and scores in one call. `CombinedLoss` sums the terms the
+config weights. Cross-process gathering is the separate `gather_features`, passed in.
 
 Local-loss layout (open_clip's `--local-loss --gather-with-grad`): each process scores its own B rows against the
 global batch of N = world * B columns; its positives sit at columns rank * B + arange(B).
@@ -8,6 +10,7 @@ global batch of N = world * B columns; its positives sit at columns rank * B + a
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,33 +49,78 @@ def positive_columns(batch: int, rank: int, device: torch.device) -> torch.Tenso
     return torch.arange(batch, device=device) + rank * batch  # (B,)
 
 
-class InfoNCELoss(nn.Module):
-    """Symmetric InfoNCE (CLIP): cross-entropy of image->text and text->image softmaxes at temperature 1/logit_scale.
+@dataclass
+class LossBatch:
+    """What every loss term scores: this process's rows against the global batch (and the memory bank)."""
 
-    `bank_images` / `bank_texts` (M, D), from a FeatureQueue, are extra negative columns after the batch's N.
+    image_features: torch.Tensor  # (B, D) this process's rows, L2-normalised
+    text_features: torch.Tensor  # (B, D)
+    all_images: torch.Tensor  # (N, D) every process's rows (N = world * B); gradient flows to this process's slice
+    all_texts: torch.Tensor  # (N, D)
+    rank: int  # this process's slice of the global batch: rows rank * B ... (rank + 1) * B - 1
+    logit_scale: torch.Tensor  # () 1 / temperature
+    bank_images: torch.Tensor | None = None  # (M, D) detached negatives of earlier steps (FeatureQueue)
+    bank_texts: torch.Tensor | None = None
+
+    @classmethod
+    def gathered(cls, image_features, text_features, logit_scale, gather: GatherFn | None = None, bank=None) -> "LossBatch":
+        all_images, all_texts, rank = (gather or _no_gather)(image_features, text_features)  # (N, D) each
+        bank_images, bank_texts = bank.negatives() if bank is not None else (None, None)
+        return cls(image_features, text_features, all_images, all_texts, rank, logit_scale, bank_images, bank_texts)
+
+    def candidate_texts(self) -> torch.Tensor:
+        return _with_bank(self.all_texts, self.bank_texts)  # (N [+ M], D)
+
+    def candidate_images(self) -> torch.Tensor:
+        return _with_bank(self.all_images, self.bank_images)  # (N [+ M], D)
+
+    def positives(self) -> torch.Tensor:
+        """(B,) the column of each row's own pair among the candidates."""
+        return positive_columns(self.image_features.shape[0], self.rank, self.image_features.device)
+
+
+class LossTerm(nn.Module):
+    """One loss term: `score(batch) -> {"<name>_loss": scalar}`. Calling it on features gathers them first.
+
+    A new term is one subclass here plus one `loss.<name>_weight` field in LossConfig; `TERMS` lists it.
     """
 
-    def __init__(self, gather: GatherFn = _no_gather):
+    name: str = ""
+
+    def __init__(self, gather: GatherFn | None = None):
         super().__init__()
-        self.gather = gather
+        self.gather = gather or _no_gather
 
-    def forward(self, image_features, text_features, logit_scale, bank_images=None, bank_texts=None):
+    def score(self, batch: LossBatch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, image_features, text_features, logit_scale=None, bank_images=None, bank_texts=None):
         all_images, all_texts, rank = self.gather(image_features, text_features)
-        return self.from_gathered(image_features, text_features, all_images, all_texts, rank, logit_scale,
-                                  bank_images, bank_texts)
+        return self.score(LossBatch(image_features, text_features, all_images, all_texts, rank, logit_scale,
+                                    bank_images, bank_texts))
 
-    def from_gathered(self, image_features, text_features, all_images, all_texts, rank, logit_scale,
-                      bank_images=None, bank_texts=None) -> dict[str, torch.Tensor]:
-        candidate_texts = _with_bank(all_texts, bank_texts)  # (N [+ M], D)
-        candidate_images = _with_bank(all_images, bank_images)
-        logits_per_image = logit_scale * image_features @ candidate_texts.T  # (B, N [+ M])
-        logits_per_text = logit_scale * text_features @ candidate_images.T  # (B, N [+ M])
-        labels = positive_columns(image_features.shape[0], rank, image_features.device)
+
+class InfoNCELoss(LossTerm):
+    """Symmetric InfoNCE (CLIP): cross-entropy of image->text and text->image softmaxes at temperature 1/logit_scale.
+
+    The memory bank's features (M, D), when present, are extra negative columns after the batch's N.
+    """
+
+    name = "infonce"
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, gather: GatherFn | None = None) -> "InfoNCELoss":
+        return cls(gather)
+
+    def score(self, batch: LossBatch) -> dict[str, torch.Tensor]:
+        logits_per_image = batch.logit_scale * batch.image_features @ batch.candidate_texts().T  # (B, N [+ M])
+        logits_per_text = batch.logit_scale * batch.text_features @ batch.candidate_images().T  # (B, N [+ M])
+        labels = batch.positives()
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return {"infonce_loss": loss}
 
 
-class TripletLoss(nn.Module):
+class TripletLoss(LossTerm):
     """Hinge on cosine similarity, both directions (VSE++): max(0, margin + s(neg) - s(pos)).
 
     negatives="hardest" keeps the largest violation per anchor (max-violation); "all" sums every violation.
@@ -80,38 +128,40 @@ class TripletLoss(nn.Module):
     GLOBAL batch (every process's features) plus, when given, the memory bank's.
     """
 
-    def __init__(self, margin: float = 0.2, negatives: str = "hardest", gather: GatherFn = _no_gather):
-        super().__init__()
+    name = "triplet"
+
+    def __init__(self, margin: float = 0.2, negatives: str = "hardest", gather: GatherFn | None = None):
+        super().__init__(gather)
         if negatives not in ("hardest", "all"):
             raise ValueError(f"negatives must be 'hardest' or 'all', got {negatives!r}")
         self.margin = margin
         self.negatives = negatives
-        self.gather = gather
 
-    def _direction(self, anchors: torch.Tensor, candidates: torch.Tensor, rank: int) -> torch.Tensor:
+    @classmethod
+    def from_config(cls, cfg: LossConfig, gather: GatherFn | None = None) -> "TripletLoss":
+        return cls(cfg.triplet_margin, cfg.triplet_negatives, gather)
+
+    def _direction(self, anchors: torch.Tensor, candidates: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         scores = anchors @ candidates.T  # (B, N [+ M]) cosine similarities
-        columns = positive_columns(anchors.shape[0], rank, anchors.device)
         positive = scores.gather(1, columns[:, None])  # (B, 1)
         violation = (self.margin + scores - positive).clamp(min=0)  # (B, N [+ M])
         violation = violation.scatter(1, columns[:, None], 0.0)  # the positive is not its own negative
         per_anchor = violation.max(dim=1).values if self.negatives == "hardest" else violation.sum(dim=1)
         return per_anchor.mean()
 
-    def forward(self, image_features, text_features, logit_scale=None, bank_images=None, bank_texts=None):
-        all_images, all_texts, rank = self.gather(image_features, text_features)
-        return self.from_gathered(image_features, text_features, all_images, all_texts, rank, bank_images,
-                                  bank_texts)
-
-    def from_gathered(self, image_features, text_features, all_images, all_texts, rank, bank_images=None,
-                      bank_texts=None) -> dict[str, torch.Tensor]:
+    def score(self, batch: LossBatch) -> dict[str, torch.Tensor]:
         # captions as negatives of an image; images as negatives of a caption
-        image_to_text = self._direction(image_features, _with_bank(all_texts, bank_texts), rank)
-        text_to_image = self._direction(text_features, _with_bank(all_images, bank_images), rank)
-        return {"triplet_loss": image_to_text + text_to_image}
+        columns = batch.positives()
+        image_anchored = self._direction(batch.image_features, batch.candidate_texts(), columns)
+        text_anchored = self._direction(batch.text_features, batch.candidate_images(), columns)
+        return {"triplet_loss": image_anchored + text_anchored}
 
 
 def _with_bank(batch: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
     return batch if bank is None or len(bank) == 0 else torch.cat([batch, bank.to(batch.dtype)], dim=0)
+
+
+TERMS: dict[str, type[LossTerm]] = {term.name: term for term in (InfoNCELoss, TripletLoss)}
 
 
 class FeatureQueue(nn.Module):
@@ -144,45 +194,39 @@ class FeatureQueue(nn.Module):
 
 
 class CombinedLoss(nn.Module):
-    """infonce_weight * InfoNCE + ramp(step) * triplet_weight * triplet. Returns the terms and `loss`, their sum.
+    """The weighted sum of the terms that `cfg` turns on (`loss.<name>_weight` > 0, see TERMS). Returns each term's
+    `<name>_loss` and `loss`, their weighted sum.
 
-    The triplet weight ramps linearly from 0 over `triplet_warmup_steps`: hardest-negative hinges collapse every
-    embedding to one point when they start from random features (VSE++ notes this); InfoNCE spreads them first.
-    Features are gathered from all processes once, and both terms score against the same global batch (and the
-    memory bank, when `loss.memory_bank_size` > 0 and `embed_dim` is given).
+    A term's weight ramps linearly from 0 over `loss.<name>_warmup_steps` where the config has one: hardest-negative
+    hinges collapse every embedding to one point when they start from random features (VSE++ notes this); InfoNCE
+    spreads them first. Features are gathered from all processes once, and every term scores the same global batch
+    (and the memory bank, when `loss.memory_bank_size` > 0 and `embed_dim` is given).
     """
 
-    def __init__(self, cfg: LossConfig, gather: GatherFn = _no_gather, embed_dim: int | None = None):
+    def __init__(self, cfg: LossConfig, gather: GatherFn | None = None, embed_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.gather = gather
-        self.infonce = InfoNCELoss(gather)
-        self.triplet = TripletLoss(cfg.triplet_margin, cfg.triplet_negatives, gather)
+        self.gather = gather or _no_gather
+        self.terms = nn.ModuleDict({name: term.from_config(cfg, self.gather) for name, term in TERMS.items()
+                                    if getattr(cfg, f"{name}_weight") > 0})
         if cfg.memory_bank_size and embed_dim is None:
             raise ValueError("loss.memory_bank_size > 0 needs the embedding dimension (embed_dim)")
         self.bank = FeatureQueue(cfg.memory_bank_size, embed_dim) if cfg.memory_bank_size else None
 
-    def triplet_weight_at(self, step: int) -> float:
-        if self.cfg.triplet_warmup_steps == 0:
-            return self.cfg.triplet_weight
-        return self.cfg.triplet_weight * min(1.0, step / self.cfg.triplet_warmup_steps)
+    def weight_at(self, name: str, step: int) -> float:
+        weight, warmup = getattr(self.cfg, f"{name}_weight"), getattr(self.cfg, f"{name}_warmup_steps", 0)
+        return weight if warmup == 0 else weight * min(1.0, step / warmup)
 
     def forward(self, image_features, text_features, logit_scale, step: int = 0) -> dict[str, torch.Tensor]:
-        all_images, all_texts, rank = self.gather(image_features, text_features)  # (N, D) each
-        bank_images, bank_texts = self.bank.negatives() if self.bank is not None else (None, None)
+        batch = LossBatch.gathered(image_features, text_features, logit_scale, self.gather, self.bank)
         terms: dict[str, torch.Tensor] = {}
         # 0 * logit_scale keeps the temperature in the graph when no term uses it (triplet only): DDP requires every
         # parameter to receive a gradient, and its gradient is then an exact 0
         total = 0.0 * logit_scale
-        if self.cfg.infonce_weight > 0:
-            terms.update(self.infonce.from_gathered(image_features, text_features, all_images, all_texts, rank,
-                                                    logit_scale, bank_images, bank_texts))
-            total = total + self.cfg.infonce_weight * terms["infonce_loss"]
-        if self.cfg.triplet_weight > 0:
-            terms.update(self.triplet.from_gathered(image_features, text_features, all_images, all_texts, rank,
-                                                    bank_images, bank_texts))
-            total = total + self.triplet_weight_at(step) * terms["triplet_loss"]
+        for name, term in self.terms.items():
+            terms.update(term.score(batch))
+            total = total + self.weight_at(name, step) * terms[f"{name}_loss"]
         terms["loss"] = total
         if self.bank is not None and torch.is_grad_enabled():
-            self.bank.push(all_images, all_texts)  # after scoring: a batch is never its own bank negative
+            self.bank.push(batch.all_images, batch.all_texts)  # after scoring: a batch is never its own bank negative
         return terms

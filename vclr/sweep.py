@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from vclr.config import ConfigError, VclrError, atomic_write_text, load_config
+from vclr.config import ConfigError, VclrError, load_config
+from vclr.storage import atomic_write_text
 from vclr.evaluate import evaluate_run
 from vclr.train import train
 

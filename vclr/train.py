@@ -3,17 +3,13 @@
     vclr train --config configs/demo.yaml train.output_dir=runs/demo
     accelerate launch --num_processes 2 -m vclr.cli train --config configs/demo.yaml   # N processes
 
-Run directory: config.yaml (resolved), metrics.jsonl, checkpoints/step_XXXXXXX (accelerate save_state; written to a
-temp dir then renamed, so a crash never leaves a half checkpoint), model.safetensors (final weights).
+The run directory's layout and its checkpoint format live in `vclr.rundir`; this module only trains.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +18,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vclr.config import Config, VclrError, atomic_write_text, save_config, sha256_file
-from vclr.data.dataset import ImageTextDataset, collate_pairs, load_caption_table, normalize_images
+from vclr import rundir
+from vclr.config import Config, VclrError
+from vclr.data.dataset import normalize_images
 from vclr.data.device_decode import decode_resize
-from vclr.data.shards import ShardPairs, collate_stream, find_shards, stream_shards
+from vclr.data.sources import TrainingSource, open_training_source
 from vclr.gradcache import grad_cache_step
 from vclr.loss import CombinedLoss, gather_features
 from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg, param_groups
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-CHECKSUM_FILE = "checksums.json"
 
 
 @dataclass
@@ -76,9 +66,7 @@ class Trainer:
     model: DualEncoder
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    loader: DataLoader | None  # map-style data (prepared: Accelerate shards its batches)
-    dataset: ImageTextDataset | None
-    stream: tuple | None  # shard data: (shards, ShardPairs); a DataLoader per epoch, sharded per process
+    source: TrainingSource
     loss_fn: CombinedLoss
     state: TrainState
     mean: tuple
@@ -100,70 +88,64 @@ def warmup_cosine(warmup_steps: int, max_steps: int):
     return factor
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temp dirs of interrupted saves start with '.' and are ignored)."""
-    return sorted((run_dir / CHECKPOINT_DIR).glob("step_*")) if (run_dir / CHECKPOINT_DIR).is_dir() else []
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
-
-def write_checksums(folder: Path) -> None:
-    """SHA-256 of every file of a checkpoint, written (and fsynced) before the checkpoint is renamed into place."""
-    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUM_FILE}
-    with open(folder / CHECKSUM_FILE, "w", encoding="utf-8") as f:
-        json.dump(sums, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint cannot be trusted (missing checksums, a missing or altered file), or None."""
-    sums_file = folder / CHECKSUM_FILE
-    if not sums_file.is_file():
-        return f"no {CHECKSUM_FILE}"
-    try:
-        sums = json.loads(sums_file.read_text(encoding="utf-8"))
-    except ValueError:
-        return f"unreadable {CHECKSUM_FILE}"
-    for name, expected in sums.items():
-        if not (folder / name).is_file():
-            return f"{name} is missing"
-        if sha256_file(folder / name) != expected:
-            return f"{name} does not match its checksum"
-    return None
-
-
 # ------------------------------------------------------------------------------------------------------------ setup
 
 
-def build_train_dataset(cfg: Config, tokenizer, image_size: int) -> ImageTextDataset:
+def check_inputs(cfg: Config) -> None:
+    """The user's own mistakes first: data and weight paths must exist before the run directory is looked at."""
     if not cfg.data.train:
         raise VclrError("data.train is not set: pass data.train=DIR (e.g. from `vclr make-synthetic`)")
-    table = load_caption_table(cfg.data.train, cfg.data.image_column, cfg.data.caption_columns)
-    dataset = ImageTextDataset(table, tokenizer, image_size, seed=cfg.train.seed, augment=cfg.data.augment,
-                               cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb,
-                               encoded=cfg.data.decode_on == "device")
-    if len(dataset) < cfg.data.batch_size:
-        raise VclrError(f"data.train has {len(dataset)} usable images, fewer than data.batch_size="
-                        f"{cfg.data.batch_size}; lower the batch size or add data")
-    return dataset
+    for key, value in (("data.train", cfg.data.train), ("model.image_tower_weights", cfg.model.image_tower_weights),
+                       ("model.text_tower_dir", cfg.model.text_tower_dir)):
+        if value and not Path(value).exists():
+            raise VclrError(f"config field {key}={value} does not exist; pass {key}=PATH to an existing path")
 
 
 def setup(cfg: Config, resume: bool = False) -> Trainer:
+    check_inputs(cfg)
     run_dir = Path(cfg.train.output_dir)
-    if not resume and latest_checkpoint(run_dir) is not None:
+    if not resume and rundir.latest_checkpoint(run_dir) is not None:
         raise VclrError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or another "
                         "train.output_dir")
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    preprocess = image_preprocess_cfg(model)
+    source = open_training_source(cfg, accelerator, get_tokenizer(cfg.model), preprocess["size"])
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                                  fused=accelerator.device.type == "cuda")
+    # Not prepared: accelerate would step a prepared scheduler once per process; ours counts optimizer steps.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps,
+                                                                           cfg.optim.max_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    loss_fn = CombinedLoss(cfg.loss, gather=gather_features, embed_dim=accelerator.unwrap_model(model).embed_dim)
+    loss_fn.to(accelerator.device)
+    accelerator.register_for_checkpointing(scheduler, state)
+    if loss_fn.bank is not None:
+        accelerator.register_for_checkpointing(loss_fn.bank)  # the queue of negatives resumes with the run
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, source, loss_fn, state,
+                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"])
+    if resume:
+        _restore(trainer)
+    if accelerator.is_main_process:
+        # rows logged after the step this run starts from (by an attempt killed before its next checkpoint, or by an
+        # earlier run that left none) will be logged again
+        rundir.truncate_metrics(run_dir, trainer.state.step)
+        rundir.write_run_config(run_dir, cfg)
+    return trainer
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        project_dir=str(run_dir),
+        project_dir=cfg.train.output_dir,
         # seedable sampler: the shuffle of epoch e is a function of (seed, e), so resume can replay it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no"),
@@ -173,77 +155,15 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
-    set_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    preprocess = image_preprocess_cfg(model)
-    shards = find_shards(cfg.data.train) if cfg.data.train else []
-    dataset = loader = stream = None
-    if shards:
-        stream = (shards, ShardPairs(get_tokenizer(cfg.model), preprocess["size"], cfg.train.seed,
-                                     cfg.data.caption_columns, cfg.data.decode_on == "device", cfg.data.augment))
-        logger.info("streaming %d shards from %s", len(shards), cfg.data.train)
-    else:
-        dataset = build_train_dataset(cfg, get_tokenizer(cfg.model), preprocess["size"])
-        loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.train.seed), collate_fn=collate_pairs,
-                            **_loader_options(cfg, accelerator))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                  fused=accelerator.device.type == "cuda")
-    # Not prepared: accelerate would step a prepared scheduler once per process; ours counts optimizer steps.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps,
-                                                                           cfg.optim.max_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if loader is not None:
-        loader = accelerator.prepare(loader)
-    state = TrainState()
-    loss_fn = CombinedLoss(cfg.loss, gather=gather_features, embed_dim=accelerator.unwrap_model(model).embed_dim)
-    loss_fn.to(accelerator.device)
-    accelerator.register_for_checkpointing(scheduler, state)
-    if loss_fn.bank is not None:
-        accelerator.register_for_checkpointing(loss_fn.bank)  # the queue of negatives resumes with the run
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loader, dataset, stream, loss_fn, state,
-                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"])
-    if resume:
-        _restore(trainer)
-    if accelerator.is_main_process:
-        # rows logged after the step this run starts from (by an attempt killed before its next checkpoint, or by an
-        # earlier run that left none) will be logged again
-        _truncate_metrics(run_dir / METRICS_FILE, trainer.state.step)
-        save_config(cfg, run_dir / CONFIG_FILE)
-    return trainer
-
-
-def _loader_options(cfg: Config, accelerator: Accelerator) -> dict:
-    workers = cfg.data.num_workers
-    return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,
-            "pin_memory": accelerator.device.type == "cuda"}
+    return accelerator
 
 
 def _restore(trainer: Trainer) -> None:
-    """Load the newest checkpoint that passes its checksums; a damaged one is skipped with a warning."""
-    ckpt = None
-    for candidate in reversed(checkpoints(trainer.run_dir)):
-        problem = checkpoint_problem(candidate)
-        if problem is None:
-            ckpt = candidate
-            break
-        logger.warning("checkpoint %s is damaged (%s): falling back to the one before it", candidate, problem)
+    ckpt = rundir.restore_latest(trainer.accelerator, trainer.run_dir)
     if ckpt is None:
         logger.warning("--resume: no usable checkpoint in %s, starting from step 0", trainer.run_dir)
-        return
-    trainer.accelerator.load_state(str(ckpt))
-    logger.info("resumed from %s at step %d", ckpt, trainer.state.step)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the rows up to `step` (0: none)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(row + "\n" for row in rows))
+    else:
+        logger.info("resumed from %s at step %d", ckpt, trainer.state.step)
 
 
 # ------------------------------------------------------------------------------------------------------------- loop
@@ -323,25 +243,8 @@ def _step_or_explain_oom(trainer: Trainer, batch: dict) -> dict[str, torch.Tenso
 
 
 def save_checkpoint(trainer: Trainer) -> Path:
-    """accelerate save_state into a temp dir, then an atomic rename; prune old checkpoints."""
-    acc = trainer.accelerator
-    ckpt_root = trainer.run_dir / CHECKPOINT_DIR
-    final = ckpt_root / f"step_{trainer.state.step:07d}"
-    tmp = ckpt_root / f".tmp-step_{trainer.state.step:07d}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_checksums(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in sorted(ckpt_root.glob("step_*"))[:-trainer.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
+    return rundir.save_checkpoint(trainer.accelerator, trainer.run_dir, trainer.state.step,
+                                  trainer.cfg.train.keep_checkpoints)
 
 
 def _log_row(trainer: Trainer, losses: dict, samples_per_s: float, epoch: int) -> dict:
@@ -352,29 +255,15 @@ def _log_row(trainer: Trainer, losses: dict, samples_per_s: float, epoch: int) -
            "elapsed_s": round(trainer.state.elapsed_s, 2)}
     row.update({k: float(v) for k, v in losses.items() if k.endswith("loss")})
     if trainer.accelerator.is_main_process:
-        with open(trainer.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        rundir.append_metrics(trainer.run_dir, row)
     return row
-
-
-def epoch_loader(trainer: Trainer, epoch: int):
-    """The DataLoader for `epoch`: map-style data reshuffles by (seed, epoch); shard data opens a new stream."""
-    if trainer.stream is None:
-        trainer.loader.set_epoch(epoch)
-        trainer.dataset.set_epoch(epoch)
-        return trainer.loader
-    shards, pairs = trainer.stream
-    acc = trainer.accelerator
-    return DataLoader(stream_shards(shards, pairs, acc.process_index, acc.num_processes, epoch),
-                      batch_size=trainer.cfg.data.batch_size, drop_last=True, collate_fn=collate_stream,
-                      **_loader_options(trainer.cfg, acc))
 
 
 def _everyone_has_a_batch(trainer: Trainer, has_batch: bool) -> bool:
     """Shard streams of different processes may end at different batches: the epoch ends when the first one does
     (otherwise the others would wait for it in the next all_gather forever). Map-style loaders are even already."""
     acc = trainer.accelerator
-    if trainer.stream is None or acc.num_processes == 1:
+    if not trainer.source.uneven_epochs or acc.num_processes == 1:
         return has_batch
     count = acc.reduce(torch.tensor(int(has_batch), device=acc.device), "sum")
     return int(count) == acc.num_processes
@@ -388,7 +277,7 @@ def batches(trainer: Trainer):
     """
     state, acc = trainer.state, trainer.accelerator
     while True:
-        loader = epoch_loader(trainer, state.epoch)
+        loader = trainer.source.loader(state.epoch)
         if state.batches_in_epoch:
             loader = acc.skip_first_batches(loader, state.batches_in_epoch)
         iterator = iter(loader)
@@ -443,31 +332,23 @@ def run_loop(trainer: Trainer) -> TrainResult:
 
 
 def cleanup(trainer: Trainer, result: TrainResult) -> None:
-    """Final checkpoint (unless this step has one) and the final weights as model.safetensors."""
-    if latest_checkpoint(trainer.run_dir) != trainer.run_dir / CHECKPOINT_DIR / f"step_{result.step:07d}":
+    """Final checkpoint (unless this step has one), the final weights as model.safetensors, and the data report."""
+    if rundir.latest_checkpoint(trainer.run_dir) != rundir.checkpoint_path(trainer.run_dir, result.step):
         save_checkpoint(trainer)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.save_model(trainer.model, str(trainer.run_dir), safe_serialization=True)
-    skipped = dict(trainer.dataset.table.skipped) if trainer.dataset is not None else {}
-    if trainer.dataset is not None and trainer.dataset.unreadable_on_the_fly:  # main process's (num_workers=0)
-        skipped["unreadable image"] = len(trainer.dataset.unreadable_on_the_fly)
-    if skipped:
-        logger.warning("training data: skipped rows %s", skipped)
+    report = trainer.source.report()
+    if report["skipped_or_repaired"]:
+        logger.warning("training data: skipped rows %s", report["skipped_or_repaired"])
     if trainer.accelerator.is_main_process:
-        write_data_report(trainer, skipped)
+        rundir.write_data_report(trainer.run_dir, {"source": trainer.cfg.data.train, **report})
     # Accelerate keeps its state per process; clear the per-run part (precision, accumulation) so that this process
     # can train again with other settings (the demo, sweeps, tests). The distributed set-up (PartialState and the
     # process group) stays: accelerator.end_training() would destroy the group under a second run's feet; the CLI
-    # ends it once, with `end_distributed()`.
+    # ends it once, with `end_distributed()`. These are private members: pyproject pins the accelerate versions
+    # this was tested with.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-
-
-def write_data_report(trainer: Trainer, skipped: dict) -> None:
-    """What the training data held and what was skipped or repaired, by reason: RUN/data_report.json."""
-    report = {"source": trainer.cfg.data.train, "skipped_or_repaired": skipped,
-              "usable_pairs": len(trainer.dataset) if trainer.dataset is not None else None}
-    atomic_write_text(trainer.run_dir / "data_report.json", json.dumps(report, indent=2))
 
 
 def end_distributed() -> None:

@@ -29,12 +29,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vclr.config import VclrError, atomic_write_text
+from vclr.config import VclrError
+from vclr.storage import atomic_write_text
 from vclr.data.dataset import load_caption_table
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR = Path(os.environ.get("VCLR_CACHE", Path.home() / ".cache" / "vclr"))
+
+
+def cache_dir() -> Path:
+    """Where fetched packages and derived data are kept: $VCLR_CACHE, else ~/.cache/vclr (read at each call)."""
+    return Path(os.environ.get("VCLR_CACHE") or Path.home() / ".cache" / "vclr")
 
 
 class PrepareError(VclrError):
@@ -130,7 +135,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def _fetch_debian_package(package: str, subdir: str) -> Path:
     """Unpack a Debian package into the cache with `apt-get download` + `dpkg -x` (no root needed to unpack)."""
-    target = CACHE_DIR / "debian" / package
+    target = cache_dir() / "debian" / package
     found = target / subdir.lstrip("/")
     if found.is_dir():
         return found
@@ -216,7 +221,7 @@ def openmoji_source(source: str | os.PathLike | None = None, version: str = OPEN
     """The npm package's folder: `source`, or `npm pack openmoji@version` unpacked into the cache."""
     if source:
         return Path(source)
-    target = CACHE_DIR / "npm" / f"openmoji-{version}"
+    target = cache_dir() / "npm" / f"openmoji-{version}"
     if (target / "package" / "data" / "openmoji.json").is_file():
         return target / "package"
     target.mkdir(parents=True, exist_ok=True)

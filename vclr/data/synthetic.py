@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vclr.config import atomic_write_text
+from vclr.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,146 @@
+"""The run directory: the one module that knows its layout. Readers (embed, evaluate, the CLI) import this, never the
+trainer, so that searching and serving need neither the training code nor Accelerate.
+
+    RUN/config.yaml               the resolved config (vclr.config)
+    RUN/metrics.jsonl             one JSON row per logged step
+    RUN/model.safetensors         the final weights
+    RUN/data_report.json          what the training data held and what was skipped
+    RUN/checkpoints/step_XXXXXXX  accelerate save_state + checksums.json (vclr.storage), newest `keep` kept
+
+Checkpoints are written through `vclr.storage`: into an owner-named temp dir that is checksummed, fsynced and renamed
+into place, so a crash never leaves a half checkpoint under a final name, and the temp dirs of dead writers go.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from vclr.config import Config, VclrError, load_config, save_config
+from vclr.storage import (CHECKSUMS, atomic_write_text, directory_problem, publish_directory, read_manifest,
+                          remove_stale_temp_dirs, temp_dir)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+DATA_REPORT_FILE = "data_report.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise VclrError(f"run dir {run_dir} has no {CONFIG_FILE}: is it a `vclr train` output_dir?")
+    return load_config(run_dir / CONFIG_FILE)
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp dirs of saves in progress start with '.' and are not listed)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    return sorted(folder.glob("step_*")) if folder.is_dir() else []
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}"
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (missing checksums, a missing or altered file), or None."""
+    manifest = None
+    if (folder / CHECKSUMS).is_file():
+        try:
+            manifest = read_manifest(folder)
+        except ValueError:
+            return f"unreadable {CHECKSUMS}"
+        if "files" not in manifest:  # vclr <= 0.1's flat {name: sha256}: no sizes, so compare checksums only
+            manifest = {"files": {name: {"sha256": sha, "bytes": (folder / name).stat().st_size
+                                         if (folder / name).is_file() else -1} for name, sha in manifest.items()}}
+    return directory_problem(folder, CHECKSUMS, manifest=manifest)
+
+
+def weights_file(run_dir: str | Path) -> Path:
+    """The run's final weights, or (a run stopped before it finished) its newest checkpoint's."""
+    run_dir = Path(run_dir)
+    if (run_dir / MODEL_FILE).is_file():
+        return run_dir / MODEL_FILE
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and (ckpt / MODEL_FILE).is_file():
+        logger.warning("%s has no %s; using checkpoint %s", run_dir, MODEL_FILE, ckpt.name)
+        return ckpt / MODEL_FILE
+    raise VclrError(f"run dir {run_dir} has no trained weights ({MODEL_FILE}); train first with `vclr train`")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+
+
+def write_run_config(run_dir: str | Path, cfg: Config) -> None:
+    save_config(cfg, Path(run_dir) / CONFIG_FILE)
+
+
+def append_metrics(run_dir: str | Path, row: dict) -> None:
+    with open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Keep only the rows up to `step` (0: none): rows of an attempt killed after its last checkpoint are re-logged."""
+    rows = [row for row in read_metrics(run_dir) if row.get("step", 0) <= step]
+    if rows or (Path(run_dir) / METRICS_FILE).is_file():
+        atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_data_report(run_dir: str | Path, report: dict) -> None:
+    atomic_write_text(Path(run_dir) / DATA_REPORT_FILE, json.dumps(report, indent=2))
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int) -> Path:
+    """accelerate's save_state (every process writes its part) into one temp dir, published atomically by the main
+    process with checksums; then the oldest checkpoints beyond `keep` are removed."""
+    from accelerate.utils import broadcast_object_list
+
+    final = checkpoint_path(run_dir, step)
+    # one temp dir for all processes, named for the main process (its pid marks it live to stale-dir cleanup)
+    tmp = [str(temp_dir(final)) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(tmp)
+    tmp = Path(tmp[0])
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_directory(tmp, final)
+        remove_stale_temp_dirs(final.parent)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def restore_latest(accelerator, run_dir: str | Path) -> Path | None:
+    """Load the newest checkpoint that passes its checksums (a damaged one is skipped with a warning); None if none."""
+    for candidate in reversed(checkpoints(run_dir)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            accelerator.load_state(str(candidate))
+            return candidate
+        logger.warning("checkpoint %s is damaged (%s): falling back to the one before it", candidate, problem)
+    return None

@@ -1,0 +1,190 @@
+"""The one writer for everything durable: atomic files, and atomic directories with a checksum manifest.
+
+    atomic_write_text(run_dir / "config.yaml", text)
+    manifest = write_directory(index_dir, lambda tmp: np.save(tmp / "x.npy", x), "manifest.json", {"dim": 512})
+    problem = directory_problem(index_dir, "manifest.json")      # None, or why it cannot be trusted
+
+A file is written to a temp file beside it, fsynced, renamed over the old one, and the folder is fsynced. A
+directory is written into a temp directory; then every file is fsynced, the manifest (`{"files": {relative path:
+{"bytes", "sha256"}}, ...}`) is written last, the temp directory is fsynced and renamed into place (the previous
+version is set aside first and removed after), and the parent is fsynced. A crash at any moment leaves the previous
+version or the new one, never half of one.
+
+Temp and set-aside directories carry their writer's host and pid in their names (`.NAME.tmp-HOST-PID-XXXX`), so a
+later writer or reader removes those of writers that died (SIGKILL, power cut), and never one that a live writer owns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+CHECKSUMS = "checksums.json"  # the manifest of a directory that has no manifest of its own (checkpoints)
+_OWNED = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-[^-]+$")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks (checkpoints and indexes record it to detect damage)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries (the names of files created or renamed in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, rename, fsync the folder: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------ directories
+
+
+def _owner() -> str:
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def temp_dir(final: str | os.PathLike, purpose: str = "tmp") -> Path:
+    """A new empty directory beside `final`, named for its owner: `.NAME.tmp-HOST-PID-XXXX`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{purpose}-{_owner()}-"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make published checkpoints and indexes private to their writer
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove temp and set-aside directories in `parent` (of `name`, or of any name) whose writer has died.
+
+    Only directories of this host are judged (a pid means nothing on another machine); a live writer's are kept.
+    """
+    parent, host, removed = Path(parent), _owner().rsplit("-", 1)[0], []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        match = _OWNED.match(entry.name)
+        if not match or (name is not None and match["name"] != name) or not entry.is_dir():
+            continue
+        if match["host"] == host and not _alive(int(match["pid"])):
+            try:
+                shutil.rmtree(entry)
+                removed.append(entry)
+            except OSError as e:  # a read-only mount: leave it, the data is intact either way
+                logger.debug("could not remove stale %s: %s", entry, e)
+    if removed:
+        logger.info("removed %d temp dirs of interrupted saves in %s", len(removed), parent)
+    return removed
+
+
+def file_entries(folder: Path, skip: str) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `folder` except the manifest `skip`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != skip)
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+
+
+def publish_directory(tmp: Path, final: Path, manifest_name: str = CHECKSUMS, manifest: dict | None = None) -> dict:
+    """Checksum and fsync every file of `tmp`, write the manifest last, and swap `tmp` into place as `final`."""
+    manifest = dict(manifest or {}, files=file_entries(tmp, manifest_name))
+    for name in manifest["files"]:
+        fsync_path(tmp / name)
+    (tmp / manifest_name).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    fsync_path(tmp / manifest_name)
+    for folder in sorted({(tmp / name).parent for name in manifest["files"]} | {tmp}):
+        fsync_path(folder)
+    _swap_into_place(tmp, final)
+    fsync_path(final.parent)
+    return manifest
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = temp_dir(final, "old")
+    os.replace(final, old / final.name)  # two renames: the old version survives until the new one is in place
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_directory(final: str | os.PathLike, write_files: Callable[[Path], None], manifest_name: str = CHECKSUMS,
+                    manifest: dict | None = None) -> dict:
+    """`write_files(tmp)` fills a temp directory, which then replaces `final` atomically. -> the manifest written."""
+    final = Path(final)
+    remove_stale_temp_dirs(final.parent, final.name)
+    tmp = temp_dir(final)
+    try:
+        write_files(tmp)
+        return publish_directory(tmp, final, manifest_name, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(folder: Path, manifest_name: str = CHECKSUMS) -> dict:
+    return json.loads((folder / manifest_name).read_text(encoding="utf-8"))
+
+
+def directory_problem(folder: str | os.PathLike, manifest_name: str = CHECKSUMS, checksums: bool = True,
+                      manifest: dict | None = None) -> str | None:
+    """Why a published directory cannot be trusted (no or unreadable manifest, a file missing, of the wrong size or
+    not matching its checksum), or None. Sizes are always checked; `checksums=False` skips reading every byte."""
+    folder = Path(folder)
+    if manifest is None:
+        if not (folder / manifest_name).is_file():
+            return f"no {manifest_name}"
+        try:
+            manifest = read_manifest(folder, manifest_name)
+        except ValueError:
+            return f"unreadable {manifest_name}"
+    for name, expected in manifest.get("files", {}).items():
+        file = folder / name
+        if not file.is_file() or file.stat().st_size != expected["bytes"]:
+            return f"{name} is missing or has the wrong size"
+        if checksums and sha256_file(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None

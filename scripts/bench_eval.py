@@ -27,14 +27,14 @@ def synthetic_embeddings(images: int, per_image: int, d: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     image_embeddings = rng.standard_normal((images, d), dtype=np.float32)
     image_embeddings /= np.linalg.norm(image_embeddings, axis=1, keepdims=True)
-    text_to_image = np.repeat(np.arange(images), per_image)
-    text_embeddings = np.empty((len(text_to_image), d), dtype=np.float32)
-    for start in range(0, len(text_to_image), 100_000):  # in chunks: no second full-size temporary
-        stop = min(start + 100_000, len(text_to_image))
-        chunk = image_embeddings[text_to_image[start:stop]] + 0.35 * rng.standard_normal((stop - start, d),
+    caption_image = np.repeat(np.arange(images), per_image)
+    text_embeddings = np.empty((len(caption_image), d), dtype=np.float32)
+    for start in range(0, len(caption_image), 100_000):  # in chunks: no second full-size temporary
+        stop = min(start + 100_000, len(caption_image))
+        chunk = image_embeddings[caption_image[start:stop]] + 0.35 * rng.standard_normal((stop - start, d),
                                                                                          dtype=np.float32)
         text_embeddings[start:stop] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
-    return image_embeddings, text_embeddings, text_to_image
+    return image_embeddings, text_embeddings, caption_image
 
 
 def run_case(name: str, d: int) -> dict:
@@ -42,10 +42,10 @@ def run_case(name: str, d: int) -> dict:
 
     images, per_image = CASES[name]
     start = time.perf_counter()
-    image_embeddings, text_embeddings, text_to_image = synthetic_embeddings(images, per_image, d)
+    image_embeddings, text_embeddings, caption_image = synthetic_embeddings(images, per_image, d)
     data_s = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = retrieval_metrics(image_embeddings, text_embeddings, text_to_image, (1, 5, 10))
+    metrics = retrieval_metrics(image_embeddings, text_embeddings, caption_image, (1, 5, 10))
     eval_s = time.perf_counter() - start
     return {"bench": "eval", "case": name, "images": images, "captions": len(text_embeddings), "d": d,
             "eval_s": round(eval_s, 1), "data_s": round(data_s, 1),

@@ -3,7 +3,7 @@
     python scripts/bench_index.py                       # 1M x 512: exact, IVF-Flat, HNSW, OPQ+IVF-PQ, then auto
     python scripts/bench_index.py --n 200000 --kinds flat,ivf_flat
 
-Vectors: `vclr.ann.structured_pairs`, CLIP-like clustered unit "image" vectors with paired "text" queries shifted by a
+Vectors: `structured_vectors.structured_pairs` (beside this script), CLIP-like clustered unit "image" vectors with paired "text" queries shifted by a
 modality gap. Each type is tuned (`vclr.ann.tune`) on the first half of the text queries to the smallest
 nprobe/efSearch reaching --target recall@10 against exact search, then measured on the held-out second half: recall
 and queries/s (all held-out queries in one batch). One JSON line per type, then one for the automatic choice: the
@@ -22,7 +22,8 @@ import time
 import faiss
 import numpy as np
 
-from vclr.ann import (build, candidate_kinds, memory_bytes, pick, recall_at_k, spec_for, structured_pairs,
+from structured_vectors import structured_pairs
+from vclr.ann import (build, candidate_kinds, memory_bytes, pick, recall_at_k, spec_for,
                       timed_search, tune, Tuning)
 
 

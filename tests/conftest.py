@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing is fetched from a h
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # for the scripts/ and the sources; configs come from the package
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # test helpers shared with the benchmarks (structured_vectors)
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from structured_vectors import structured_pairs
 from vclr.ann import (choose_index, exact_neighbours, memory_bytes, candidate_kinds, recall_at_k, spec_for,
-                      structured_pairs, build, tune)
+                      build, tune)
 
 
 @pytest.fixture(scope="module")

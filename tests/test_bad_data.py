@@ -39,3 +39,7 @@ def test_training_skips_bad_rows_with_counts(small_shapes, tmp_path, caplog, cac
     if cache_images:
         assert "skipped 2 unreadable images" in caplog.text
     assert "'unreadable image': 2" in caplog.text  # the end-of-training summary
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["skipped_or_repaired"] == {"missing image file": 1, "no caption": 1, "unreadable image": 2}
+    # cached: the unreadable rows are dropped up front; read lazily, they are skipped from the batches they fall in
+    assert report["usable_pairs"] == (76 if cache_images else 78)

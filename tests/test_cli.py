@@ -103,11 +103,30 @@ def test_models_lists_configs(capsys):
     assert "vclr-tiny-rn" in names and "ViT-B-32" in names
 
 
-def test_help_has_examples(capsys):
+def _every_command() -> list[list[str]]:
+    from vclr.cli import COMMANDS, PREPARE_DATASETS
+
+    commands = [[name] for name, *_ in COMMANDS] + [["prepare", name] for name in PREPARE_DATASETS]
+    return [[]] + commands + [["embed"]]  # the top level, every subcommand, every prepare dataset, an alias
+
+
+@pytest.mark.parametrize("command", _every_command(), ids=lambda c: " ".join(c) or "vclr")
+def test_every_help_ends_with_a_runnable_example(command, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["search", "--help"])
+        main([*command, "--help"])
     assert info.value.code == 0
-    assert "example:" in capsys.readouterr().out
+    out = capsys.readouterr().out.rstrip()
+    example = out.rsplit("example:\n", 1)[1].strip()
+    assert "\n" not in example  # the example is the last thing printed
+    # it runs the command it documents: `vclr <command ...>` with the alias's canonical name
+    expected = ["vclr", *(["index"] if command == ["embed"] else command)]
+    assert example.split()[:len(expected)] == expected, example
+    # and parses: the example's arguments are accepted by the parser (nothing is run)
+    from vclr.cli import build_parser
+    import shlex
+
+    args = build_parser().parse_args(shlex.split(example)[1:])
+    assert callable(args.func)
 
 
 def test_config_mistakes_are_reported_before_the_run_directory(tmp_path, capsys):

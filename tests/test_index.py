@@ -41,7 +41,7 @@ def test_save_load_round_trip(index, tmp_path):
     for (d0, i0), (d1, i1) in zip(before, after):
         assert np.array_equal(i0, i1) and np.array_equal(d0, d1)
     assert loaded.image_paths == index.image_paths and loaded.texts == index.texts
-    assert np.array_equal(loaded.text_to_image, index.text_to_image)
+    assert np.array_equal(loaded.caption_image, index.caption_image)
     assert loaded.manifest["model_config_hash"] == "abc" and loaded.manifest["num_texts"] == 100
 
 

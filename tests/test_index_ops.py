@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vclr.ann import structured_pairs
+from structured_vectors import structured_pairs
 from vclr.index import IndexDirError, IndexOptions, RetrievalIndex
 
 
@@ -20,10 +20,10 @@ from vclr.index import IndexDirError, IndexOptions, RetrievalIndex
 def collection():
     images, _ = structured_pairs(6000, 32, seed=3, clusters=100, queries=1)
     rng = np.random.default_rng(4)
-    text_to_image = np.repeat(np.arange(6000), 2)
-    texts = images[text_to_image] + 0.2 * rng.standard_normal((12000, 32)).astype(np.float32)
+    caption_image = np.repeat(np.arange(6000), 2)
+    texts = images[caption_image] + 0.2 * rng.standard_normal((12000, 32)).astype(np.float32)
     texts /= np.linalg.norm(texts, axis=1, keepdims=True)
-    return images, texts, text_to_image
+    return images, texts, caption_image
 
 
 def _build(collection, kind="ivf_flat", n=5000):
@@ -62,14 +62,14 @@ def test_add_without_rebuilding_then_delete(collection, tmp_path):
     assert np.array_equal(I[:, 0], np.argmax(texts[new][:20] @ images.T, axis=1))
     assert (I[:, 0] >= 5000).sum() >= 5  # and the new images do come up
     assert index.store.image_paths([5003]) == ["/data/5003.png"]
-    assert index.text_to_image[text_ids[0]] == 5000
+    assert index.caption_image[text_ids[0]] == 5000
 
     target = int(I[0, 0])
     index.delete(image_ids=[target])
     D2, I2 = index.search_images(texts[new][:1], 10)
     assert target not in I2[0] and I2.shape == (1, 10)
     _, caption_hits = index.search_texts(images[target:target + 1], 50)
-    assert not set(caption_hits[0]) & set(np.flatnonzero(index.text_to_image == target))  # its captions went too
+    assert not set(caption_hits[0]) & set(np.flatnonzero(index.caption_image == target))  # its captions went too
     index.save(tmp_path / "idx")
     loaded = RetrievalIndex.load(tmp_path / "idx")
     assert target not in loaded.search_images(texts[new][:1], 10)[1][0]
@@ -155,3 +155,62 @@ def test_sigkill_during_save_leaves_a_loadable_index(tmp_path):
     # temp dirs of killed saves were never mistaken for the index, and the next successful save removes them all
     RetrievalIndex.load(target).save(target)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx")]
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "hnsw", pytest.param("ivf_pq", marks=pytest.mark.slow)])
+def test_deletes_on_ann_indexes_against_brute_force(collection, kind):
+    """Deleted ids never come back, k live results still do, and they are the live collection's neighbours (as a
+    brute-force search over the live vectors finds them, to the index's own recall)."""
+    images, texts, t2i = collection
+    n = 2000 if kind == "ivf_pq" else 4000  # OPQ training is the slow part
+    index = _build(collection, kind=kind, n=n)
+    queries = texts[:40]
+    _, before = index.search_images(queries, 10)
+    deleted = np.unique(before[:, :3])  # every query's best 3: the deletions hit the results that matter
+    index.delete(image_ids=deleted)
+    D, I = index.search_images(queries, 10)
+    assert I.shape == (40, 10) and not np.isin(I, deleted).any() and (I >= 0).all()
+    live = np.setdiff1d(np.arange(n), deleted)
+    scores = queries @ images[live].T  # (40, live)
+    exact = live[np.argsort(-scores, axis=1, kind="stable")[:, :10]]
+    recall = np.mean([len(np.intersect1d(found, truth)) / 10 for found, truth in zip(I, exact)])
+    assert recall >= (0.85 if kind != "ivf_pq" else 0.6), recall
+    assert np.all(np.diff(D, axis=1) <= 1e-6)  # still ranked
+
+
+def test_mmap_falls_back_to_reading_index_types_it_cannot_map(collection, tmp_path):
+    index = _build(collection, kind="hnsw", n=2000)
+    index.save(tmp_path / "idx")
+    queries = collection[1][:20]
+    expected = index.search_images(queries, 5)
+    loaded = RetrievalIndex.load(tmp_path / "idx", mmap=True)  # faiss cannot mmap HNSW: read it instead
+    got = loaded.search_images(queries, 5)
+    assert np.array_equal(got[1], expected[1]) and np.allclose(got[0], expected[0])
+    assert isinstance(loaded.image_embeddings, np.memmap)  # the vectors are still mapped
+
+
+def test_index_add_refuses_a_model_of_another_config(small_shapes, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from vclr.cli import main
+    from vclr.config import load_config, save_config
+    from vclr.model import build_model
+
+    runs = {}
+    for name, overrides in (("a", []), ("b", ["model.init_temperature=0.05"])):  # same shapes, another config
+        run = tmp_path / name
+        cfg = load_config(None, [f"train.output_dir={run}", *overrides])
+        model = build_model(cfg.model)
+        save_config(cfg, run / "config.yaml")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+        runs[name] = run
+    assert main(["index", "--run", str(runs["a"]), "--data", str(small_shapes / "test"), "--out",
+                 str(tmp_path / "idx")]) == 0
+    manifest = (tmp_path / "idx" / "manifest.json").read_bytes()
+    capsys.readouterr()
+    code = main(["index-add", "--index", str(tmp_path / "idx"), "--data", str(small_shapes / "test"), "--run",
+                 str(runs["b"])])
+    err = capsys.readouterr().err
+    assert code == 2 and "not the one this index was built with" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "idx" / "manifest.json").read_bytes() == manifest  # nothing was added

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import free_port
 from vclr.config import load_config, save_config
+from vclr.index import RetrievalIndex
 from vclr.search import Searcher, build_index
 
 
@@ -99,16 +100,23 @@ def test_only_indexed_files_are_served(client, path):
     assert b"root:" not in response.content
 
 
-def test_deleted_images_are_not_served(searcher, client):
+def test_deleted_images_are_not_served(searcher, tmp_path):
+    """`vclr index-delete` on a copy of the index, then a service over that copy (the shared one stays whole)."""
+    from fastapi.testclient import TestClient
+
+    from vclr.cli import main
+    from vclr.serve import create_app
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(Path(searcher.index.manifest["run_dir"]).parent / "serve_index", index_dir)
+    client = TestClient(create_app(Searcher(RetrievalIndex.load(index_dir), searcher.model, searcher.cfg)))
     hit = client.get("/api/search", params={"text": "a blue square", "k": 1}).json()["hits"][0]
-    searcher.index.delete(image_ids=[hit["id"]])
-    try:
-        assert client.get(f"/api/image/{hit['id']}").status_code == 404
-        again = client.get("/api/search", params={"text": "a blue square", "k": 5}).json()["hits"]
-        assert hit["id"] not in [h["id"] for h in again]
-    finally:  # the store is in memory: reopen-free undo for the other tests
-        searcher.index.store.db.execute("UPDATE images SET deleted = 0")
-        searcher.index.store.db.execute("UPDATE texts SET deleted = 0")
+    assert main(["index-delete", "--index", str(index_dir), "--image-ids", str(hit["id"])]) == 0
+    client = TestClient(create_app(Searcher(RetrievalIndex.load(index_dir), searcher.model, searcher.cfg)))
+    assert client.get(f"/api/image/{hit['id']}").status_code == 404
+    again = client.get("/api/search", params={"text": "a blue square", "k": 5}).json()["hits"]
+    assert hit["id"] not in [h["id"] for h in again]
+    assert client.get("/api/info").json()["deleted_images"] == 1
 
 
 def test_info_reports_the_index(client):

@@ -142,3 +142,39 @@ def test_parquet_shards_stream_like_tar_shards(small_shapes, tmp_path):
     decoded = ShardPairs(get_tokenizer(ModelConfig()), 32, 0, ("captions",), encoded=False, augment=False)
     first = next(iter(stream_shards(shards, decoded, 0, 1, epoch=0)))
     assert tuple(first["image"].shape) == (3, 32, 32)
+
+
+def test_streamed_and_prepared_shards_read_the_same_captions_and_images(tmp_path):
+    """One parser for the format: `vclr prepare webdataset` and training from the same shards see the same pairs."""
+    import datasets
+    from PIL import Image
+
+    from vclr.data.prepare import prepare_webdataset
+    from vclr.data.shards import sample_captions, sample_image_key
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(png, format="PNG")
+    # HF's webdataset reader wants every sample to hold the same members
+    samples = {"a": {"png": png.getvalue(), "txt": b"first line\nsecond line\n", "json": b"{}"},
+               "b": {"png": png.getvalue(), "txt": b"",
+                     "json": json.dumps({"caption": "from json", "text": "first line"}).encode()},
+               "c": {"png": png.getvalue(), "txt": b"only txt", "json": json.dumps({"captions": ["x", "y"]}).encode()}}
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "s.tar", "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                if data is not None:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    prepare_webdataset(tmp_path / "shards", tmp_path / "out", test_fraction=0.0)
+    prepared = {Path(p).name.split("_")[1].split(".")[0]: c
+                for p, c in zip(*[getattr(load_caption_table(tmp_path / "out" / "train"), a)
+                                  for a in ("image_paths", "captions")])}
+    stream = datasets.load_dataset("webdataset", data_files=[str(tmp_path / "shards" / "s.tar")], split="train",
+                                   streaming=True)
+    streamed = {row["__key__"]: sample_captions(row, ("captions",)) for row in stream}
+    assert prepared == streamed == {"a": ["first line", "second line"], "b": ["from json", "first line"],
+                                    "c": ["only txt", "x", "y"]}
+    assert [sample_image_key(s) for s in ({"webp": None, "png": b"x"}, {"jpg": b"x"}, {"image": {}}, {})] == \
+        ["png", "jpg", "image", None]

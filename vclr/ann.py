@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
+from vclr.config import INDEX_CHOICES
+
 logger = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf_flat", "hnsw", "ivf_pq")
+INDEX_KINDS = INDEX_CHOICES[1:]  # the concrete types ("auto" is the measured choice of choose_index)
 SEARCH_PARAM = {"flat": None, "ivf_flat": "nprobe", "ivf_pq": "nprobe", "hnsw": "efSearch"}
 HNSW_M = 32
 PLATEAU = 0.002  # recall gained over two search-parameter steps below which the tuner stops climbing
@@ -35,15 +37,13 @@ PLATEAU = 0.002  # recall gained over two search-parameter steps below which the
 @dataclass(frozen=True)
 class IndexSpec:
     kind: str
-    factory: str  # faiss.index_factory description
+    factory: str  # faiss.index_factory description, derived from the fields below
+    nlist: int = 0  # IVF inverted lists
+    pq_bytes: int = 0  # PQ code bytes per vector (sub-quantisers of 8 bits)
 
     @property
     def search_param(self) -> str | None:
         return SEARCH_PARAM[self.kind]
-
-    @property
-    def nlist(self) -> int:
-        return int(self.factory.split("IVF")[1].split(",")[0]) if "IVF" in self.factory else 0
 
 
 @dataclass
@@ -82,12 +82,13 @@ def spec_for(kind: str, n: int, d: int) -> IndexSpec:
     if kind == "hnsw":
         return IndexSpec("hnsw", f"HNSW{HNSW_M},Flat")
     if kind == "ivf_flat":
-        return IndexSpec("ivf_flat", f"IVF{ivf_lists(n)},Flat")
+        nlist = ivf_lists(n)
+        return IndexSpec("ivf_flat", f"IVF{nlist},Flat", nlist=nlist)
     if kind == "ivf_pq":
-        m = max(1, d // 4)  # d/4 bytes a vector: 128 B at d=512, 16x smaller than float32
+        m, nlist = max(1, d // 4), ivf_lists(n)  # d/4 bytes a vector: 128 B at d=512, 16x smaller than float32
         while d % m:  # PQ sub-quantisers must divide the dimension
             m -= 1
-        return IndexSpec("ivf_pq", f"OPQ{m},IVF{ivf_lists(n)},PQ{m}")
+        return IndexSpec("ivf_pq", f"OPQ{m},IVF{nlist},PQ{m}", nlist=nlist, pq_bytes=m)
     raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
 
 
@@ -100,7 +101,7 @@ def memory_bytes(spec: IndexSpec, n: int, d: int) -> int:
         return 4 * n * d + n * HNSW_M * 2 * 4 + 8 * n  # vectors + ~2M links per level-0 node + level info
     if spec.kind == "ivf_flat":
         return 4 * n * d + ids + 4 * spec.nlist * d
-    return n * int(spec.factory.rsplit("PQ", 1)[1]) + ids + 4 * spec.nlist * d + 4 * d * d  # codes + lists + OPQ
+    return n * spec.pq_bytes + ids + 4 * spec.nlist * d + 4 * d * d  # codes + lists + OPQ
 
 
 def build(spec: IndexSpec, xb: np.ndarray, seed: int = 0, batch: int = 200_000) -> faiss.Index:
@@ -223,37 +224,3 @@ def pick(tried: list[tuple[faiss.Index, Tuning]], k: int, target: float) -> tupl
     logger.warning("no index type met recall@%d >= %.2f; using %s at recall %.3f", k, target, best[1].factory,
                    best[1].recall)
     return best
-
-
-def structured_pairs(n: int, d: int, seed: int = 0, clusters: int = 1000, queries: int = 1000,
-                     gap: float = 0.35, noise: float = 1.0, latent_dim: int = 48,
-                     ambient_noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """CLIP-like synthetic vectors for benchmarks and tests: -> (images (n, d), texts (queries, d)), unit norm.
-
-    Embeddings of real models have a low intrinsic dimension: points live near a `latent_dim`-dimensional subspace
-    (here: `clusters` Gaussian concepts with spread `noise`, mapped into d dimensions by a random linear map) plus a
-    little full-rank noise (`ambient_noise` times the signal's norm). Each "text" vector describes a held-out image
-    drawn the same way: its latent point plus caption noise, shifted by a shared modality-gap direction of length
-    `gap`.
-    `latent_dim=0` gives the full-rank, isotropic variant (much harder for every ANN index).
-    """
-    rng = np.random.default_rng(seed)
-    dims = latent_dim or d
-    centres = rng.standard_normal((clusters, dims)).astype(np.float32)
-    projection = (rng.standard_normal((dims, d)) / np.sqrt(dims)).astype(np.float32) if latent_dim else None
-
-    def embed(z: np.ndarray) -> np.ndarray:
-        x = z @ projection if projection is not None else z
-        if projection is not None and ambient_noise:  # full-rank noise, `ambient_noise` times the signal's norm
-            scale = ambient_noise * np.linalg.norm(x, axis=1, keepdims=True) / np.sqrt(d)
-            x += scale * rng.standard_normal(x.shape).astype(np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    def latent(count: int) -> np.ndarray:
-        return centres[rng.integers(0, clusters, count)] + noise * rng.standard_normal((count, dims)).astype(np.float32)
-
-    xb = np.concatenate([embed(latent(min(100_000, n - s))) for s in range(0, n, 100_000)])
-    caption = latent(queries) + 0.3 * noise * rng.standard_normal((queries, dims)).astype(np.float32)
-    direction = rng.standard_normal(d).astype(np.float32)
-    texts = embed(caption) + gap * direction / np.linalg.norm(direction)
-    return xb, (texts / np.linalg.norm(texts, axis=1, keepdims=True)).astype(np.float32)

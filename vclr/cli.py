@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from vclr.config import VclrError, load_config
+from vclr.config import INDEX_CHOICES, VclrError, load_config
 
 logger = logging.getLogger("vclr")
 
@@ -38,6 +38,14 @@ def _parse_ks(text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------------- subcommands
 
 
+def add_make_synthetic_arguments(p) -> None:
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=20000, help="train images")
+    p.add_argument("--test", type=int, default=1000, help="test images")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def cmd_make_synthetic(args) -> int:
     from vclr.data.synthetic import make_synthetic
 
@@ -47,6 +55,57 @@ def cmd_make_synthetic(args) -> int:
         raise VclrError(str(e)) from None
     print(f"wrote {args.train} train and {args.test} test images to {out}")
     return 0
+
+
+PREPARE_DATASETS = {  # name: (help, example)
+    "karpathy": ("Flickr30k / COCO Karpathy split JSON + image folder",
+                 "vclr prepare karpathy --json dataset_flickr30k.json --images flickr30k-images --out data/f30k"),
+    "fashion-mnist": ("Fashion-MNIST from Debian's dataset-fashion-mnist",
+                      "vclr prepare fashion-mnist --out data/fashion-mnist"),
+    "openmoji": ("OpenMoji colour emoji (npm package openmoji) with name captions",
+                 "vclr prepare openmoji --out data/openmoji --size 64 --skin-tones drop"),
+    "webdataset": ("a folder of webdataset .tar shards (key.jpg + key.txt/.json)",
+                   "vclr prepare webdataset --shards shards/ --out data/web"),
+    "folder": ("a folder of images + a CSV/JSONL/parquet table of captions",
+               "vclr prepare folder --images photos/ --captions captions.csv --out data/photos"),
+}
+
+
+def add_prepare_arguments(p) -> None:
+    datasets_sub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    parsers = {name: _add(datasets_sub, name, None, help_text, example)
+               for name, (help_text, example) in PREPARE_DATASETS.items()}
+    d = parsers["karpathy"]
+    d.add_argument("--json", required=True, help="dataset_flickr30k.json or dataset_coco.json")
+    d.add_argument("--images", required=True, help="folder holding the images (COCO: the folder above train2014/)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--keep-restval", action="store_true", help="keep COCO's restval as its own split")
+    d = parsers["fashion-mnist"]
+    d.add_argument("--out", required=True)
+    d.add_argument("--source", help="folder with the IDX .gz files (default: the Debian package's, fetched if absent)")
+    d.add_argument("--limit", type=int, help="at most this many images per split")
+    d = parsers["openmoji"]
+    d.add_argument("--out", required=True)
+    d.add_argument("--source", help="unpacked npm package folder (default: npm pack into the cache)")
+    d.add_argument("--size", type=int, default=64, help="PNG size in pixels")
+    d.add_argument("--skin-tones", choices=("drop", "group", "keep"), default="drop",
+                   help="skin-tone variants: drop them, group them with their base emoji, or keep each")
+    d.add_argument("--test-fraction", type=float, default=0.2, help="share of concepts held out")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--limit", type=int, help="only the first N entries")
+    d = parsers["webdataset"]
+    d.add_argument("--shards", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--test-fraction", type=float, default=0.1)
+    d.add_argument("--seed", type=int, default=0)
+    d = parsers["folder"]
+    d.add_argument("--images", required=True, help="image folder; the table's paths are relative to it")
+    d.add_argument("--captions", required=True, help="the table")
+    d.add_argument("--out", required=True)
+    d.add_argument("--image-column", default="file_name")
+    d.add_argument("--caption-columns", default="captions", help="comma-separated")
+    d.add_argument("--test-fraction", type=float, default=0.1)
+    d.add_argument("--seed", type=int, default=0)
 
 
 def cmd_prepare(args) -> int:
@@ -69,6 +128,12 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def add_train_arguments(p) -> None:
+    p.add_argument("--config", help="YAML config: a file, or a built-in name such as demo (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.001")
+
+
 def cmd_train(args) -> int:
     from vclr.train import end_distributed, train
 
@@ -81,14 +146,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_index_arguments(p) -> None:
+    p.add_argument("--run", required=True, help="training run dir")
+    p.add_argument("--data", help="dataset to index (default: the run's data.test)")
+    p.add_argument("--out", required=True, help="index dir to write")
+    p.add_argument("--index-type", choices=INDEX_CHOICES, default="auto",
+                   help="auto: exact up to 50k items, else every type that fits the memory budget is built and "
+                        "measured, and the fastest one meeting --recall-target is kept (exact search included)")
+    p.add_argument("--recall-target", type=float, default=0.95,
+                   help="recall@10 vs exact search, measured with cross-modal queries (default 0.95)")
+    p.add_argument("--memory-budget-gb", type=float, default=0.0, help="index memory budget (0 = no limit)")
+
+
 def cmd_index(args) -> int:
     from vclr.index import IndexOptions
     from vclr.search import build_index
 
-    if not 0 < args.recall_target <= 1:
-        raise VclrError(f"--recall-target must be in (0, 1], got {args.recall_target}")
-    if args.memory_budget_gb < 0:
-        raise VclrError(f"--memory-budget-gb must be >= 0 (0 = no limit), got {args.memory_budget_gb}")
     options = IndexOptions(kind=args.index_type, recall_target=args.recall_target,
                            memory_budget_gb=args.memory_budget_gb)
     index = build_index(args.run, args.data, args.out, options)
@@ -101,12 +174,24 @@ def cmd_index(args) -> int:
     return 0
 
 
+def add_index_add_arguments(p) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
+
+
 def cmd_index_add(args) -> int:
     from vclr.search import add_to_index
 
     images, captions = add_to_index(args.index, args.data, args.run)
     print(f"added {images} images and {captions} captions to {args.index}")
     return 0
+
+
+def add_index_delete_arguments(p) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--image-ids")
+    p.add_argument("--text-ids")
 
 
 def cmd_index_delete(args) -> int:
@@ -128,6 +213,14 @@ def _parse_ids(text: str | None, flag: str) -> list[int]:
         raise VclrError(f"{flag} must be comma-separated integer ids, got {text!r}") from None
 
 
+def add_serve_arguments(p) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it into RAM")
+
+
 def cmd_serve(args) -> int:
     from vclr.serve import serve
 
@@ -136,6 +229,15 @@ def cmd_serve(args) -> int:
     print(f"serving {args.index} on http://{args.host}:{args.port}  (Ctrl-C stops)")
     serve(args.index, args.run, args.host, args.port, args.mmap)
     return 0
+
+
+def add_search_arguments(p) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--text")
+    p.add_argument("--image")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
 
 
 def cmd_search(args) -> int:
@@ -152,6 +254,18 @@ def cmd_search(args) -> int:
     else:
         _print_hits(hits)
     return 0
+
+
+def add_eval_arguments(p) -> None:
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", help="test dataset (default: the run's data.test)")
+    p.add_argument("--ks", help="comma-separated k values (default: the run's eval.ks)")
+    p.add_argument("--out", help="report path (default RUN/eval.json)")
+    p.add_argument("--plots", help="folder for the PNG plots (default: plots/ beside the report)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--index", help="also score retrieval through this index: what the ANN index costs vs exact")
+    p.add_argument("--label-column", help="class labels in the data: adds kNN classification and clustering")
+    p.add_argument("--knn-train", help="labelled dataset the kNN votes come from (default: the run's data.train)")
 
 
 def cmd_eval(args) -> int:
@@ -178,6 +292,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def add_zero_shot_arguments(p) -> None:
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True, help="dataset with a label column and a class-name column")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--name-column", default="class_name")
+    p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to ensemble")
+    p.add_argument("--out", help="report path (default RUN/zero_shot.json)")
+
+
 def cmd_zero_shot(args) -> int:
     from vclr.evaluate import DEFAULT_TEMPLATES, zero_shot_run
 
@@ -194,6 +317,14 @@ def cmd_zero_shot(args) -> int:
     return 0
 
 
+def add_sweep_arguments(p) -> None:
+    p.add_argument("--config", help="base YAML config")
+    p.add_argument("--grid", action="append", default=[], required=True, metavar="key=v1,v2,...",
+                   help="a swept config key and its values; repeat for a product grid")
+    p.add_argument("--out", required=True, help="folder for the runs, sweep.json/.md/.png")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every point")
+
+
 def cmd_sweep(args) -> int:
     from vclr.sweep import SWEEP_METRICS, format_table, run_sweep
 
@@ -204,11 +335,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def add_models_arguments(p) -> None:
+    pass  # no options
+
+
 def cmd_models(args) -> int:
     from vclr.model import list_models
 
     print("\n".join(list_models()))
     return 0
+
+
+def add_demo_arguments(p) -> None:
+    p.add_argument("--out", default="vclr-demo", help="folder for data, run, index and report (default vclr-demo)")
+    p.add_argument("--train-images", type=int, default=20000)
+    p.add_argument("--test-images", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain", action="store_true", help="train again even if the folder holds a trained model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.max_steps=100")
 
 
 def cmd_demo(args) -> int:
@@ -244,7 +388,7 @@ def cmd_demo(args) -> int:
     print("[4/5] evaluating retrieval on the held-out test split")
     report = evaluate_run(run, str(data / "test"), out=out / "eval.json", plots_dir=out / "plots")
     print(format_metrics_table(report["metrics"], report["ks"]))
-    query, truth = built.texts[0], built.image_paths[built.text_to_image[0]]  # a held-out caption and its image
+    query, truth = built.texts[0], built.image_paths[built.caption_image[0]]  # a held-out caption and its image
     print(f"[5/5] vclr search --index {index} --text {query!r} -k 5    (its own image: {Path(truth).name})")
     _print_hits(search_by_text(index, query, 5))
     print(f"demo finished in {time.perf_counter() - start:.0f}s; report {out / 'eval.json'}")
@@ -265,143 +409,51 @@ class _Parser(argparse.ArgumentParser):
 def _add(sub, name: str, func, help_text: str, example: str, aliases: Sequence[str] = ()):
     parser = sub.add_parser(name, help=help_text, description=help_text, aliases=list(aliases),
                             epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(func=func)
+    if func is not None:
+        parser.set_defaults(func=func)
     return parser
 
 
+COMMANDS = [  # name, function, argument adder, help, example (aliases)
+    ("demo", cmd_demo, add_demo_arguments, "generate data, train, index, evaluate and search, end to end",
+     "vclr demo"),
+    ("make-synthetic", cmd_make_synthetic, add_make_synthetic_arguments, "write the synthetic captioned-shapes dataset",
+     "vclr make-synthetic --out data/shapes --train 20000 --test 1000"),
+    ("prepare", cmd_prepare, add_prepare_arguments,
+     "convert a dataset into vclr's standard format (images + metadata.jsonl)",
+     "vclr prepare karpathy --json dataset_flickr30k.json --images flickr30k-images --out data/f30k"),
+    ("train", cmd_train, add_train_arguments, "train a dual encoder",
+     "vclr train --config configs/demo.yaml optim.lr=0.001"),
+    ("index", cmd_index, add_index_arguments, "embed a dataset with a trained model and save a FAISS index",
+     "vclr index --run vclr-demo/run --data vclr-demo/data/test --out vclr-demo/index", ["embed"]),
+    ("index-add", cmd_index_add, add_index_add_arguments, "embed more data and add it to an index, without rebuilding",
+     "vclr index-add --index vclr-demo/index --data data/more"),
+    ("index-delete", cmd_index_delete, add_index_delete_arguments,
+     "delete images (with their captions) or captions by id",
+     "vclr index-delete --index vclr-demo/index --image-ids 3,17"),
+    ("serve", cmd_serve, add_serve_arguments, "search service: JSON API and web page over an index",
+     "vclr serve --index vclr-demo/index --port 8000"),
+    ("search", cmd_search, add_search_arguments, "search an index by text (-> images) or by image (-> captions)",
+     "vclr search --index vclr-demo/index --text 'a red circle' -k 5"),
+    ("eval", cmd_eval, add_eval_arguments, "retrieval recall@k both ways on a test set; writes a JSON report",
+     "vclr eval --run vclr-demo/run --data vclr-demo/data/test --ks 1,5,10"),
+    ("zero-shot", cmd_zero_shot, add_zero_shot_arguments,
+     "zero-shot classification: images vs prompts of their class names",
+     "vclr zero-shot --run runs/fmnist --data data/fashion-mnist/test --template 'a photo of a {}'"),
+    ("sweep", cmd_sweep, add_sweep_arguments, "train + evaluate every point of a config grid; table and plot",
+     "vclr sweep --config configs/demo.yaml --grid loss.triplet_margin=0.1,0.5,0.9 --out runs/margin"),
+    ("models", cmd_models, add_models_arguments, "list model configs accepted by model.name", "vclr models"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vclr", description="Train, index, search and evaluate image-text "
-                                                              "retrieval models.")
+    parser = _Parser(prog="vclr", description="Train, index, search and evaluate image-text retrieval models.",
+                     epilog="example:\n  vclr demo", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = _add(sub, "demo", cmd_demo, "generate data, train, index, evaluate and search, end to end", "vclr demo")
-    p.add_argument("--out", default="vclr-demo", help="folder for data, run, index and report (default vclr-demo)")
-    p.add_argument("--train-images", type=int, default=20000)
-    p.add_argument("--test-images", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--retrain", action="store_true", help="train again even if the folder holds a trained model")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.max_steps=100")
-
-    p = _add(sub, "make-synthetic", cmd_make_synthetic, "write the synthetic captioned-shapes dataset",
-             "vclr make-synthetic --out data/shapes --train 20000 --test 1000")
-    p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=20000, help="train images")
-    p.add_argument("--test", type=int, default=1000, help="test images")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-
-    p = _add(sub, "prepare", cmd_prepare, "convert a dataset into vclr's standard format (images + metadata.jsonl)",
-             "vclr prepare karpathy --json dataset_flickr30k.json --images flickr30k-images --out data/f30k")
-    datasets_sub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
-    d = datasets_sub.add_parser("karpathy", help="Flickr30k / COCO Karpathy split JSON + image folder")
-    d.add_argument("--json", required=True, help="dataset_flickr30k.json or dataset_coco.json")
-    d.add_argument("--images", required=True, help="folder holding the images (COCO: the folder above train2014/)")
-    d.add_argument("--out", required=True)
-    d.add_argument("--keep-restval", action="store_true", help="keep COCO's restval as its own split")
-    d = datasets_sub.add_parser("fashion-mnist", help="Fashion-MNIST from Debian's dataset-fashion-mnist")
-    d.add_argument("--out", required=True)
-    d.add_argument("--source", help="folder with the IDX .gz files (default: the Debian package's, fetched if absent)")
-    d.add_argument("--limit", type=int, help="at most this many images per split")
-    d = datasets_sub.add_parser("openmoji", help="OpenMoji colour emoji (npm package openmoji) with name captions")
-    d.add_argument("--out", required=True)
-    d.add_argument("--source", help="unpacked npm package folder (default: npm pack into the cache)")
-    d.add_argument("--size", type=int, default=64, help="PNG size in pixels")
-    d.add_argument("--skin-tones", choices=("drop", "group", "keep"), default="drop",
-                   help="skin-tone variants: drop them, group them with their base emoji, or keep each")
-    d.add_argument("--test-fraction", type=float, default=0.2, help="share of concepts held out")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--limit", type=int, help="only the first N entries")
-    d = datasets_sub.add_parser("webdataset", help="a folder of webdataset .tar shards (key.jpg + key.txt/.json)")
-    d.add_argument("--shards", required=True)
-    d.add_argument("--out", required=True)
-    d.add_argument("--test-fraction", type=float, default=0.1)
-    d.add_argument("--seed", type=int, default=0)
-    d = datasets_sub.add_parser("folder", help="a folder of images + a CSV/JSONL/parquet table of captions")
-    d.add_argument("--images", required=True, help="image folder; the table's paths are relative to it")
-    d.add_argument("--captions", required=True, help="the table")
-    d.add_argument("--out", required=True)
-    d.add_argument("--image-column", default="file_name")
-    d.add_argument("--caption-columns", default="captions", help="comma-separated")
-    d.add_argument("--test-fraction", type=float, default=0.1)
-    d.add_argument("--seed", type=int, default=0)
-
-    p = _add(sub, "train", cmd_train, "train a dual encoder", "vclr train --config configs/demo.yaml optim.lr=0.001")
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.001")
-
-    p = _add(sub, "index", cmd_index, "embed a dataset with a trained model and save a FAISS index",
-             "vclr index --run vclr-demo/run --data vclr-demo/data/test --out vclr-demo/index", aliases=["embed"])
-    p.add_argument("--run", required=True, help="training run dir")
-    p.add_argument("--data", help="dataset to index (default: the run's data.test)")
-    p.add_argument("--out", required=True, help="index dir to write")
-    p.add_argument("--index-type", choices=("auto", "flat", "ivf_flat", "hnsw", "ivf_pq"), default="auto",
-                   help="auto: exact up to 50k items, else the first ANN type meeting --recall-target")
-    p.add_argument("--recall-target", type=float, default=0.95,
-                   help="recall@10 vs exact search, measured with cross-modal queries (default 0.95)")
-    p.add_argument("--memory-budget-gb", type=float, default=0.0, help="index memory budget (0 = no limit)")
-
-    p = _add(sub, "index-add", cmd_index_add, "embed more data and add it to an index, without rebuilding",
-             "vclr index-add --index vclr-demo/index --data data/more")
-    p.add_argument("--index", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
-
-    p = _add(sub, "index-delete", cmd_index_delete, "delete images (with their captions) or captions by id",
-             "vclr index-delete --index vclr-demo/index --image-ids 3,17")
-    p.add_argument("--index", required=True)
-    p.add_argument("--image-ids")
-    p.add_argument("--text-ids")
-
-    p = _add(sub, "serve", cmd_serve, "search service: JSON API and web page over an index",
-             "vclr serve --index vclr-demo/index --port 8000")
-    p.add_argument("--index", required=True)
-    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it into RAM")
-
-    p = _add(sub, "search", cmd_search, "search an index by text (-> images) or by image (-> captions)",
-             "vclr search --index vclr-demo/index --text 'a red circle' -k 5")
-    p.add_argument("--index", required=True)
-    p.add_argument("--text")
-    p.add_argument("--image")
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
-    p.add_argument("--json", action="store_true", help="print the hits as JSON")
-
-    p = _add(sub, "eval", cmd_eval, "retrieval recall@k both ways on a test set; writes a JSON report",
-             "vclr eval --run vclr-demo/run --data vclr-demo/data/test --ks 1,5,10")
-    p.add_argument("--run", required=True)
-    p.add_argument("--data", help="test dataset (default: the run's data.test)")
-    p.add_argument("--ks", help="comma-separated k values (default: the run's eval.ks)")
-    p.add_argument("--out", help="report path (default RUN/eval.json)")
-    p.add_argument("--plots", help="folder for the PNG plots (default: plots/ beside the report)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--index", help="also score retrieval through this index: what the ANN index costs vs exact")
-    p.add_argument("--label-column", help="class labels in the data: adds kNN classification and clustering")
-    p.add_argument("--knn-train", help="labelled dataset the kNN votes come from (default: the run's data.train)")
-
-    p = _add(sub, "zero-shot", cmd_zero_shot, "zero-shot classification: images vs prompts of their class names",
-             "vclr zero-shot --run runs/fmnist --data data/fashion-mnist/test --template 'a photo of a {}'")
-    p.add_argument("--run", required=True)
-    p.add_argument("--data", required=True, help="dataset with a label column and a class-name column")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--name-column", default="class_name")
-    p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to ensemble")
-    p.add_argument("--out", help="report path (default RUN/zero_shot.json)")
-
-    p = _add(sub, "sweep", cmd_sweep, "train + evaluate every point of a config grid; table and plot",
-             "vclr sweep --config configs/demo.yaml --grid loss.triplet_margin=0.1,0.5,0.9 --out runs/margin")
-    p.add_argument("--config", help="base YAML config")
-    p.add_argument("--grid", action="append", default=[], required=True, metavar="key=v1,v2,...",
-                   help="a swept config key and its values; repeat for a product grid")
-    p.add_argument("--out", required=True, help="folder for the runs, sweep.json/.md/.png")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every point")
-
-    _add(sub, "models", cmd_models, "list model configs accepted by model.name", "vclr models")
+    for name, func, add_arguments, help_text, example, *aliases in COMMANDS:
+        add_arguments(_add(sub, name, func, help_text, example, *aliases))
     return parser
 
 

@@ -30,6 +30,10 @@ class ConfigError(VclrError):
     pass
 
 
+IndexKind = Literal["auto", "flat", "ivf_flat", "hnsw", "ivf_pq"]  # vclr.ann; "auto": the measured choice
+INDEX_CHOICES: tuple[str, ...] = typing.get_args(IndexKind)  # the one list: IndexOptions, CLI choices, errors
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "vclr-tiny-rn"  # an open_clip model config: vclr's own (vclr/model_configs) or any of open_clip's

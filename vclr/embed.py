@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class Embeddings:
     image_embeddings: np.ndarray  # (N, D) float32, unit norm
     text_embeddings: np.ndarray  # (C, D) float32, unit norm
-    text_to_image: np.ndarray  # (C,) int64
+    caption_image: np.ndarray  # (C,) int64
     image_paths: list[str]
     texts: list[str]
 
@@ -102,5 +102,5 @@ def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size
     loader = DataLoader(ImageOnlyDataset(pairs), batch_size=batch_size, num_workers=cfg.data.num_workers)
     image_embeddings = embed_image_batches(model, loader, device)
     text_embeddings = embed_tokens(model, pairs.tokens, batch_size, device)
-    texts, text_to_image = pairs.table.flat_captions()
-    return Embeddings(image_embeddings, text_embeddings, text_to_image, list(pairs.table.image_paths), texts)
+    texts, caption_image = pairs.table.flat_captions()
+    return Embeddings(image_embeddings, text_embeddings, caption_image, list(pairs.table.image_paths), texts)

@@ -25,7 +25,7 @@ from vclr.storage import atomic_write_text
 from vclr.data.dataset import CaptionTable, load_caption_table, load_class_labels
 from vclr.embed import embed_table, embed_texts, load_trained
 from vclr.metrics import (adjusted_rand_index, best_f1_threshold, check_retrieval_inputs, cluster,
-                          image_to_text_ranks, knn_classify, metrics_from_ranks, normalized_mutual_info,
+                          image_to_text_ranks, KNN_K, KNN_TEMPERATURE, knn_classify, metrics_from_ranks, normalized_mutual_info,
                           text_to_image_ranks, top_k_accuracy, verification_prf, zero_shot_metrics)
 
 logger = logging.getLogger(__name__)
@@ -59,23 +59,23 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int]
     table = load_caption_table(source, cfg.data.image_column, cfg.data.caption_columns)
     start = time.perf_counter()
     emb = embed_table(model, cfg, table)
-    check_retrieval_inputs(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
-    i2t, t2i = exact_ranks(emb)  # (N,), (C,)
-    metrics = metrics_from_ranks(i2t, t2i, ks)
+    check_retrieval_inputs(emb.image_embeddings, emb.text_embeddings, emb.caption_image)
+    i2t_ranks, t2i_ranks = exact_ranks(emb)  # (N,), (C,)
+    metrics = metrics_from_ranks(i2t_ranks, t2i_ranks, ks)
     curve_ks = [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= len(emb.image_embeddings)]
     report = {"metrics": metrics, **_provenance(run_dir, source, table, cfg), "skipped_rows": table.skipped,
               "ks": list(ks),
               "recall_curve": {"k": curve_ks,
-                               "image_to_text": [float(100 * (i2t <= k).mean()) for k in curve_ks],
-                               "text_to_image": [float(100 * (t2i <= k).mean()) for k in curve_ks]},
+                               "image_to_text": [float(100 * (i2t_ranks <= k).mean()) for k in curve_ks],
+                               "text_to_image": [float(100 * (t2i_ranks <= k).mean()) for k in curve_ks]},
               "verification": verification_report(emb, cfg.train.seed)}
     if index_dir:
-        report["ann_vs_exact"] = ann_vs_exact(index_dir, emb, t2i, i2t, ks, config_hash(cfg.model))
+        report["ann_vs_exact"] = ann_vs_exact(index_dir, emb, t2i_ranks, i2t_ranks, ks, config_hash(cfg.model))
     if label_column:
         report["classification"] = classification_report(model, cfg, source, table, emb, label_column, knn_train)
     report["seconds"] = round(time.perf_counter() - start, 2)
     if plots_dir:
-        report["plots"] = write_plots(Path(plots_dir), Path(run_dir), emb, i2t, t2i, examples)
+        report["plots"] = write_plots(Path(plots_dir), Path(run_dir), emb, i2t_ranks, t2i_ranks, examples)
     _save_report(report, out)
     return report
 
@@ -87,9 +87,9 @@ def exact_ranks(emb) -> tuple[np.ndarray, np.ndarray]:
     if torch.cuda.is_available():
         from vclr.metrics_torch import retrieval_ranks
 
-        return retrieval_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image, torch.device("cuda"))
-    return (image_to_text_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image),
-            text_to_image_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image))
+        return retrieval_ranks(emb.image_embeddings, emb.text_embeddings, emb.caption_image, torch.device("cuda"))
+    return (image_to_text_ranks(emb.image_embeddings, emb.text_embeddings, emb.caption_image),
+            text_to_image_ranks(emb.image_embeddings, emb.text_embeddings, emb.caption_image))
 
 
 def verification_report(emb, seed: int = 0) -> dict:
@@ -100,9 +100,9 @@ def verification_report(emb, seed: int = 0) -> dict:
     if n < 4:
         return {}
     validation_images = rng.permutation(n)[: n // 2]
-    in_validation = np.isin(emb.text_to_image, validation_images)
-    other = (emb.text_to_image + rng.integers(1, n, len(emb.text_to_image))) % n  # never the caption's own image
-    positive = np.einsum("cd,cd->c", emb.text_embeddings, emb.image_embeddings[emb.text_to_image])
+    in_validation = np.isin(emb.caption_image, validation_images)
+    other = (emb.caption_image + rng.integers(1, n, len(emb.caption_image))) % n  # never the caption's own image
+    positive = np.einsum("cd,cd->c", emb.text_embeddings, emb.image_embeddings[emb.caption_image])
     negative = np.einsum("cd,cd->c", emb.text_embeddings, emb.image_embeddings[other])
     threshold = best_f1_threshold(positive[in_validation], negative[in_validation])
     test = ~in_validation
@@ -125,8 +125,8 @@ def ann_vs_exact(index_dir: str | Path, emb, exact_t2i: np.ndarray, exact_i2t: n
     k_max = max(ks)
     _, image_hits = index.search_images(emb.text_embeddings, k_max)  # (C, k)
     _, text_hits = index.search_texts(emb.image_embeddings, k_max)  # (N, k)
-    t2i_hit = image_hits == emb.text_to_image[:, None]
-    i2t_hit = emb.text_to_image[text_hits] == np.arange(len(emb.image_embeddings))[:, None]
+    t2i_hit = image_hits == emb.caption_image[:, None]
+    i2t_hit = emb.caption_image[text_hits] == np.arange(len(emb.image_embeddings))[:, None]
     out = {"index": {m: index.manifest["index"][m]["factory"] for m in ("images", "texts")}}
     for k in ks:
         for name, hits, exact in (("text_to_image", t2i_hit, exact_t2i), ("image_to_text", i2t_hit, exact_i2t)):
@@ -150,18 +150,20 @@ def classification_report(model, cfg, source: str, table: CaptionTable, emb, lab
         if train_names != class_names:
             raise VclrError(f"{train_source} and {source} name their classes differently; kNN needs one label set")
         train_emb = embed_table(model, cfg, train_table)
-        scores = knn_classify(train_emb.image_embeddings, train_labels, emb.image_embeddings, len(class_names))
-        out.update(top_k_accuracy(scores, labels, (1, 5)), knn_k=200, knn_temperature=0.07, knn_train=train_source)
+        scores = knn_classify(train_emb.image_embeddings, train_labels, emb.image_embeddings, len(class_names),
+                              KNN_K, KNN_TEMPERATURE)
+        out.update(top_k_accuracy(scores, labels, (1, 5)), knn_k=KNN_K, knn_temperature=KNN_TEMPERATURE,
+                   knn_train=train_source)
     clusters = cluster(emb.image_embeddings, len(class_names), seed=cfg.train.seed)
     out.update(cluster_nmi=100 * normalized_mutual_info(labels, clusters),
                cluster_ari=100 * adjusted_rand_index(labels, clusters))
     return out
 
 
-def write_plots(folder: Path, run_dir: Path, emb, i2t: np.ndarray, t2i: np.ndarray, examples: int) -> dict:
+def write_plots(folder: Path, run_dir: Path, emb, i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, examples: int) -> dict:
     from vclr import plots
 
-    written = {"recall_curves": str(plots.recall_curves(i2t, t2i, folder / "recall_curves.png",
+    written = {"recall_curves": str(plots.recall_curves(i2t_ranks, t2i_ranks, folder / "recall_curves.png",
                                                         max_k=min(100, len(emb.image_embeddings))))}
     rows = read_metrics(run_dir)
     if rows:
@@ -174,7 +176,7 @@ def write_plots(folder: Path, run_dir: Path, emb, i2t: np.ndarray, t2i: np.ndarr
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         written["examples"] = str(plots.retrieval_examples(
             [emb.texts[i] for i in picks], [[emb.image_paths[j] for j in row] for row in top],
-            np.take_along_axis(scores, top, 1), top == emb.text_to_image[picks][:, None], folder / "examples.png"))
+            np.take_along_axis(scores, top, 1), top == emb.caption_image[picks][:, None], folder / "examples.png"))
     return written
 
 

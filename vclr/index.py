@@ -1,6 +1,6 @@
 """FAISS retrieval index over both modalities, saved as a directory. numpy + faiss (+ the SQLite metadata store).
 
-    idx = RetrievalIndex.build(image_embeddings, text_embeddings, text_to_image, image_paths, texts, manifest)
+    idx = RetrievalIndex.build(image_embeddings, text_embeddings, caption_image, image_paths, texts, manifest)
     idx.save("indexes/demo")
     D, I = RetrievalIndex.load("indexes/demo").search_images(xq, k=5)   # text queries -> images
 
@@ -10,7 +10,7 @@ indexes take new vectors as they are) and deleted by id (marked in the store and
 a faiss ID selector; ids never shift).
 
 Directory: images.faiss, texts.faiss, image_embeddings.npy, text_embeddings.npy (kept for exact evaluation and
-rebuilds), metadata.sqlite (ids -> paths, captions, extra fields, deletions), manifest.json (format, dimension,
+rebuilds), metadata.sqlite (ids -> paths, captions, deletions), manifest.json (format, dimension,
 counts, model run and config hash, index choice with its measured recall and speed, and the size and SHA-256 of
 every file). A save writes a temp directory and renames it into place; a crash at any moment leaves the previous
 index whole, and a load that finds a file whose checksum disagrees with the manifest refuses it.
@@ -28,8 +28,8 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from vclr.ann import Tuning, choose_index
-from vclr.config import VclrError
+from vclr.ann import choose_index
+from vclr.config import INDEX_CHOICES, IndexKind, VclrError
 from vclr.storage import directory_problem, remove_stale_temp_dirs, write_directory
 from vclr.store import MetadataStore
 
@@ -43,14 +43,26 @@ class IndexDirError(VclrError):
 
 @dataclass(frozen=True)
 class IndexOptions:
-    """How `build` picks each modality's index (see vclr.ann)."""
+    """How `build` picks each modality's index (see vclr.ann). Field names are `vclr index`'s flags."""
 
-    kind: str = "auto"  # auto | flat | ivf_flat | hnsw | ivf_pq
+    kind: IndexKind = "auto"  # auto: exact up to `exact_below` items, else the fastest type meeting the target
     recall_target: float = 0.95  # recall@k against exact search, cross-modal queries
     k: int = 10
     memory_budget_gb: float = 0.0  # 0 = no limit
     exact_below: int = 50_000  # collections up to this size stay exact
     tuning_queries: int = 1000
+
+    def __post_init__(self):
+        if self.kind not in INDEX_CHOICES:
+            raise IndexDirError(f"--index-type {self.kind!r} is not a kind of index: choose one of "
+                                f"{', '.join(INDEX_CHOICES)}")
+        if not 0 < self.recall_target <= 1:
+            raise IndexDirError(f"--recall-target must be in (0, 1], got {self.recall_target}")
+        if self.memory_budget_gb < 0:
+            raise IndexDirError(f"--memory-budget-gb must be >= 0 (0 = no limit), got {self.memory_budget_gb}")
+        if self.k < 1 or self.exact_below < 0 or self.tuning_queries < 1:
+            raise IndexDirError(f"index options out of range: k={self.k} (>= 1), exact_below={self.exact_below} "
+                                f"(>= 0), tuning_queries={self.tuning_queries} (>= 1)")
 
 
 def _as_queries(xq: np.ndarray, d: int) -> np.ndarray:
@@ -58,12 +70,6 @@ def _as_queries(xq: np.ndarray, d: int) -> np.ndarray:
     if xq.shape[1] != d:
         raise IndexDirError(f"query dimension {xq.shape[1]} does not match the index dimension {d}")
     return xq
-
-
-def exact_index(xb: np.ndarray) -> faiss.Index:
-    index = faiss.IndexFlatIP(xb.shape[1])  # inner product = cosine for L2-normalised vectors
-    index.add(np.ascontiguousarray(xb, dtype=np.float32))
-    return index
 
 
 def _build_modality(xb: np.ndarray, other: np.ndarray, options: IndexOptions, seed: int) -> tuple[faiss.Index, dict]:
@@ -86,9 +92,8 @@ class RetrievalIndex:
     text_index: faiss.Index | None = None
 
     @classmethod
-    def build(cls, image_embeddings, text_embeddings, text_to_image, image_paths, texts,
-              manifest: dict | None = None, options: IndexOptions = IndexOptions(), seed: int = 0,
-              image_extras: Sequence[dict] | None = None) -> "RetrievalIndex":
+    def build(cls, image_embeddings, text_embeddings, caption_image, image_paths, texts,
+              manifest: dict | None = None, options: IndexOptions = IndexOptions(), seed: int = 0) -> "RetrievalIndex":
         image_embeddings = np.ascontiguousarray(image_embeddings, dtype=np.float32)
         text_embeddings = np.ascontiguousarray(text_embeddings, dtype=np.float32)
         if image_embeddings.shape[1] != text_embeddings.shape[1]:
@@ -97,8 +102,8 @@ class RetrievalIndex:
         if len(image_paths) != len(image_embeddings) or len(texts) != len(text_embeddings):
             raise IndexDirError("metadata and embeddings differ in length")
         store = MetadataStore()
-        store.add_images(image_paths, image_extras)
-        store.add_texts(texts, text_to_image)
+        store.add_images(image_paths)
+        store.add_texts(texts, caption_image)
         # captions search the image index and images the caption index: each is tuned with the other's queries
         image_index, image_tuning = _build_modality(image_embeddings, text_embeddings, options, seed)
         text_index, text_tuning = _build_modality(text_embeddings, image_embeddings, options, seed + 1)
@@ -124,8 +129,8 @@ class RetrievalIndex:
         return self.store.texts()
 
     @property
-    def text_to_image(self) -> np.ndarray:
-        return self.store.text_to_image()
+    def caption_image(self) -> np.ndarray:
+        return self.store.caption_image()
 
     def _search(self, index: faiss.Index, table: str, xq: np.ndarray, k: int):
         deleted = self.store.deleted_ids(table)
@@ -160,20 +165,20 @@ class RetrievalIndex:
     # ----------------------------------------------------------------------------------------- adding, deleting
 
     def add(self, image_embeddings: np.ndarray, image_paths: Sequence[str], text_embeddings: np.ndarray,
-            texts: Sequence[str], text_image: Sequence[int], image_extras: Sequence[dict] | None = None):
-        """Append images and captions (`text_image` indexes the NEW images) without rebuilding; -> their ids."""
+            texts: Sequence[str], caption_image: Sequence[int]):
+        """Append images and captions (`caption_image` indexes the NEW images) without rebuilding; -> their ids."""
         image_embeddings = _as_queries(image_embeddings, self.d) if len(image_embeddings) else np.zeros((0, self.d),
                                                                                                          np.float32)
         text_embeddings = _as_queries(text_embeddings, self.d) if len(text_embeddings) else np.zeros((0, self.d),
                                                                                                       np.float32)
         if len(image_paths) != len(image_embeddings) or len(texts) != len(text_embeddings) or \
-                len(text_image) != len(texts):
+                len(caption_image) != len(texts):
             raise IndexDirError("add: metadata and embeddings differ in length")
-        if len(text_image) and not (0 <= min(text_image) and max(text_image) < len(image_paths)):
-            raise IndexDirError("add: text_image must index the images being added")
-        image_ids = self.store.add_images(image_paths, image_extras)
+        if len(caption_image) and not (0 <= min(caption_image) and max(caption_image) < len(image_paths)):
+            raise IndexDirError("add: caption_image must index the images being added")
+        image_ids = self.store.add_images(image_paths)
         first_new = int(image_ids[0]) if len(image_ids) else self.store.count("images")
-        text_ids = self.store.add_texts(texts, [first_new + int(i) for i in text_image])
+        text_ids = self.store.add_texts(texts, [first_new + int(i) for i in caption_image])
         self.image_index.add(image_embeddings)
         self.text_index.add(text_embeddings)
         self.image_embeddings = np.concatenate([self.image_embeddings, image_embeddings])
@@ -189,7 +194,7 @@ class RetrievalIndex:
             if bad:
                 raise IndexDirError(f"delete: no {table[:-1]} with id {bad[0]} (ids are 0..{total - 1})")
         if len(image_ids):
-            owned = np.flatnonzero(np.isin(self.store.text_to_image(), np.asarray(image_ids, dtype=np.int64)))
+            owned = np.flatnonzero(np.isin(self.store.caption_image(), np.asarray(image_ids, dtype=np.int64)))
             text_ids = np.union1d(np.asarray(text_ids, dtype=np.int64), owned)
         self.store.mark_deleted("images", image_ids)
         self.store.mark_deleted("texts", text_ids)
@@ -257,9 +262,6 @@ class RetrievalIndex:
             if tuning.get("param"):
                 faiss.ParameterSpace().set_index_parameter(faiss_index, tuning["param"], int(tuning["value"]))
         return index
-
-    def tuning(self, modality: str) -> Tuning:
-        return Tuning(**self.manifest["index"][modality])
 
 
 def _search_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:

@@ -1,6 +1,6 @@
 """Retrieval metrics: pure numpy functions of L2-normalised embeddings.
 
-Any number of captions per image: `text_to_image[c]` is the image of caption c. Image->text is a hit at k when ANY
+Any number of captions per image: `caption_image[c]` is the image of caption c. Image->text is a hit at k when ANY
 of the image's captions is in the top k. Ranks are 1-based. Ties are broken by index: among equal scores the
 candidate with the lower index ranks first (the order a stable sort on -score gives), so results are deterministic.
 Scores are computed in blocks of queries sized to a memory budget (about 1 GiB: `block_rows`), so 1M captions x 200k
@@ -47,20 +47,20 @@ def block_rows(candidates: int, max_bytes: int = MAX_BLOCK_BYTES) -> int:
     return max(1, min(8192, max_bytes // max(1, candidates * (4 + 2))))
 
 
-def text_to_image_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray,
+def text_to_image_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, caption_image: np.ndarray,
                         block: int | None = None) -> np.ndarray:
     """(C,) rank of each caption's own image among all images."""
     block = block or block_rows(len(image_embeddings))
     ranks = np.empty(len(text_embeddings), dtype=np.int64)
     for start, stop in _blocks(len(text_embeddings), block):
         scores = text_embeddings[start:stop] @ image_embeddings.T  # (b, N)
-        targets = text_to_image[start:stop]
+        targets = caption_image[start:stop]
         target_scores = scores[np.arange(stop - start), targets]
         ranks[start:stop] = _ranks_of_targets(scores, target_scores, targets)
     return ranks
 
 
-def image_to_text_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray,
+def image_to_text_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, caption_image: np.ndarray,
                         block: int | None = None) -> np.ndarray:
     """(N,) rank of the best-ranked caption of each image among all captions.
 
@@ -68,18 +68,18 @@ def image_to_text_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarra
     costs its score matrix and the comparison masks only.
     """
     block = block or block_rows(len(text_embeddings))
-    by_image = np.argsort(text_to_image, kind="stable")  # caption ids grouped by image, ascending within an image
-    group_start = np.searchsorted(text_to_image[by_image], np.arange(len(image_embeddings) + 1))  # (N + 1,)
+    by_image = np.argsort(caption_image, kind="stable")  # caption ids grouped by image, ascending within an image
+    group_start = np.searchsorted(caption_image[by_image], np.arange(len(image_embeddings) + 1))  # (N + 1,)
     ranks = np.empty(len(image_embeddings), dtype=np.int64)
     for start, stop in _blocks(len(image_embeddings), block):
         scores = image_embeddings[start:stop] @ text_embeddings.T  # (b, C)
         captions = by_image[group_start[start]:group_start[stop]]  # this block's positives, grouped by image
-        rows = text_to_image[captions] - start
+        rows = caption_image[captions] - start
         values = scores[rows, captions]
         groups = group_start[start:stop] - group_start[start]  # where each image's captions begin in `captions`
         best_score = np.maximum.reduceat(values, groups)  # (b,)
         # ties among an image's own captions: the lowest caption index is its best, as a stable sort would say
-        best_index = np.minimum.reduceat(np.where(values == best_score[rows], captions, len(text_to_image)), groups)
+        best_index = np.minimum.reduceat(np.where(values == best_score[rows], captions, len(caption_image)), groups)
         ranks[start:stop] = _ranks_of_targets(scores, best_score, best_index)
     return ranks
 
@@ -92,37 +92,37 @@ def _summary(prefix: str, ranks: np.ndarray, ks: Sequence[int]) -> dict[str, flo
 
 
 def check_retrieval_inputs(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
-                           text_to_image: np.ndarray) -> None:
+                           caption_image: np.ndarray) -> None:
     if image_embeddings.ndim != 2 or text_embeddings.ndim != 2 or image_embeddings.shape[1] != text_embeddings.shape[1]:
         raise ValueError(f"embeddings must be (N, D) and (C, D); got {image_embeddings.shape} and "
                          f"{text_embeddings.shape}")
-    if text_to_image.shape != (len(text_embeddings),):
-        raise ValueError(f"text_to_image must have one entry per caption: {text_to_image.shape} vs "
+    if caption_image.shape != (len(text_embeddings),):
+        raise ValueError(f"text_to_image must have one entry per caption: {caption_image.shape} vs "
                          f"{len(text_embeddings)} captions")
-    if len(text_to_image) and (text_to_image.min() < 0 or text_to_image.max() >= len(image_embeddings)):
+    if len(caption_image) and (caption_image.min() < 0 or caption_image.max() >= len(image_embeddings)):
         raise ValueError("text_to_image holds an image index out of range")
-    if len(np.unique(text_to_image)) != len(image_embeddings):
+    if len(np.unique(caption_image)) != len(image_embeddings):
         raise ValueError("every image needs at least one caption for image->text recall")
 
 
-def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray,
+def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, caption_image: np.ndarray,
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k (percent) both ways, mean/median rank, and rsum (the sum of all the recalls)."""
-    text_to_image = np.asarray(text_to_image, dtype=np.int64)
-    check_retrieval_inputs(image_embeddings, text_embeddings, text_to_image)
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    check_retrieval_inputs(image_embeddings, text_embeddings, caption_image)
     image_embeddings = np.ascontiguousarray(image_embeddings, dtype=np.float32)
     text_embeddings = np.ascontiguousarray(text_embeddings, dtype=np.float32)
-    return metrics_from_ranks(image_to_text_ranks(image_embeddings, text_embeddings, text_to_image),
-                              text_to_image_ranks(image_embeddings, text_embeddings, text_to_image), ks)
+    return metrics_from_ranks(image_to_text_ranks(image_embeddings, text_embeddings, caption_image),
+                              text_to_image_ranks(image_embeddings, text_embeddings, caption_image), ks)
 
 
-def metrics_from_ranks(image_to_text: np.ndarray, text_to_image: np.ndarray,
+def metrics_from_ranks(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray,
                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """The summary of `retrieval_metrics` from already computed ranks ((N,) and (C,))."""
-    metrics = _summary("image_to_text", image_to_text, ks) | _summary("text_to_image", text_to_image, ks)
+    metrics = _summary("image_to_text", i2t_ranks, ks) | _summary("text_to_image", t2i_ranks, ks)
     metrics["rsum"] = sum(v for k, v in metrics.items() if "_R@" in k)
-    metrics["num_images"] = len(image_to_text)
-    metrics["num_texts"] = len(text_to_image)
+    metrics["num_images"] = len(i2t_ranks)
+    metrics["num_texts"] = len(t2i_ranks)
     return metrics
 
 
@@ -146,8 +146,12 @@ def zero_shot_metrics(image_embeddings: np.ndarray, class_embeddings: np.ndarray
 # ------------------------------------------------------------------------------------------------ classification
 
 
+KNN_K = 200  # NPID's settings: the report states the ones used from here
+KNN_TEMPERATURE = 0.07
+
+
 def knn_classify(train_embeddings: np.ndarray, train_labels: np.ndarray, test_embeddings: np.ndarray,
-                 num_classes: int, k: int = 200, temperature: float = 0.07) -> np.ndarray:
+                 num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> np.ndarray:
     """(M, K) class scores of weighted kNN (NPID, Wu et al. 2018): the top-k neighbours by cosine vote for their
     class with weight exp(similarity / temperature)."""
     index = faiss.IndexFlatIP(train_embeddings.shape[1])

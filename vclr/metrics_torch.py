@@ -20,7 +20,7 @@ def _ranks_of_targets(scores: torch.Tensor, target_scores: torch.Tensor, target_
 
 
 @torch.no_grad()
-def retrieval_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray,
+def retrieval_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, caption_image: np.ndarray,
                     device: torch.device, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image->text ranks (N,), text->image ranks (C,)), as vclr.metrics computes them."""
     # fp32 matmuls, not TF32: the ranks must match the CPU evaluator's
@@ -29,19 +29,19 @@ def retrieval_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, t
     try:
         images = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float32)).to(device)  # (N, D)
         texts = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(device)  # (C, D)
-        owner = torch.from_numpy(np.asarray(text_to_image, dtype=np.int64)).to(device)  # (C,)
+        caption_image = torch.from_numpy(np.asarray(caption_image, dtype=np.int64)).to(device)  # (C,)
         t2i = torch.empty(len(texts), dtype=torch.long, device=device)
         step = block or block_rows(len(images))
         for start in range(0, len(texts), step):
             scores = texts[start:start + step] @ images.T  # (b, N)
-            targets = owner[start:start + step]
+            targets = caption_image[start:start + step]
             t2i[start:start + step] = _ranks_of_targets(scores, scores.gather(1, targets[:, None])[:, 0], targets)
         i2t = torch.empty(len(images), dtype=torch.long, device=device)
         step = block or block_rows(len(texts), MAX_BLOCK_BYTES // 4)  # masks and an int64 index per score
         for start in range(0, len(images), step):
             scores = images[start:start + step] @ texts.T  # (b, C)
             rows = torch.arange(start, min(start + step, len(images)), device=device)
-            positive = owner[None, :] == rows[:, None]  # (b, C)
+            positive = caption_image[None, :] == rows[:, None]  # (b, C)
             best = scores.masked_fill(~positive, float("-inf")).max(dim=1).values  # (b,)
             # the lowest-index caption among an image's best-scoring ones
             candidates = torch.where(positive & (scores == best[:, None]),

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from vclr.config import VclrError, config_hash
+from vclr.config import Config, VclrError, config_hash
 from vclr.data.dataset import load_caption_table
-from vclr.embed import embed_image_files, embed_pil_images, embed_table, embed_texts, load_trained
+from vclr.embed import embed_image_files, embed_table, embed_texts, load_trained
 from vclr.index import IndexOptions, RetrievalIndex
+from vclr.model import DualEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -31,22 +32,22 @@ class Hit:
     value: str  # image path (text->image) or caption (image->text)
 
 
-def _embed_source(run_dir, data: str | None):
-    model, cfg = load_trained(run_dir)
+def _embed_source(model: DualEncoder, cfg: Config, data: str | None):
     source = data or cfg.data.test or cfg.data.train
     if not source:
         raise VclrError("no dataset to index: pass --data DIR")
     table = load_caption_table(source, cfg.data.image_column, cfg.data.caption_columns)
-    return cfg, source, embed_table(model, cfg, table)
+    return source, embed_table(model, cfg, table)
 
 
 def build_index(run_dir: str | Path, data: str | None, out_dir: str | Path,
                 options: IndexOptions = IndexOptions()) -> RetrievalIndex:
     """Embed a dataset's images and captions with the run's model; choose, tune and save an index in `out_dir`."""
-    cfg, source, emb = _embed_source(run_dir, data)
+    model, cfg = load_trained(run_dir)
+    source, emb = _embed_source(model, cfg, data)
     manifest = {"run_dir": str(Path(run_dir).resolve()), "model_name": cfg.model.name,
                 "model_config_hash": config_hash(cfg.model), "dataset": str(source)}
-    index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.text_to_image, emb.image_paths,
+    index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.caption_image, emb.image_paths,
                                  emb.texts, manifest, options)
     index.save(out_dir)
     logger.info("indexed %d images and %d captions into %s", len(emb.image_paths), len(emb.texts), out_dir)
@@ -56,11 +57,11 @@ def build_index(run_dir: str | Path, data: str | None, out_dir: str | Path,
 def add_to_index(index_dir: str | Path, data: str, run_dir: str | Path | None = None) -> tuple[int, int]:
     """Embed another dataset with the index's model and append it, without rebuilding. -> (images, captions)."""
     index = RetrievalIndex.load(index_dir)
-    run_dir = run_dir or index.manifest.get("run_dir", "")
-    cfg, _, emb = _embed_source(run_dir, data)
-    index.check_model(emb.image_embeddings.shape[1], config_hash(cfg.model))
+    model, cfg = load_trained(run_dir or index.manifest.get("run_dir", ""))
+    index.check_model(model.embed_dim, config_hash(cfg.model))  # before spending time on embedding
+    _, emb = _embed_source(model, cfg, data)
     image_ids, text_ids = index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts,
-                                    emb.text_to_image)
+                                    emb.caption_image)
     index.save(index_dir)
     return len(image_ids), len(text_ids)
 
@@ -91,8 +92,8 @@ class Searcher:
     """An index and the model that embeds its queries, loaded once."""
 
     index: RetrievalIndex
-    model: object
-    cfg: object
+    model: DualEncoder
+    cfg: Config
 
     @classmethod
     def open(cls, index_dir: str | Path, run_dir: str | Path | None = None, mmap: bool = False) -> "Searcher":
@@ -109,8 +110,8 @@ class Searcher:
         paths = self.index.store.image_paths(I[0])
         return [Hit(r + 1, float(s), int(i), p) for r, (s, i, p) in enumerate(zip(D[0], I[0], paths))]
 
-    def by_image_embedding(self, embedding, k: int = 5) -> list[Hit]:
-        check_k(k)
+    def by_image_embedding(self, embedding, k: int) -> list[Hit]:
+        """Captions ranked for an image embedding (1, d); `k` already checked by the caller."""
         D, I = self.index.search_texts(embedding, k)
         texts = self.index.store.texts(I[0])
         return [Hit(r + 1, float(s), int(i), t) for r, (s, i, t) in enumerate(zip(D[0], I[0], texts))]
@@ -119,10 +120,6 @@ class Searcher:
         """Captions ranked for an image query."""
         check_k(k)
         return self.by_image_embedding(embed_image_files(self.model, [str(image_path)]), k)
-
-    def by_pil_image(self, image, k: int = 5) -> list[Hit]:
-        check_k(k)
-        return self.by_image_embedding(embed_pil_images(self.model, [image]), k)
 
 
 def search_by_text(index_dir: str | Path, text: str, k: int = 5, run_dir: str | Path | None = None) -> list[Hit]:

@@ -20,7 +20,8 @@ import mimetypes
 from pathlib import Path
 
 from vclr.config import VclrError
-from vclr.search import MAX_K, MAX_QUERY_CHARS, Searcher, check_k, check_text_query
+from vclr.embed import embed_pil_images
+from vclr.search import MAX_K, MAX_QUERY_CHARS, Searcher, check_k
 
 logger = logging.getLogger(__name__)
 
@@ -107,18 +108,18 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
 
     @app.get("/api/search")
     def search_text(text: str = Query(""), k: int = Query(10)):
-        check_k(k)
-        text = check_text_query(text)
-        return {"query": text, "k": k, "hits": hits_json(searcher.by_text(text, k), with_url=True)}
+        hits = searcher.by_text(text, k)  # checks the query and k
+        return {"query": text.strip(), "k": k, "hits": hits_json(hits, with_url=True)}
 
     @app.post("/api/search/image")
     async def search_image(file: UploadFile, k: int = Query(10)):
-        check_k(k)
+        check_k(k)  # before reading up to 8 MB; the search itself takes k as checked
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"error": f"upload too large: the limit is {max_upload_bytes} bytes"},
                                 status_code=413)
-        return {"k": k, "hits": hits_json(searcher.by_pil_image(_decode_upload(data), k), with_url=False)}
+        embedding = embed_pil_images(searcher.model, [_decode_upload(data)])  # (1, d)
+        return {"k": k, "hits": hits_json(searcher.by_image_embedding(embedding, k), with_url=False)}
 
     @app.get("/api/image/{image_id}")
     def image(image_id: int):

@@ -1,4 +1,4 @@
-"""Metadata of an index: item id -> image path / caption / extra fields, in SQLite (stdlib; fast at 1M rows).
+"""Metadata of an index: item id -> image path / caption, in SQLite (stdlib; fast at 1M rows).
 
 Ids are row positions in the index's embedding arrays: images 0..N-1, captions 0..C-1, append-only. A deleted item
 keeps its id and is marked, so ids never shift under a client that holds them.
@@ -6,7 +6,6 @@ keeps its id and is marked, so ids never shift under a client that holds them.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -14,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, extra TEXT, deleted INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, deleted INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY, text TEXT NOT NULL, image_id INTEGER NOT NULL,
                                   deleted INTEGER DEFAULT 0);
 CREATE INDEX IF NOT EXISTS texts_by_image ON texts (image_id);
@@ -30,13 +29,11 @@ class MetadataStore:
 
     # ------------------------------------------------------------------------------------------------- writing
 
-    def add_images(self, paths: Sequence[str], extras: Sequence[dict] | None = None) -> np.ndarray:
+    def add_images(self, paths: Sequence[str]) -> np.ndarray:
         start = self.count("images")
-        extras = extras or [None] * len(paths)
         with self.db:
-            self.db.executemany("INSERT INTO images (id, path, extra) VALUES (?, ?, ?)",
-                                ((start + i, str(p), json.dumps(e) if e else None)
-                                 for i, (p, e) in enumerate(zip(paths, extras))))
+            self.db.executemany("INSERT INTO images (id, path) VALUES (?, ?)",
+                                ((start + i, str(p)) for i, p in enumerate(paths)))
         return np.arange(start, start + len(paths), dtype=np.int64)
 
     def add_texts(self, texts: Sequence[str], image_ids: Sequence[int]) -> np.ndarray:
@@ -73,11 +70,7 @@ class MetadataStore:
     def texts(self, ids: Sequence[int] | None = None) -> list[str]:
         return self._column("texts", "text", ids)
 
-    def image_extra(self, image_id: int) -> dict:
-        row = self.db.execute("SELECT extra FROM images WHERE id = ?", (int(image_id),)).fetchone()
-        return json.loads(row[0]) if row and row[0] else {}
-
-    def text_to_image(self) -> np.ndarray:
+    def caption_image(self) -> np.ndarray:
         rows = self.db.execute("SELECT image_id FROM texts ORDER BY id").fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 

@@ -53,8 +53,8 @@ class CaptionTable:
     def flat_captions(self) -> tuple[list[str], np.ndarray]:
         """All captions in order, and for each the row of its image."""
         texts = [c for caps in self.captions for c in caps]
-        text_to_image = np.repeat(np.arange(len(self.captions)), [len(c) for c in self.captions])
-        return texts, text_to_image
+        caption_image = np.repeat(np.arange(len(self.captions)), [len(c) for c in self.captions])
+        return texts, caption_image
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -212,13 +212,19 @@ def load_caption_table(source: str | os.PathLike, image_column: str = "file_name
     return CaptionTable(str(table_file), paths, captions, skipped)
 
 
+def random_crop(image_size: int) -> T.RandomResizedCrop:
+    """The augmentation's crop, for the PIL and the device-decode paths alike: mild (scale 0.8-1, near-square),
+    because captions describe the whole scene and its layout."""
+    return T.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)
+
+
 def decode_transform(image_size: int, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """PIL -> uint8 (3, S, S). Resize the short side then centre-crop, or random-resized-crop when augmenting.
 
     No flips, ever: captions say "left" and "right". Normalisation happens later, on batches (see normalize_images).
     """
     if augment:
-        geometry = T.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)
+        geometry = random_crop(image_size)
     else:
         geometry = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
     return T.Compose([T.PILToTensor(), geometry])
@@ -288,12 +294,11 @@ class ImageTextDataset(Dataset):
         self.encoded = encoded
         self.encoded_cache: list[bytes | None] | None = None
         self.transform = decode_transform(image_size, augment)
-        texts, text_to_image = table.flat_captions()
+        texts, caption_image = table.flat_captions()
         self.tokens = tokenize_all(tokenizer, texts)  # (C, L)
         self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in table.captions])])  # (N + 1,)
-        self.text_to_image = text_to_image
+        self.caption_image = caption_image
         self.cache: torch.Tensor | None = None
-        self.unreadable = 0  # images dropped at caching time
         self.unreadable_on_the_fly: set[int] = set()  # found while decoding lazily (this process's items only)
         if encoded:
             self._maybe_cache_encoded(cache_images, cache_max_gb)
@@ -317,7 +322,6 @@ class ImageTextDataset(Dataset):
             logger.warning("%s: skipped %d unreadable images", self.table.source, len(bad))
             self._drop_rows(set(bad))
             images = [image for image in images if image is not None]
-        self.unreadable = len(bad)
         self.cache = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size,
                                                                     dtype=torch.uint8)  # (N, 3, S, S)
 
@@ -338,7 +342,7 @@ class ImageTextDataset(Dataset):
                                   [self.table.captions[i] for i in keep],
                                   {**self.table.skipped, "unreadable image": len(bad)})
         self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in self.table.captions])])
-        self.text_to_image = self.table.flat_captions()[1]
+        self.caption_image = self.table.flat_captions()[1]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

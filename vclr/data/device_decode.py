@@ -14,8 +14,9 @@ from collections import defaultdict
 
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
+
+from vclr.data.dataset import random_crop
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def resize_center_crop(images: list[torch.Tensor], size: int) -> torch.Tensor:
 
 def random_resized_crop(images: list[torch.Tensor], size: int) -> torch.Tensor:
     """As the loader path's augmentation (scale 0.8-1, near-square); crop boxes drawn from torch's CPU RNG."""
-    crop = T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)
+    crop = random_crop(size)
     out = []
     for image in images:
         params = crop.make_params([image])

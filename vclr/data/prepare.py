@@ -30,8 +30,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from vclr.config import VclrError
-from vclr.storage import atomic_write_text
 from vclr.data.dataset import load_caption_table
+from vclr.data.shards import sample_captions, sample_image_key
+from vclr.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -305,25 +306,6 @@ def prepare_openmoji(out_dir: str | os.PathLike, source: str | os.PathLike | Non
 
 # ------------------------------------------------------------------------------------------------------- webdataset
 
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-def _wds_captions(text_members: dict[str, bytes]) -> list[str]:
-    """Captions of one sample: a .txt file (one caption per line) and/or a .json with caption(s)."""
-    captions: list[str] = []
-    if "txt" in text_members:
-        captions += text_members["txt"].decode("utf-8", errors="replace").splitlines()
-    if "json" in text_members:
-        try:
-            meta = json.loads(text_members["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-        for key in ("captions", "caption", "text"):
-            value = meta.get(key) if isinstance(meta, dict) else None
-            captions += value if isinstance(value, list) else [value] if isinstance(value, str) else []
-    return list(dict.fromkeys(c.strip() for c in captions if isinstance(c, str) and c.strip()))
-
-
 def _wds_samples(shard: Path):
     """(key, {extension: bytes}) per sample of one tar shard; a key is the path up to the basename's first dot, as in
     webdataset, so keys may live in folders whose names hold dots."""
@@ -355,8 +337,8 @@ def prepare_webdataset(shards_dir: str | os.PathLike, out_dir: str | os.PathLike
     for shard in tqdm(shards, desc="shards", unit="shard", leave=False):
         try:
             for key, members in _wds_samples(shard):
-                ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in members), None)
-                captions = _wds_captions(members)
+                ext = sample_image_key(members)
+                captions = sample_captions(members)
                 if ext is None or not captions:
                     skipped += 1
                     continue

@@ -6,14 +6,15 @@ DataLoader's workers split a process's shards again. Order is a function of (see
 buffer shuffle, so a resumed run replays the same stream. Images stay encoded bytes until decoded: in the workers
 (PIL) or on the training device (`data.decode_on=device`).
 
-Webdataset samples: key.jpg|jpeg|png|webp + key.txt (one caption) or key.json ({"captions": [...]} or
-{"caption": ...}). Parquet rows: an `image` column (HF Image: {"bytes", "path"}; without bytes the path is read) and
+Webdataset samples: key.jpg|jpeg|png|webp + key.txt (one caption a line) and/or key.json ({"captions": [...]},
+{"caption": ...} or {"text": ...}), parsed by `sample_captions` here and in `vclr prepare webdataset` alike. Parquet rows: an `image` column (HF Image: {"bytes", "path"}; without bytes the path is read) and
 the data.caption_columns.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import zlib
@@ -43,17 +44,34 @@ def find_shards(source: str | os.PathLike) -> list[Path]:
     return shards
 
 
-def _captions(row: dict, caption_columns: Sequence[str]) -> list[str]:
-    values: list = []
-    if "txt" in row and row["txt"]:
-        values.append(row["txt"])
-    meta = row.get("json")
-    if isinstance(meta, dict):
-        values += meta.get("captions") or [meta.get("caption")]
+def sample_captions(sample: dict, caption_columns: Sequence[str] = ()) -> list[str]:
+    """The captions of one webdataset sample or parquet row, streamed or prepared alike: `.txt` (one caption per
+    line), `.json`'s "captions" / "caption" / "text", and the `caption_columns`; stripped, deduplicated, in order.
+    Values may be raw member bytes (a tar read by `vclr prepare`) or already decoded (HF `datasets` streaming)."""
+    captions: list = []
+    text = sample.get("txt")
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    if isinstance(text, str):
+        captions += text.splitlines()
+    meta = sample.get("json")
+    if isinstance(meta, (bytes, str)):
+        try:
+            meta = json.loads(meta)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None
+    for key in ("captions", "caption", "text"):
+        value = meta.get(key) if isinstance(meta, dict) else None
+        captions += value if isinstance(value, (list, tuple)) else [value]
     for column in caption_columns:
-        value = row.get(column)
-        values += value if isinstance(value, (list, tuple)) else [value]
-    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+        value = sample.get(column) if column not in ("txt", "json") else None
+        captions += value if isinstance(value, (list, tuple)) else [value]
+    return list(dict.fromkeys(c.strip() for c in captions if isinstance(c, str) and c.strip()))
+
+
+def sample_image_key(sample: dict) -> str | None:
+    """The key of a sample's image (`jpg`, `png`... or a parquet `image` column), or None."""
+    return next((key for key in IMAGE_KEYS if sample.get(key) is not None), None)
 
 
 class ShardPairs:
@@ -69,11 +87,12 @@ class ShardPairs:
         self.transform = decode_transform(image_size, augment)
 
     def __call__(self, row: dict) -> dict:
-        image = next((row[k] for k in IMAGE_KEYS if row.get(k) is not None), None)
+        image_key = sample_image_key(row)
+        image = row[image_key] if image_key else None
         data = image.get("bytes") if isinstance(image, dict) else image  # HF Image(decode=False) or raw binary
         if not data and isinstance(image, dict) and image.get("path"):  # parquet written without embedded bytes
             data = read_bytes(image["path"])
-        captions = _captions(row, self.caption_columns)
+        captions = sample_captions(row, self.caption_columns)
         if not data or not captions:
             return {"image": None, "tokens": None}
         # caption choice: a pure function of (seed, epoch, key), as for in-memory datasets

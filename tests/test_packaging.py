@@ -6,6 +6,7 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -35,12 +36,18 @@ def test_wheel_installs_offline_and_runs_the_demo_outside_the_repo(tmp_path):
 
     # a fresh venv that reuses the dependencies installed here (offline), and gets vclr from the wheel only
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)])
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])  # no packages of its own, not even pip
     python = venv / "bin" / "python"
     site_packages = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout
+    reused = tmp_path / "reused"  # this environment's packages, as links, less its own (editable) vclr
+    reused.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.lower().startswith(("vclr", "__editable__")):
+            (reused / entry.name).symlink_to(entry)
     with open(os.path.join(site_packages.strip(), "reuse_installed.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")  # this environment's packages (not its editable vclr)
-    _run([str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), "vclr"])
+        f.write(f"{reused}\n")
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index", "--find-links",
+          str(wheels), "vclr"])  # resolves every dependency against the reused packages: nothing is fetched
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -1,12 +1,12 @@
 """Report figures (matplotlib, PNG): recall@k curves, training curves, a retrieval example sheet, sweep results.
 
-Every figure is written atomically (temp file, then rename) and labels its axes and series.
+Every figure is written through vclr.storage's atomic writer and labels its axes and series.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -16,19 +16,18 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vclr.storage import atomic_write_bytes  # noqa: E402
+
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    """Render to memory, then the one durable writer (vclr.storage): a crash never leaves a torn PNG."""
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def recall_curves(image_to_text_ranks: np.ndarray, text_to_image_ranks: np.ndarray, path: str | os.PathLike,

@@ -3,8 +3,8 @@
     python scripts/bench_index.py                       # 1M x 512: exact, IVF-Flat, HNSW, OPQ+IVF-PQ, then auto
     python scripts/bench_index.py --n 200000 --kinds flat,ivf_flat
 
-Vectors: `structured_vectors.structured_pairs` (beside this script), CLIP-like clustered unit "image" vectors with paired "text" queries shifted by a
-modality gap. Each type is tuned (`vclr.ann.tune`) on the first half of the text queries to the smallest
+Vectors: `structured_vectors.structured_pairs` (beside this script), CLIP-like clustered unit "image" vectors with
+paired "text" queries shifted by a modality gap. Each type is tuned (`vclr.ann.tune`) on the first half of the text queries to the smallest
 nprobe/efSearch reaching --target recall@10 against exact search, then measured on the held-out second half: recall
 and queries/s (all held-out queries in one batch). One JSON line per type, then one for the automatic choice: the
 rule of `vclr.ann.choose_index` (`vclr.ann.pick`: the fastest type meeting the target among those whose raw vectors

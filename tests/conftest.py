@@ -40,6 +40,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class StopAfterCheckpoint(Exception):
+    """A training 'killed' right after writing a checkpoint (see die_after_checkpoint)."""
+
+
+def die_after_checkpoint(monkeypatch, step: int):
+    """Make the trainer raise StopAfterCheckpoint right after it writes checkpoint `step`. -> the real save."""
+    import vclr.train as train_mod
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(trainer):
+        path = real_save(trainer)
+        if trainer.state.step == step:
+            raise StopAfterCheckpoint
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    return real_save
+
+
 def train_overrides(data, run, **extra):
     values = {"data.train": data / "train", "data.test": data / "test", "train.output_dir": run,
               "optim.max_steps": 150, "optim.warmup_steps": 10, "data.batch_size": 64,

@@ -8,7 +8,7 @@ import torch
 import vclr.train as train_mod
 from vclr.config import load_config
 from vclr.config import VclrError
-from conftest import train_overrides
+from conftest import StopAfterCheckpoint, die_after_checkpoint, train_overrides
 
 
 def _losses(run):
@@ -38,19 +38,8 @@ def test_resume_continues_from_saved_step(small_shapes, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "train_step", real_step)
 
     cfg = load_config(None, train_overrides(small_shapes, tmp_path / "stopped", **extra))
-    real_save = train_mod.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_die(trainer):
-        path = real_save(trainer)
-        if trainer.state.step == 30:
-            raise Stop  # the process dies right after checkpoint step 30
-        return path
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Stop):
+    real_save = die_after_checkpoint(monkeypatch, 30)  # the process dies right after checkpoint step 30
+    with pytest.raises(StopAfterCheckpoint):
         train_mod.train(cfg)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert max(_losses(tmp_path / "stopped")) == 30

@@ -9,7 +9,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 import vclr.train as train_mod
-from conftest import train_overrides
+from conftest import StopAfterCheckpoint, die_after_checkpoint, train_overrides
 from vclr.config import ModelConfig, load_config
 from vclr.data.dataset import ImageTextDataset, load_caption_table, normalize_images
 from vclr.loss import CombinedLoss
@@ -83,19 +83,8 @@ def test_gradient_accumulation_with_memory_bank_resumes_exactly(small_shapes, tm
     extra = {**ACCUMULATION, "optim.max_steps": 4, "train.checkpoint_every": 2}
     train_mod.train(load_config(None, train_overrides(small_shapes, tmp_path / "full", **extra)))
     cfg = load_config(None, train_overrides(small_shapes, tmp_path / "stopped", **extra))
-    real_save = train_mod.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_die(trainer):
-        path = real_save(trainer)
-        if trainer.state.step == 2:
-            raise Stop
-        return path
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Stop):
+    real_save = die_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(StopAfterCheckpoint):
         train_mod.train(cfg)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert train_mod.train(cfg, resume=True).step == 4

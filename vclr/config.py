@@ -131,6 +131,8 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # micro-batches per optimizer step: the gradient is the MEAN of per-micro-batch losses, each contrastive over its
+    # own micro-batch (negatives never cross micro-batches). For a larger contrastive batch use grad_cache_chunk.
     gradient_accumulation_steps: int = 1
     checkpoint_every: int = 500  # steps between save_state checkpoints (and one at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted

@@ -24,8 +24,8 @@ from vclr.rundir import read_metrics
 from vclr.storage import atomic_write_text
 from vclr.data.dataset import CaptionTable, load_caption_table, load_class_labels
 from vclr.embed import embed_table, embed_texts, load_trained
-from vclr.metrics import (adjusted_rand_index, best_f1_threshold, check_retrieval_inputs, cluster,
-                          image_to_text_ranks, KNN_K, KNN_TEMPERATURE, knn_classify, metrics_from_ranks, normalized_mutual_info,
+from vclr.metrics import (KNN_K, KNN_TEMPERATURE, adjusted_rand_index, best_f1_threshold, check_retrieval_inputs,
+                          cluster, image_to_text_ranks, knn_classify, metrics_from_ranks, normalized_mutual_info,
                           text_to_image_ranks, top_k_accuracy, verification_prf, zero_shot_metrics)
 
 logger = logging.getLogger(__name__)

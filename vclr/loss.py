@@ -63,7 +63,8 @@ class LossBatch:
     bank_texts: torch.Tensor | None = None
 
     @classmethod
-    def gathered(cls, image_features, text_features, logit_scale, gather: GatherFn | None = None, bank=None) -> "LossBatch":
+    def gathered(cls, image_features, text_features, logit_scale, gather: GatherFn | None = None,
+                 bank: "FeatureQueue | None" = None) -> "LossBatch":
         all_images, all_texts, rank = (gather or _no_gather)(image_features, text_features)  # (N, D) each
         bank_images, bank_texts = bank.negatives() if bank is not None else (None, None)
         return cls(image_features, text_features, all_images, all_texts, rank, logit_scale, bank_images, bank_texts)

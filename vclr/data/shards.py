@@ -7,8 +7,9 @@ buffer shuffle, so a resumed run replays the same stream. Images stay encoded by
 (PIL) or on the training device (`data.decode_on=device`).
 
 Webdataset samples: key.jpg|jpeg|png|webp + key.txt (one caption a line) and/or key.json ({"captions": [...]},
-{"caption": ...} or {"text": ...}), parsed by `sample_captions` here and in `vclr prepare webdataset` alike. Parquet rows: an `image` column (HF Image: {"bytes", "path"}; without bytes the path is read) and
-the data.caption_columns.
+{"caption": ...} or {"text": ...}), parsed by `sample_captions` here and in `vclr prepare webdataset` alike.
+Parquet rows: an `image` column (HF Image: {"bytes", "path"}; without bytes the path is read) and the
+data.caption_columns.
 """
 
 from __future__ import annotations

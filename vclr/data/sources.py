@@ -92,8 +92,7 @@ class ShardSource:
 
 
 def open_training_source(cfg: Config, accelerator, tokenizer, image_size: int) -> TrainingSource:
-    if not cfg.data.train:
-        raise VclrError("data.train is not set: pass data.train=DIR (e.g. from `vclr make-synthetic`)")
+    """Shards when data.train is a folder of them, else a prepared table (vclr.train.check_inputs ran first)."""
     shards = find_shards(cfg.data.train)
     if shards:
         return ShardSource(cfg, accelerator, tokenizer, image_size, shards)

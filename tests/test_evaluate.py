@@ -80,7 +80,8 @@ def test_eval_with_labels_adds_knn_and_clustering(tmp_path):
     assert c["knn_k"] == 200 and c["knn_temperature"] == 0.07
     # kNN top-1 against a naive reference: every test image votes over all train images by brute force
     from vclr.data.dataset import load_caption_table, load_class_labels
-    from vclr.embed import embed_table, load_trained
+    from vclr.embed import embed_table
+    from vclr.model_source import load_trained
 
     model, cfg = load_trained(run)
     embedded, labels = {}, {}

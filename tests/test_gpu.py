@@ -8,7 +8,8 @@ import torch
 
 from vclr.config import load_config
 from vclr.data.dataset import load_caption_table
-from vclr.embed import embed_table, load_trained
+from vclr.embed import embed_table
+from vclr.model_source import load_trained
 from vclr.train import train
 from conftest import train_overrides
 

@@ -108,7 +108,7 @@ def test_deleted_images_are_not_served(searcher, tmp_path):
     from vclr.serve import create_app
 
     index_dir = tmp_path / "index"
-    shutil.copytree(Path(searcher.index.manifest["run_dir"]).parent / "serve_index", index_dir)
+    shutil.copytree(Path(searcher.index.manifest["model_source"]["run_dir"]).parent / "serve_index", index_dir)
     client = TestClient(create_app(Searcher(RetrievalIndex.load(index_dir), searcher.model, searcher.cfg)))
     hit = client.get("/api/search", params={"text": "a blue square", "k": 1}).json()["hits"][0]
     assert main(["index-delete", "--index", str(index_dir), "--image-ids", str(hit["id"])]) == 0

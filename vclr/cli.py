@@ -35,6 +35,25 @@ def _parse_ks(text: str) -> list[int]:
         raise VclrError(f"--ks must be comma-separated integers such as 1,5,10, got {text!r}") from None
 
 
+def add_model_arguments(p, required: bool = True) -> None:
+    """The model that embeds: a vclr run, or any open_clip model config with optional weights."""
+    default = "" if required else " (default: the model the index was built with)"
+    p.add_argument("--run", help=f"a vclr training run dir{default}")
+    p.add_argument("--model", help="an open_clip model config instead of a run, e.g. ViT-B-32 or hf-hub:org/repo "
+                                   "(`vclr models` lists them)")
+    p.add_argument("--pretrained", help="with --model: an open_clip pretrained tag (downloads), or a local checkpoint "
+                                        "(.pt/.bin/.safetensors, open_clip's or a vclr model.safetensors)")
+
+
+def _model_source(args, required: bool = True):
+    """The model source the flags name; None (the index's own) when they name none and none is required."""
+    from vclr.model_source import model_source
+
+    if not required and not (args.run or args.model or args.pretrained):
+        return None
+    return model_source(args.run, args.model, args.pretrained)
+
+
 # ---------------------------------------------------------------------------------------------------- subcommands
 
 
@@ -147,9 +166,14 @@ def cmd_train(args) -> int:
 
 
 def add_index_arguments(p) -> None:
-    p.add_argument("--run", required=True, help="training run dir")
-    p.add_argument("--data", help="dataset to index (default: the run's data.test)")
-    p.add_argument("--out", required=True, help="index dir to write")
+    add_model_arguments(p)
+    p.add_argument("--data", help="a folder of images (any tree; captions optional: name.txt beside name.jpg) or a "
+                                  "prepared dataset (default: the run's data.test)")
+    p.add_argument("--out", required=True, help="index dir to write; an existing index of the same model and data "
+                                                "is brought up to date (new, changed and removed files only)")
+    p.add_argument("--rebuild", action="store_true", help="build afresh even if --out holds an up-to-date index")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images (default 0: in "
+                                                          "the main process)")
     p.add_argument("--index-type", choices=INDEX_CHOICES, default="auto",
                    help="auto: exact up to 50k items, else every type that fits the memory budget is built and "
                         "measured, and the fastest one meeting --recall-target is kept (exact search included)")
@@ -164,10 +188,20 @@ def cmd_index(args) -> int:
 
     options = IndexOptions(kind=args.index_type, recall_target=args.recall_target,
                            memory_budget_gb=args.memory_budget_gb)
-    index = build_index(args.run, args.data, args.out, options)
-    print(f"indexed {index.manifest['num_images']} images and {index.manifest['num_texts']} captions "
-          f"(dim {index.manifest['dim']}) into {args.out}")
-    for modality, tuning in index.manifest["index"].items():
+    if args.workers < 0:
+        raise VclrError(f"--workers must be >= 0, got {args.workers}")
+    update = build_index(_model_source(args), args.data, args.out, options, rebuild=args.rebuild,
+                         workers=args.workers)
+    manifest = update.index.manifest
+    live_images = manifest["num_images"] - manifest["deleted_images"]
+    print(f"indexed {live_images} images and {manifest['num_texts'] - manifest['deleted_texts']} captions "
+          f"(dim {manifest['dim']}) into {args.out}: "
+          + ("a fresh build" if update.rebuilt else f"{update.added} added, {update.changed} changed, "
+                                                     f"{update.removed} removed, {update.unchanged} unchanged"))
+    if update.unreadable:
+        print(f"  {len(update.unreadable)} unreadable files skipped (listed in {Path(args.out) / 'manifest.json'}"
+              f" under unreadable_files), e.g. {update.unreadable[0]}")
+    for modality, tuning in manifest["index"].items():
         setting = f", {tuning['param']}={tuning['value']}" if tuning["param"] else ""
         print(f"  {modality:<7}{tuning['factory']}{setting}: cross-modal recall@{tuning['k']} "
               f"{tuning['recall']:.3f}, {tuning['qps']:.0f} queries/s")
@@ -177,13 +211,13 @@ def cmd_index(args) -> int:
 def add_index_add_arguments(p) -> None:
     p.add_argument("--index", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
+    add_model_arguments(p, required=False)
 
 
 def cmd_index_add(args) -> int:
     from vclr.search import add_to_index
 
-    images, captions = add_to_index(args.index, args.data, args.run)
+    images, captions = add_to_index(args.index, args.data, _model_source(args, required=False))
     print(f"added {images} images and {captions} captions to {args.index}")
     return 0
 
@@ -227,40 +261,51 @@ def cmd_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise VclrError(f"--port must be 1..65535, got {args.port}")
     print(f"serving {args.index} on http://{args.host}:{args.port}  (Ctrl-C stops)")
-    serve(args.index, args.run, args.host, args.port, args.mmap)
+    serve(args.index, _model_source(args, required=False), args.host, args.port, args.mmap)
     return 0
 
 
 def add_search_arguments(p) -> None:
     p.add_argument("--index", required=True)
-    p.add_argument("--text")
-    p.add_argument("--image")
+    p.add_argument("--text", help="text -> images")
+    p.add_argument("--image", help="image file -> captions, or images when the index has no captions (or --images)")
+    p.add_argument("--like", type=int, metavar="ID", help="indexed image id -> the images most like it")
+    p.add_argument("--images", action="store_true", help="with --image: return images even if there are captions")
     p.add_argument("-k", type=int, default=5)
-    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
-    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    add_model_arguments(p, required=False)
+    p.add_argument("--json", action="store_true", help="print the hits as a JSON list: rank, score, id and path "
+                                                       "(images) or caption (captions)")
 
 
 def cmd_search(args) -> int:
-    from vclr.search import search_by_image, search_by_text
+    from vclr.search import Searcher, check_k, check_text_query
 
-    if (args.text is None) == (args.image is None):
-        raise VclrError("give exactly one of --text or --image")
+    if sum(x is not None for x in (args.text, args.image, args.like)) != 1:
+        raise VclrError("give exactly one of --text, --image or --like")
     if args.text is not None:
-        hits = search_by_text(args.index, args.text, args.k, args.run)
+        check_text_query(args.text)
+    if args.image is not None and not Path(args.image).is_file():
+        raise VclrError(f"query image {args.image} does not exist")
+    check_k(args.k)  # every argument is checked before the model is loaded
+    searcher = Searcher.open(args.index, _model_source(args, required=False))
+    if args.text is not None:
+        hits = searcher.by_text(args.text, args.k)
+    elif args.image is not None:
+        hits = searcher.by_image_file(args.image, args.k, images=args.images or None)
     else:
-        hits = search_by_image(args.index, args.image, args.k, args.run)
+        hits = searcher.like(args.like, args.k)
     if args.json:
-        print(json.dumps([hit.__dict__ for hit in hits]))
+        print(json.dumps([hit.to_json() for hit in hits]))
     else:
         _print_hits(hits)
     return 0
 
 
 def add_eval_arguments(p) -> None:
-    p.add_argument("--run", required=True)
+    add_model_arguments(p)
     p.add_argument("--data", help="test dataset (default: the run's data.test)")
     p.add_argument("--ks", help="comma-separated k values (default: the run's eval.ks)")
-    p.add_argument("--out", help="report path (default RUN/eval.json)")
+    p.add_argument("--out", help="report path (default: RUN/eval.json, or eval-MODEL.json here with --model)")
     p.add_argument("--plots", help="folder for the PNG plots (default: plots/ beside the report)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--index", help="also score retrieval through this index: what the ANN index costs vs exact")
@@ -272,9 +317,10 @@ def cmd_eval(args) -> int:
     from vclr.evaluate import evaluate_run, format_metrics_table
 
     ks = _parse_ks(args.ks) if args.ks else None
-    out = args.out or Path(args.run) / "eval.json"
+    source = _model_source(args)
+    out = args.out or _default_report(args, "eval")
     plots = None if args.no_plots else (args.plots or Path(out).parent / "plots")
-    report = evaluate_run(args.run, args.data, ks, out, plots, args.index, args.label_column, args.knn_train)
+    report = evaluate_run(source, args.data, ks, out, plots, args.index, args.label_column, args.knn_train)
     print(format_metrics_table(report["metrics"], report["ks"]))
     if report.get("verification"):
         v = report["verification"]
@@ -292,21 +338,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _default_report(args, kind: str) -> Path:
+    if args.run:
+        return Path(args.run) / f"{kind}.json"
+    return Path(f"{kind}-{args.model.replace('/', '_').replace(':', '_')}.json")
+
+
 def add_zero_shot_arguments(p) -> None:
-    p.add_argument("--run", required=True)
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="dataset with a label column and a class-name column")
     p.add_argument("--label-column", default="label")
     p.add_argument("--name-column", default="class_name")
-    p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to ensemble")
-    p.add_argument("--out", help="report path (default RUN/zero_shot.json)")
+    p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to ensemble "
+                                                        "(default: open_clip's ensemble for the dataset when it has "
+                                                        "one, e.g. ImageNet's, else 'a photo of a {}')")
+    p.add_argument("--out", help="report path (default: RUN/zero_shot.json, or zero_shot-MODEL.json here)")
 
 
 def cmd_zero_shot(args) -> int:
-    from vclr.evaluate import DEFAULT_TEMPLATES, zero_shot_run
+    from vclr.evaluate import zero_shot_run
 
-    out = args.out or Path(args.run) / "zero_shot.json"
-    report = zero_shot_run(args.run, args.data, args.label_column, args.name_column,
-                           args.template or DEFAULT_TEMPLATES, out)
+    source = _model_source(args)
+    out = args.out or _default_report(args, "zero_shot")
+    report = zero_shot_run(source, args.data, args.label_column, args.name_column, args.template, out)
     metrics = report["metrics"]
     print(f"zero-shot on {report['num_images']} images, {len(report['classes'])} classes: "
           + ", ".join(f"{k.split('_')[-1]} {v:.2f}" for k, v in metrics.items() if "/" not in k))
@@ -384,7 +438,7 @@ def cmd_demo(args) -> int:
         print(f"      {result.step} steps in {result.elapsed_s:.0f}s, loss {result.first_loss:.3f} -> "
               f"{result.last_loss:.3f}")
     print(f"[3/5] indexing the test split into {index}")
-    built = build_index(run, str(data / "test"), index)
+    built = build_index(run, str(data / "test"), index).index  # re-runs: only what changed (nothing, or all)
     print("[4/5] evaluating retrieval on the held-out test split")
     report = evaluate_run(run, str(data / "test"), out=out / "eval.json", plots_dir=out / "plots")
     print(format_metrics_table(report["metrics"], report["ks"]))

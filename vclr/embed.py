@@ -1,28 +1,28 @@
-"""Embed datasets and queries with a trained model: float32, L2-normalised numpy arrays.
+"""Embed collections and queries with a model: float32, L2-normalised numpy arrays.
 
-    model, cfg = load_trained(Path("runs/demo"))
-    emb = embed_table(model, cfg, load_caption_table("data/shapes/test"))
+    model, cfg = model_source(run="runs/demo").load()       # or model="ViT-B-32", pretrained=...
+    emb = embed_table(model, cfg, load_collection("photos/"))
+
+Images go through one pipeline: paths -> DataLoader workers decode (PIL) and apply the model's own open_clip
+preprocessing (short side resized with its interpolation, centre crop, its mean/std) -> batches on the model's device
+(bf16 autocast on CUDA) -> unit vectors. A file that cannot be decoded is dropped and named, never embedded blank.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vclr.config import Config, VclrError
-from vclr.data.dataset import CaptionTable, ImageOnlyDataset, ImageTextDataset, normalize_images, read_image, \
-    decode_transform, tokenize_all
-from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg
-from vclr.rundir import load_run_config, weights_file
+from vclr.data.dataset import CaptionTable, normalize_images, read_image, tokenize_all
+from vclr.model import DualEncoder, get_tokenizer, image_preprocess_cfg, inference_transform
 
 logger = logging.getLogger(__name__)
 
@@ -31,53 +31,89 @@ logger = logging.getLogger(__name__)
 class Embeddings:
     image_embeddings: np.ndarray  # (N, D) float32, unit norm
     text_embeddings: np.ndarray  # (C, D) float32, unit norm
-    caption_image: np.ndarray  # (C,) int64
+    caption_image: np.ndarray  # (C,) int64: the image (row of image_embeddings) of each caption
     image_paths: list[str]
     texts: list[str]
+    unreadable: list[str] = field(default_factory=list)  # image files that could not be decoded, left out
+    rows: np.ndarray | None = None  # (N,) the table row of each embedded image (unreadable rows are missing)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def model_device(model: DualEncoder) -> torch.device:
+    return next(model.parameters()).device
 
 
-def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
-    """The model of a run directory (its config.yaml and weights), in eval mode."""
-    cfg = load_run_config(run_dir)
-    # the weights come from the run: no pretrained files to load, no locking needed for inference
-    model = build_model(dataclasses.replace(cfg.model, pretrained="", image_tower_weights=""))
-    model.load_state_dict(load_file(str(weights_file(run_dir))))
-    return model.to(device or default_device()).eval(), cfg
+def _autocast(device: torch.device):
+    """bf16 on CUDA (tensor cores; embeddings are normalised, so bf16 costs no retrieval quality); none on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                    enabled=False)
+
+
+class _ImageFiles(Dataset):
+    """Item i: (i, uint8 (3, S, S)) or (i, None) when file i cannot be decoded; decoded in the loader's workers."""
+
+    def __init__(self, paths: Sequence[str], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = read_image(self.paths[i])
+        return i, None if image is None else self.transform(image)
+
+
+def _collate_kept(items: list) -> tuple[list[int], torch.Tensor | None, list[int]]:
+    kept = [(i, image) for i, image in items if image is not None]
+    failed = [i for i, image in items if image is None]
+    return [i for i, _ in kept], torch.stack([image for _, image in kept]) if kept else None, failed
 
 
 @torch.no_grad()
-def embed_image_batches(model: DualEncoder, images: DataLoader, device: torch.device) -> np.ndarray:
-    preprocess = image_preprocess_cfg(model)
+def _encode_images(model: DualEncoder, batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> (B, D) float32 unit vectors."""
+    device, preprocess = model_device(model), image_preprocess_cfg(model)
+    batch = normalize_images(batch.to(device, non_blocking=True), preprocess["mean"], preprocess["std"])
+    with _autocast(device):
+        return model.encode_image(batch, normalize=True).float().cpu()
+
+
+def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int = 256,
+                      num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """-> (embeddings (M, D) of the readable images, their positions (M,) in `paths`), in the order of `paths`."""
+    loader = DataLoader(_ImageFiles(paths, inference_transform(model)), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate_kept)
+    out, kept = [], []
+    with tqdm(total=len(paths), desc="embedding images", unit="img", leave=False, disable=len(paths) <= batch_size,
+              dynamic_ncols=True) as bar:
+        for positions, batch, failed in loader:
+            if batch is not None:
+                out.append(_encode_images(model, batch))
+                kept += positions
+            bar.update(len(positions) + len(failed))
+    dim = model.embed_dim
+    embeddings = torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, dim), np.float32)
+    return embeddings, np.asarray(kept, dtype=np.int64)  # (M, D), (M,)
+
+
+@torch.no_grad()
+def embed_tokens(model: DualEncoder, tokens: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    device = model_device(model)
     out = []
-    for batch in tqdm(images, desc="embedding images", unit="batch", leave=False, disable=len(images) <= 1):
-        batch = normalize_images(batch.to(device), preprocess["mean"], preprocess["std"])  # (B, 3, S, S)
-        out.append(model.encode_image(batch, normalize=True).float().cpu())
-    return torch.cat(out).numpy().astype(np.float32)  # (N, D)
-
-
-@torch.no_grad()
-def embed_tokens(model: DualEncoder, tokens: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
-    out = [model.encode_text(tokens[i:i + batch_size].to(device), normalize=True).float().cpu()
-           for i in tqdm(range(0, len(tokens), batch_size), desc="embedding texts", unit="batch", leave=False,
-                         disable=len(tokens) <= batch_size)]
-    return torch.cat(out).numpy().astype(np.float32)  # (C, D)
+    for start in tqdm(range(0, len(tokens), batch_size), desc="embedding texts", unit="batch", leave=False,
+                      disable=len(tokens) <= batch_size):
+        with _autocast(device):
+            out.append(model.encode_text(tokens[start:start + batch_size].to(device), normalize=True).float().cpu())
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.embed_dim), np.float32)  # (C, D)
 
 
 def embed_texts(model: DualEncoder, cfg: Config, texts: Sequence[str], batch_size: int = 512) -> np.ndarray:
-    device = next(model.parameters()).device
-    return embed_tokens(model, tokenize_all(get_tokenizer(cfg.model), texts), batch_size, device)
+    return embed_tokens(model, tokenize_all(get_tokenizer(cfg.model), texts), batch_size)
 
 
 def embed_pil_images(model: DualEncoder, images: Sequence) -> np.ndarray:
-    """Embed decoded RGB PIL images (search queries, uploads)."""
-    device = next(model.parameters()).device
-    transform = decode_transform(image_preprocess_cfg(model)["size"])
-    batch = torch.stack([transform(image) for image in images])  # (B, 3, S, S) uint8
-    return embed_image_batches(model, DataLoader(batch, batch_size=len(images)), device)
+    """Embed decoded RGB PIL images (search queries, uploads). -> (B, D)"""
+    transform = inference_transform(model)
+    return _encode_images(model, torch.stack([transform(image) for image in images])).numpy()
 
 
 def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
@@ -94,13 +130,15 @@ def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
 
 
 def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size: int | None = None) -> Embeddings:
-    """Embed every image and every caption of a table."""
+    """Embed every readable image of a table and the captions of those images."""
     batch_size = batch_size or cfg.eval.batch_size
-    device = next(model.parameters()).device
-    pairs = ImageTextDataset(table, get_tokenizer(cfg.model), image_preprocess_cfg(model)["size"],
-                             cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb)
-    loader = DataLoader(ImageOnlyDataset(pairs), batch_size=batch_size, num_workers=cfg.data.num_workers)
-    image_embeddings = embed_image_batches(model, loader, device)
-    text_embeddings = embed_tokens(model, pairs.tokens, batch_size, device)
-    texts, caption_image = pairs.table.flat_captions()
-    return Embeddings(image_embeddings, text_embeddings, caption_image, list(pairs.table.image_paths), texts)
+    image_embeddings, kept = embed_image_paths(model, table.image_paths, batch_size, cfg.data.num_workers)
+    unreadable = sorted(set(range(len(table))) - set(kept.tolist()))
+    if unreadable:
+        logger.warning("%s: %d unreadable images left out (first: %s)", table.source, len(unreadable),
+                       table.image_paths[unreadable[0]])
+    captions = [table.captions[i] for i in kept]
+    texts = [c for caps in captions for c in caps]
+    caption_image = np.repeat(np.arange(len(kept)), [len(c) for c in captions]).astype(np.int64)  # (C,)
+    return Embeddings(image_embeddings, embed_texts(model, cfg, texts, batch_size), caption_image,
+                      [table.image_paths[i] for i in kept], texts, [table.image_paths[i] for i in unreadable], kept)

@@ -23,7 +23,8 @@ from vclr.config import Config, VclrError, config_hash
 from vclr.rundir import read_metrics
 from vclr.storage import atomic_write_text
 from vclr.data.dataset import CaptionTable, load_caption_table, load_class_labels
-from vclr.embed import embed_table, embed_texts, load_trained
+from vclr.embed import embed_table, embed_texts
+from vclr.model_source import ModelSource, RunSource, model_identity
 from vclr.metrics import (KNN_K, KNN_TEMPERATURE, adjusted_rand_index, best_f1_threshold, check_retrieval_inputs,
                           cluster, image_to_text_ranks, knn_classify, metrics_from_ranks, normalized_mutual_info,
                           text_to_image_ranks, top_k_accuracy, verification_prf, zero_shot_metrics)
@@ -31,11 +32,15 @@ from vclr.metrics import (KNN_K, KNN_TEMPERATURE, adjusted_rand_index, best_f1_t
 logger = logging.getLogger(__name__)
 
 
-def _provenance(run_dir: str | Path, source: str, table: CaptionTable, cfg: Config) -> dict:
+def _as_source(source: ModelSource | str | Path) -> ModelSource:
+    return source if hasattr(source, "load") else RunSource(str(source))
+
+
+def _provenance(model_source: ModelSource, data: str, table: CaptionTable, cfg: Config) -> dict:
     """What makes a report's numbers comparable across runs: model, data and their fingerprints."""
-    return {"run_dir": str(Path(run_dir).resolve()), "dataset": str(source),
-            "dataset_fingerprint": table.fingerprint(), "model_name": cfg.model.name,
-            "model_config_hash": config_hash(cfg.model)}
+    run = {"run_dir": model_source.run_dir} if isinstance(model_source, RunSource) else {}
+    return {**model_identity(model_source, cfg), **{k: str(Path(v).resolve()) for k, v in run.items()},
+            "dataset": str(data), "dataset_fingerprint": table.fingerprint()}
 
 
 def _save_report(report: dict, out: str | Path | None) -> None:
@@ -44,12 +49,13 @@ def _save_report(report: dict, out: str | Path | None) -> None:
         logger.info("wrote %s", out)
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int] | None = None,
+def evaluate_run(model_source: ModelSource | str | Path, data: str | None = None, ks: Sequence[int] | None = None,
                  out: str | Path | None = None, plots_dir: str | Path | None = None,
                  index_dir: str | Path | None = None, label_column: str | None = None,
                  knn_train: str | None = None, examples: int = 6) -> dict:
     """Embed `data` (default: the run's data.test) with the run's model and score it; see the module doc."""
-    model, cfg = load_trained(run_dir)
+    model_source = _as_source(model_source)
+    model, cfg = model_source.load()
     source = data or cfg.data.test
     if not source:
         raise VclrError("no test data: pass --data DIR or set data.test in the run's config")
@@ -63,7 +69,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int]
     i2t_ranks, t2i_ranks = exact_ranks(emb)  # (N,), (C,)
     metrics = metrics_from_ranks(i2t_ranks, t2i_ranks, ks)
     curve_ks = [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= len(emb.image_embeddings)]
-    report = {"metrics": metrics, **_provenance(run_dir, source, table, cfg), "skipped_rows": table.skipped,
+    report = {"metrics": metrics, **_provenance(model_source, source, table, cfg), "skipped_rows": table.skipped,
               "ks": list(ks),
               "recall_curve": {"k": curve_ks,
                                "image_to_text": [float(100 * (i2t_ranks <= k).mean()) for k in curve_ks],
@@ -75,7 +81,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, ks: Sequence[int]
         report["classification"] = classification_report(model, cfg, source, table, emb, label_column, knn_train)
     report["seconds"] = round(time.perf_counter() - start, 2)
     if plots_dir:
-        report["plots"] = write_plots(Path(plots_dir), Path(run_dir), emb, i2t_ranks, t2i_ranks, examples)
+        run_dir = Path(model_source.run_dir) if isinstance(model_source, RunSource) else None
+        report["plots"] = write_plots(Path(plots_dir), run_dir, emb, i2t_ranks, t2i_ranks, examples)
     _save_report(report, out)
     return report
 
@@ -141,6 +148,7 @@ def classification_report(model, cfg, source: str, table: CaptionTable, emb, lab
     """Weighted kNN classification (train: `knn_train` or the run's data.train) and clustering, on image embeddings."""
     labels, class_names = load_class_labels(source, table.image_paths, label_column, name_column,
                                             cfg.data.image_column)
+    labels = labels[emb.rows]  # the readable images'
     out: dict = {"num_classes": len(class_names)}
     train_source = knn_train or cfg.data.train
     if train_source:
@@ -150,6 +158,7 @@ def classification_report(model, cfg, source: str, table: CaptionTable, emb, lab
         if train_names != class_names:
             raise VclrError(f"{train_source} and {source} name their classes differently; kNN needs one label set")
         train_emb = embed_table(model, cfg, train_table)
+        train_labels = train_labels[train_emb.rows]  # readable images only
         scores = knn_classify(train_emb.image_embeddings, train_labels, emb.image_embeddings, len(class_names),
                               KNN_K, KNN_TEMPERATURE)
         out.update(top_k_accuracy(scores, labels, (1, 5)), knn_k=KNN_K, knn_temperature=KNN_TEMPERATURE,
@@ -160,12 +169,13 @@ def classification_report(model, cfg, source: str, table: CaptionTable, emb, lab
     return out
 
 
-def write_plots(folder: Path, run_dir: Path, emb, i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, examples: int) -> dict:
+def write_plots(folder: Path, run_dir: Path | None, emb, i2t_ranks: np.ndarray, t2i_ranks: np.ndarray,
+                examples: int) -> dict:
     from vclr import plots
 
     written = {"recall_curves": str(plots.recall_curves(i2t_ranks, t2i_ranks, folder / "recall_curves.png",
                                                         max_k=min(100, len(emb.image_embeddings))))}
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir) if run_dir is not None else []  # training curves: a vclr run's only
     if rows:
         written["training_curves"] = str(plots.training_curves(rows, folder / "training_curves.png"))
     if examples:
@@ -195,26 +205,40 @@ def format_metrics_table(metrics: dict, ks: Sequence[int]) -> str:
 DEFAULT_TEMPLATES = ("a photo of a {}",)
 
 
+def standard_templates(class_names: Sequence[str]) -> tuple[str, ...]:
+    """open_clip's prompt ensemble for a dataset it has one for (ImageNet's 80 OpenAI templates), else the default."""
+    import open_clip
+
+    if set(class_names) == set(open_clip.IMAGENET_CLASSNAMES):
+        return tuple(template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES)
+    return DEFAULT_TEMPLATES
+
+
 def class_embeddings(model, cfg, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """(K, D) one unit vector per class: the mean of its prompt embeddings, renormalised (CLIP's prompt ensemble)."""
     if not templates or any("{}" not in t for t in templates):
         raise VclrError(f"each zero-shot template needs a '{{}}' for the class name, got {list(templates)}")
-    prompts = [t.format(name) for name in class_names for t in templates]
+    prompts = [t.replace("{}", name) for name in class_names for t in templates]
     emb = embed_texts(model, cfg, prompts).reshape(len(class_names), len(templates), -1).mean(axis=1)  # (K, D)
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 
-def zero_shot_run(run_dir: str | Path, data: str, label_column: str = "label", name_column: str = "class_name",
-                  templates: Sequence[str] = DEFAULT_TEMPLATES, out: str | Path | None = None) -> dict:
-    """Zero-shot classification of `data`'s images against prompts built from its class names."""
-    model, cfg = load_trained(run_dir)
+def zero_shot_run(model_source: ModelSource | str | Path, data: str, label_column: str = "label",
+                  name_column: str = "class_name", templates: Sequence[str] | None = None,
+                  out: str | Path | None = None) -> dict:
+    """Zero-shot classification of `data`'s images against prompts built from its class names (`templates`: open_clip's
+    standard ensemble for the dataset when it has one, else DEFAULT_TEMPLATES)."""
+    model_source = _as_source(model_source)
+    model, cfg = model_source.load()
     table = load_caption_table(data, cfg.data.image_column, cfg.data.caption_columns)
     labels, class_names = load_class_labels(data, table.image_paths, label_column, name_column,
                                             cfg.data.image_column)
+    templates = tuple(templates or standard_templates(class_names))
     classes = class_embeddings(model, cfg, class_names, templates)
     emb = embed_table(model, cfg, table)
+    labels = labels[emb.rows]  # the readable images'
     report = {"metrics": zero_shot_metrics(emb.image_embeddings, classes, labels, class_names),
-              **_provenance(run_dir, data, table, cfg), "templates": list(templates), "classes": class_names,
+              **_provenance(model_source, data, table, cfg), "templates": list(templates), "classes": class_names,
               "num_images": len(labels)}
     _save_report(report, out)
     return report

@@ -28,7 +28,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from vclr.ann import choose_index
+from vclr.ann import Tuning, choose_index
 from vclr.config import INDEX_CHOICES, IndexKind, VclrError
 from vclr.storage import directory_problem, remove_stale_temp_dirs, write_directory
 from vclr.store import MetadataStore
@@ -73,6 +73,11 @@ def _as_queries(xq: np.ndarray, d: int) -> np.ndarray:
 
 
 def _build_modality(xb: np.ndarray, other: np.ndarray, options: IndexOptions, seed: int) -> tuple[faiss.Index, dict]:
+    if not len(xb):  # an image-only collection has no captions: an empty exact index, ready for captions added later
+        return faiss.IndexFlatIP(xb.shape[1]), Tuning("flat", "Flat", None, None, 1.0, 0.0, options.k,
+                                                       options.recall_target, True).to_dict()
+    if not len(other):  # no queries of the other modality: tune with the collection's own vectors
+        other = xb
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(other), min(options.tuning_queries, len(other)), replace=False)
     budget = options.memory_budget_gb * 1e9 or None
@@ -93,7 +98,8 @@ class RetrievalIndex:
 
     @classmethod
     def build(cls, image_embeddings, text_embeddings, caption_image, image_paths, texts,
-              manifest: dict | None = None, options: IndexOptions = IndexOptions(), seed: int = 0) -> "RetrievalIndex":
+              manifest: dict | None = None, options: IndexOptions = IndexOptions(), seed: int = 0,
+              image_states: Sequence[str | None] | None = None) -> "RetrievalIndex":
         image_embeddings = np.ascontiguousarray(image_embeddings, dtype=np.float32)
         text_embeddings = np.ascontiguousarray(text_embeddings, dtype=np.float32)
         if image_embeddings.shape[1] != text_embeddings.shape[1]:
@@ -102,7 +108,7 @@ class RetrievalIndex:
         if len(image_paths) != len(image_embeddings) or len(texts) != len(text_embeddings):
             raise IndexDirError("metadata and embeddings differ in length")
         store = MetadataStore()
-        store.add_images(image_paths)
+        store.add_images(image_paths, image_states)
         store.add_texts(texts, caption_image)
         # captions search the image index and images the caption index: each is tuned with the other's queries
         image_index, image_tuning = _build_modality(image_embeddings, text_embeddings, options, seed)
@@ -165,7 +171,8 @@ class RetrievalIndex:
     # ----------------------------------------------------------------------------------------- adding, deleting
 
     def add(self, image_embeddings: np.ndarray, image_paths: Sequence[str], text_embeddings: np.ndarray,
-            texts: Sequence[str], caption_image: Sequence[int]):
+            texts: Sequence[str], caption_image: Sequence[int],
+            image_states: Sequence[str | None] | None = None):
         """Append images and captions (`caption_image` indexes the NEW images) without rebuilding; -> their ids."""
         image_embeddings = _as_queries(image_embeddings, self.d) if len(image_embeddings) else np.zeros((0, self.d),
                                                                                                          np.float32)
@@ -176,7 +183,7 @@ class RetrievalIndex:
             raise IndexDirError("add: metadata and embeddings differ in length")
         if len(caption_image) and not (0 <= min(caption_image) and max(caption_image) < len(image_paths)):
             raise IndexDirError("add: caption_image must index the images being added")
-        image_ids = self.store.add_images(image_paths)
+        image_ids = self.store.add_images(image_paths, image_states)
         first_new = int(image_ids[0]) if len(image_ids) else self.store.count("images")
         text_ids = self.store.add_texts(texts, [first_new + int(i) for i in caption_image])
         self.image_index.add(image_embeddings)
@@ -289,4 +296,5 @@ def _open_store_copy(path: Path) -> MetadataStore:
     store = MetadataStore()
     on_disk.db.backup(store.db)
     on_disk.close()
+    store.upgrade()  # the backup brought the saved schema along
     return store

@@ -190,6 +190,19 @@ def get_tokenizer(cfg: ModelConfig):
     return open_clip.get_tokenizer(cfg.name)
 
 
+def inference_transform(model: DualEncoder):
+    """PIL -> uint8 (3, S, S): open_clip's own eval preprocess for this model (its resize mode, interpolation, crop or
+    pad), less ToTensor/Normalize; normalize_images on the batch then gives open_clip's input exactly."""
+    from torchvision import transforms
+
+    cfg = image_preprocess_cfg(model)
+    full = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
+                                     resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
+                                     fill_color=cfg.get("fill_color", 0))
+    geometry = [t for t in full.transforms if not isinstance(t, (transforms.ToTensor, transforms.Normalize))]
+    return transforms.Compose([*geometry, transforms.PILToTensor()])
+
+
 def image_preprocess_cfg(model: DualEncoder) -> dict:
     """size (int) / mean / std / interpolation the image tower expects (open_clip's preprocess config)."""
     preprocess = dict(open_clip.get_model_preprocess_cfg(model.clip))

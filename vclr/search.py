@@ -1,27 +1,40 @@
-"""Build, grow and query an index of a trained run: text->image and image->text.
+"""Build, grow and query indexes: text -> images, image -> images ("more like this"), image -> captions.
 
-    build_index("runs/demo", "data/shapes/test", "indexes/demo")
-    hits = search_by_text("indexes/demo", "a large red circle on the left", k=5)
-    searcher = Searcher.open("indexes/demo")       # index + model loaded once (the web service)
+    build_index(model_source(run="runs/demo"), "data/shapes/test", "indexes/demo")
+    build_index(model_source(model="ViT-B-32", pretrained="vit.pt"), "photos/", "indexes/photos")
+    build_index(..., "photos/", "indexes/photos")      # again: embeds only new or changed files, drops deleted ones
+    hits = search_by_text("indexes/photos", "a dog on a beach", k=5)   # the index knows its model
+    searcher = Searcher.open("indexes/photos")         # index + model loaded once (the web service)
+
+An index records its model source (`model_source` in the manifest), so searching, serving and growing it need no
+model flags. Re-indexing a folder compares each file's size and mtime (and its caption sidecar's) with the index's
+record, embeds what is new or changed in chunks that are saved as they complete (a killed run loses nothing saved, and
+the next run continues), and marks removed files deleted: the index then answers as a fresh build would.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from vclr.config import Config, VclrError, config_hash
-from vclr.data.dataset import load_caption_table
-from vclr.embed import embed_image_files, embed_table, embed_texts, load_trained
+from vclr.data.dataset import CaptionTable
+from vclr.data.folder import load_collection
+from vclr.embed import embed_image_files, embed_table, embed_texts
 from vclr.index import IndexOptions, RetrievalIndex
 from vclr.model import DualEncoder
+from vclr.model_source import ModelSource, RunSource, model_identity, source_from_manifest
 
 logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000
+SAVE_EVERY = 20_000  # images embedded between saves of a growing index: what a kill can cost at most
 
 
 @dataclass
@@ -29,39 +42,155 @@ class Hit:
     rank: int
     score: float
     id: int
-    value: str  # image path (text->image) or caption (image->text)
+    path: str | None = None  # an image hit
+    caption: str | None = None  # a caption hit
+
+    @property
+    def value(self) -> str:
+        return self.path if self.path is not None else self.caption
+
+    def to_json(self) -> dict:
+        kind = {"path": self.path} if self.path is not None else {"caption": self.caption}
+        return {"rank": self.rank, "score": self.score, "id": self.id, **kind}
 
 
-def _embed_source(model: DualEncoder, cfg: Config, data: str | None):
+@dataclass
+class IndexUpdate:
+    """What `build_index` did."""
+
+    index: RetrievalIndex
+    added: int = 0  # new files embedded
+    changed: int = 0  # files embedded again (their size, mtime or captions changed)
+    removed: int = 0  # files gone from the collection, deleted from the index
+    unchanged: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    rebuilt: bool = True  # a fresh build (no index there, another model, or --rebuild)
+
+
+def _as_source(source: ModelSource | str | os.PathLike) -> ModelSource:
+    return source if hasattr(source, "load") else RunSource(str(source))
+
+
+def _collection(cfg: Config, data: str | None) -> tuple[str, CaptionTable]:
     source = data or cfg.data.test or cfg.data.train
     if not source:
-        raise VclrError("no dataset to index: pass --data DIR")
-    table = load_caption_table(source, cfg.data.image_column, cfg.data.caption_columns)
-    return source, embed_table(model, cfg, table)
+        raise VclrError("no dataset to index: pass --data DIR (a folder of images, or a prepared dataset)")
+    return str(source), load_collection(source, cfg.data.image_column, cfg.data.caption_columns)
 
 
-def build_index(run_dir: str | Path, data: str | None, out_dir: str | Path,
-                options: IndexOptions = IndexOptions()) -> RetrievalIndex:
-    """Embed a dataset's images and captions with the run's model; choose, tune and save an index in `out_dir`."""
-    model, cfg = load_trained(run_dir)
-    source, emb = _embed_source(model, cfg, data)
-    manifest = {"run_dir": str(Path(run_dir).resolve()), "model_name": cfg.model.name,
-                "model_config_hash": config_hash(cfg.model), "dataset": str(source)}
-    index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.caption_image, emb.image_paths,
-                                 emb.texts, manifest, options)
-    index.save(out_dir)
-    logger.info("indexed %d images and %d captions into %s", len(emb.image_paths), len(emb.texts), out_dir)
+def file_state(path: str) -> str:
+    """What says a file changed: its size and mtime, and those of its caption sidecar."""
+    image, sidecar = os.stat(path), Path(path).with_suffix(".txt")
+    sidecar_state = f"{sidecar.stat().st_size}:{sidecar.stat().st_mtime_ns}" if sidecar.is_file() else "-"
+    return f"{image.st_size}:{image.st_mtime_ns}:{sidecar_state}"
+
+
+def _weights_identity(identity: dict) -> dict:
+    """The model identity plus the state of its weights file (a retrained run keeps its config but not its weights)."""
+    described = identity["model_source"]
+    weights = described.get("pretrained") if described["kind"] == "open_clip" else None
+    if described["kind"] == "run":
+        from vclr.rundir import weights_file
+
+        weights = str(weights_file(described["run_dir"]))
+    if weights and Path(weights).is_file():
+        return dict(identity, weights_state=file_state(weights))
+    return identity
+
+
+def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_dir: str | os.PathLike,
+                options: IndexOptions = IndexOptions(), rebuild: bool = False, workers: int = 0,
+                save_every: int = SAVE_EVERY) -> IndexUpdate:
+    """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
+    already holds an index of the same model and collection, bring it up to date instead of rebuilding it."""
+    source = _as_source(source)
+    model, cfg = source.load()
+    cfg = _with_workers(cfg, workers)
+    dataset, table = _collection(cfg, data)
+    identity = _weights_identity(model_identity(source, cfg)) | {"dataset": str(Path(dataset).resolve())}
+    existing = None if rebuild else _existing_index(Path(out_dir), identity)
+    if existing is None:
+        update = _fresh_build(model, cfg, table, identity, options, Path(out_dir))
+    else:
+        update = _update(existing, model, cfg, table, Path(out_dir), save_every)
+    logger.info("indexed %s into %s: %d added, %d changed, %d removed, %d unchanged, %d unreadable", dataset, out_dir,
+                update.added, update.changed, update.removed, update.unchanged, len(update.unreadable))
+    return update
+
+
+def _with_workers(cfg: Config, workers: int) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, num_workers=workers)) if workers else cfg
+
+
+def _existing_index(out_dir: Path, identity: dict) -> RetrievalIndex | None:
+    if not (out_dir / "manifest.json").is_file():
+        return None
+    index = RetrievalIndex.load(out_dir)
+    recorded = {key: index.manifest.get(key) for key in identity}
+    if recorded != identity:
+        logger.info("%s was built with another model or collection: building it afresh", out_dir)
+        return None
     return index
 
 
-def add_to_index(index_dir: str | Path, data: str, run_dir: str | Path | None = None) -> tuple[int, int]:
+def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity: dict, options: IndexOptions,
+                 out_dir: Path) -> IndexUpdate:
+    emb = embed_table(model, cfg, table)
+    index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.caption_image, emb.image_paths,
+                                 emb.texts, dict(identity, unreadable_files={p: file_state(p) for p in emb.unreadable}),
+                                 options,
+                                 image_states=[file_state(p) for p in emb.image_paths])
+    index.save(out_dir)
+    return IndexUpdate(index, added=len(emb.image_paths), unreadable=emb.unreadable)
+
+
+def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: CaptionTable, out_dir: Path,
+            save_every: int) -> IndexUpdate:
+    """Delete what is gone or changed, then embed what is new or changed, saving after every `save_every` images."""
+    live = index.store.live_image_states()  # path -> (id, state)
+    current = {path: file_state(path) for path in table.image_paths}
+    # files that could not be decoded last time are tried again only when they changed
+    unreadable = {path: state for path, state in index.manifest.get("unreadable_files", {}).items()
+                  if current.get(path) == state}
+    gone = [path for path in live if path not in current]
+    changed = {path for path, (_, state) in live.items() if path in current and current[path] != state}
+    todo = [row for row, path in enumerate(table.image_paths)
+            if (path not in live or path in changed) and path not in unreadable]
+    update = IndexUpdate(index, rebuilt=False, removed=len(gone), unreadable=sorted(unreadable),
+                         unchanged=len(table) - len(todo) - len(unreadable))
+    if not gone and not todo:
+        return update
+    if gone or changed:
+        index.delete(image_ids=[live[path][0] for path in [*gone, *changed]])
+    for start in range(0, max(len(todo), 1), save_every):
+        rows = todo[start:start + save_every]
+        if rows:
+            chunk = CaptionTable(table.source, [table.image_paths[r] for r in rows], [table.captions[r] for r in rows])
+            emb = embed_table(model, cfg, chunk)
+            index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts, emb.caption_image,
+                      image_states=[current[p] for p in emb.image_paths])
+            update.changed += sum(1 for p in emb.image_paths if p in changed)
+            update.added += sum(1 for p in emb.image_paths if p not in changed)
+            unreadable.update({path: current[path] for path in emb.unreadable})
+        index.manifest["unreadable_files"] = unreadable
+        index.save(out_dir)  # each chunk is kept: a killed run continues from here
+    update.unreadable = sorted(unreadable)
+    return update
+
+
+def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | os.PathLike | None = None
+                 ) -> tuple[int, int]:
     """Embed another dataset with the index's model and append it, without rebuilding. -> (images, captions)."""
     index = RetrievalIndex.load(index_dir)
-    model, cfg = load_trained(run_dir or index.manifest.get("run_dir", ""))
+    source = _as_source(source) if source else _recorded_source(index)
+    model, cfg = source.load()
     index.check_model(model.embed_dim, config_hash(cfg.model))  # before spending time on embedding
-    _, emb = _embed_source(model, cfg, data)
+    _, table = _collection(cfg, data)
+    emb = embed_table(model, cfg, table)
     image_ids, text_ids = index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts,
-                                    emb.caption_image)
+                                    emb.caption_image, image_states=[file_state(p) for p in emb.image_paths])
     index.save(index_dir)
     return len(image_ids), len(text_ids)
 
@@ -71,6 +200,13 @@ def delete_from_index(index_dir: str | Path, image_ids: Sequence[int] = (), text
     index.delete(image_ids, text_ids)
     index.save(index_dir)
     return {k: index.manifest[k] for k in ("num_images", "num_texts", "deleted_images", "deleted_texts")}
+
+
+def _recorded_source(index: RetrievalIndex) -> ModelSource:
+    source = source_from_manifest(index.manifest)
+    if source is None:
+        raise VclrError("the index records no model: pass --run DIR or --model NAME [--pretrained TAG|FILE]")
+    return source
 
 
 def check_k(k: int) -> None:
@@ -96,39 +232,58 @@ class Searcher:
     cfg: Config
 
     @classmethod
-    def open(cls, index_dir: str | Path, run_dir: str | Path | None = None, mmap: bool = False) -> "Searcher":
+    def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
+             mmap: bool = False) -> "Searcher":
         index = RetrievalIndex.load(index_dir, mmap=mmap)
-        model, cfg = load_trained(Path(run_dir or index.manifest.get("run_dir", "")))
+        model, cfg = (_as_source(source) if source else _recorded_source(index)).load()
         index.check_model(model.embed_dim, config_hash(cfg.model))
         return cls(index, model, cfg)
+
+    @property
+    def has_captions(self) -> bool:
+        return self.index.manifest["num_texts"] - self.index.manifest["deleted_texts"] > 0
+
+    def _image_hits(self, D: np.ndarray, I: np.ndarray) -> list[Hit]:
+        paths = self.index.store.image_paths(I[0])
+        return [Hit(r + 1, float(s), int(i), path=p) for r, (s, i, p) in enumerate(zip(D[0], I[0], paths))]
 
     def by_text(self, text: str, k: int = 5) -> list[Hit]:
         """Images ranked for a text query."""
         text = check_text_query(text)
         check_k(k)
-        D, I = self.index.search_images(embed_texts(self.model, self.cfg, [text]), k)
-        paths = self.index.store.image_paths(I[0])
-        return [Hit(r + 1, float(s), int(i), p) for r, (s, i, p) in enumerate(zip(D[0], I[0], paths))]
+        return self._image_hits(*self.index.search_images(embed_texts(self.model, self.cfg, [text]), k))
 
-    def by_image_embedding(self, embedding, k: int) -> list[Hit]:
-        """Captions ranked for an image embedding (1, d); `k` already checked by the caller."""
+    def by_image_embedding(self, embedding: np.ndarray, k: int, images: bool | None = None) -> list[Hit]:
+        """An image embedding (1, d) -> captions when the index has them, else images ("more like this");
+        `images=True` asks for images either way. `k` is checked by the caller."""
+        if images or not self.has_captions:
+            return self._image_hits(*self.index.search_images(embedding, k))
         D, I = self.index.search_texts(embedding, k)
         texts = self.index.store.texts(I[0])
-        return [Hit(r + 1, float(s), int(i), t) for r, (s, i, t) in enumerate(zip(D[0], I[0], texts))]
+        return [Hit(r + 1, float(s), int(i), caption=t) for r, (s, i, t) in enumerate(zip(D[0], I[0], texts))]
 
-    def by_image_file(self, image_path: str | Path, k: int = 5) -> list[Hit]:
-        """Captions ranked for an image query."""
+    def by_image_file(self, image_path: str | Path, k: int = 5, images: bool | None = None) -> list[Hit]:
         check_k(k)
-        return self.by_image_embedding(embed_image_files(self.model, [str(image_path)]), k)
+        return self.by_image_embedding(embed_image_files(self.model, [str(image_path)]), k, images)
+
+    def like(self, image_id: int, k: int = 5) -> list[Hit]:
+        """Images most like indexed image `image_id` (itself left out)."""
+        check_k(k)
+        live = self.index.manifest["num_images"]
+        if not 0 <= image_id < live or image_id in set(self.index.store.deleted_ids("images").tolist()):
+            raise VclrError(f"no image with id {image_id} in the index (ids are 0..{live - 1}, deleted ones excluded)")
+        query = np.asarray(self.index.image_embeddings[image_id:image_id + 1], dtype=np.float32)  # (1, d)
+        hits = [h for h in self._image_hits(*self.index.search_images(query, k + 1)) if h.id != image_id][:k]
+        return [Hit(r + 1, h.score, h.id, path=h.path) for r, h in enumerate(hits)]
 
 
-def search_by_text(index_dir: str | Path, text: str, k: int = 5, run_dir: str | Path | None = None) -> list[Hit]:
+def search_by_text(index_dir: str | Path, text: str, k: int = 5, source: ModelSource | None = None) -> list[Hit]:
     text = check_text_query(text)
     check_k(k)
-    return Searcher.open(index_dir, run_dir).by_text(text, k)
+    return Searcher.open(index_dir, source).by_text(text, k)
 
 
-def search_by_image(index_dir: str | Path, image_path: str | Path, k: int = 5,
-                    run_dir: str | Path | None = None) -> list[Hit]:
+def search_by_image(index_dir: str | Path, image_path: str | Path, k: int = 5, source: ModelSource | None = None,
+                    images: bool | None = None) -> list[Hit]:
     check_k(k)
-    return Searcher.open(index_dir, run_dir).by_image_file(image_path, k)
+    return Searcher.open(index_dir, source).by_image_file(image_path, k, images)

@@ -2,9 +2,13 @@
 
     vclr serve --index vclr-demo/index            # http://127.0.0.1:8000
 
-GET  /                              the search page: a query box and a grid of result thumbnails with scores
-GET  /api/search?text=...&k=...     text -> images: {"query", "k", "hits": [{"rank", "score", "id", "value", "url"}]}
-POST /api/search/image?k=...        image upload (multipart field "file") -> captions
+GET  /                              the search page: a query box, an image upload, a grid of results with scores and
+                                    "more like this" on every image
+GET  /api/search?text=...&k=...     text -> images: {"query", "k", "hits": [{"rank", "score", "id", "kind", "value",
+                                    "url"}]} (kind "image": value is the file name, url fetches it)
+POST /api/search/image?k=...        image upload (multipart field "file") -> captions, or images when the index has no
+     [&images=true]                 captions or `images=true` (kind "caption": value is the caption)
+GET  /api/like/{id}?k=...           indexed image id -> the images most like it (itself left out)
 GET  /api/image/{id}                an indexed image by id (only files that are in the index: no paths from clients)
 GET  /api/info                      the index manifest (counts, dimension, index type and its measured recall)
 
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from vclr.config import VclrError
 from vclr.embed import embed_pil_images
+from vclr.model_source import ModelSource
 from vclr.search import MAX_K, MAX_QUERY_CHARS, Searcher, check_k
 
 logger = logging.getLogger(__name__)
@@ -45,27 +50,44 @@ PAGE = """<!doctype html>
 <form id="search"><input id="query" type="text" name="text" placeholder="a large red circle on the left"
  maxlength="__MAX_CHARS__" autofocus><input id="k" type="number" name="k" value="12" min="1" max="__MAX_K__">
 <button type="submit">Search</button></form>
+<form id="by-image"><label>or an image: <input id="upload" type="file" name="file" accept="image/*"></label>
+<label><input id="want-images" type="checkbox" checked> find images</label></form>
 <div id="status"></div>
 <div id="results"></div>
 <script>
 const form = document.getElementById("search"), results = document.getElementById("results"),
-      status = document.getElementById("status");
-form.addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const params = new URLSearchParams({text: document.getElementById("query").value,
-                                      k: document.getElementById("k").value});
+      status = document.getElementById("status"), k = () => document.getElementById("k").value;
+async function show(request) {
   status.textContent = ""; results.replaceChildren();
-  const response = await fetch("api/search?" + params);
+  const response = await request;
   const body = await response.json();
   if (!response.ok) { status.textContent = body.error; return; }
   for (const hit of body.hits) {
-    const figure = document.createElement("figure"), img = document.createElement("img"),
-          caption = document.createElement("figcaption");
-    figure.className = "hit"; img.src = hit.url; img.alt = hit.value.split("/").pop();
-    caption.textContent = `#${hit.rank} · ${hit.score.toFixed(3)}`;
-    figure.append(img, caption); results.append(figure);
+    const figure = document.createElement("figure"), caption = document.createElement("figcaption");
+    figure.className = "hit";
+    if (hit.kind === "image") {
+      const img = document.createElement("img"), like = document.createElement("button");
+      img.src = hit.url; img.alt = hit.value;
+      like.className = "like"; like.textContent = "more like this";
+      like.addEventListener("click", () => show(fetch(`api/like/${hit.id}?k=${k()}`)));
+      caption.textContent = `#${hit.rank} · ${hit.score.toFixed(3)}`;
+      figure.append(img, caption, like);
+    } else {
+      caption.textContent = `#${hit.rank} · ${hit.score.toFixed(3)} · ${hit.value}`;
+      figure.append(caption);
+    }
+    results.append(figure);
   }
   if (!body.hits.length) status.textContent = "no results";
+}
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  show(fetch("api/search?" + new URLSearchParams({text: document.getElementById("query").value, k: k()})));
+});
+document.getElementById("upload").addEventListener("change", (event) => {
+  const data = new FormData(); data.append("file", event.target.files[0]);
+  const images = document.getElementById("want-images").checked;
+  show(fetch(`api/search/image?k=${k()}&images=${images}`, {method: "POST", body: data}));
 });
 </script></body></html>
 """
@@ -94,9 +116,11 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
-    def hits_json(hits, with_url: bool) -> list[dict]:
-        return [{"rank": h.rank, "score": h.score, "id": h.id, "value": h.value if not with_url else Path(h.value).name,
-                 **({"url": f"api/image/{h.id}"} if with_url else {})} for h in hits]
+    def hits_json(hits) -> list[dict]:
+        """Image hits by file name and URL (never the server's paths), caption hits by their text."""
+        return [{"rank": h.rank, "score": h.score, "id": h.id,
+                 **({"kind": "image", "value": Path(h.path).name, "url": f"api/image/{h.id}"} if h.path is not None
+                    else {"kind": "caption", "value": h.caption})} for h in hits]
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -109,17 +133,21 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
     @app.get("/api/search")
     def search_text(text: str = Query(""), k: int = Query(10)):
         hits = searcher.by_text(text, k)  # checks the query and k
-        return {"query": text.strip(), "k": k, "hits": hits_json(hits, with_url=True)}
+        return {"query": text.strip(), "k": k, "hits": hits_json(hits)}
+
+    @app.get("/api/like/{image_id}")
+    def like(image_id: int, k: int = Query(10)):
+        return {"id": image_id, "k": k, "hits": hits_json(searcher.like(image_id, k))}
 
     @app.post("/api/search/image")
-    async def search_image(file: UploadFile, k: int = Query(10)):
+    async def search_image(file: UploadFile, k: int = Query(10), images: bool = Query(False)):
         check_k(k)  # before reading up to 8 MB; the search itself takes k as checked
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"error": f"upload too large: the limit is {max_upload_bytes} bytes"},
                                 status_code=413)
         embedding = embed_pil_images(searcher.model, [_decode_upload(data)])  # (1, d)
-        return {"k": k, "hits": hits_json(searcher.by_image_embedding(embedding, k), with_url=False)}
+        return {"k": k, "hits": hits_json(searcher.by_image_embedding(embedding, k, images=images or None))}
 
     @app.get("/api/image/{image_id}")
     def image(image_id: int):
@@ -147,11 +175,12 @@ def _decode_upload(data: bytes):
     return image
 
 
-def serve(index_dir: str, run_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+def serve(index_dir: str, source: ModelSource | None = None, host: str = "127.0.0.1", port: int = 8000,
           mmap: bool = False) -> None:
+    """`source`: the model that embeds queries (default: the one the index records)."""
     import uvicorn
 
-    searcher = Searcher.open(index_dir, run_dir, mmap=mmap)
+    searcher = Searcher.open(index_dir, source, mmap=mmap)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach this machine can query the index", host)
     uvicorn.run(create_app(searcher), host=host, port=port, log_level="warning")

@@ -13,7 +13,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, deleted INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, deleted INTEGER DEFAULT 0,
+                                   state TEXT);
 CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY, text TEXT NOT NULL, image_id INTEGER NOT NULL,
                                   deleted INTEGER DEFAULT 0);
 CREATE INDEX IF NOT EXISTS texts_by_image ON texts (image_id);
@@ -26,14 +27,23 @@ class MetadataStore:
         self.db = sqlite3.connect(uri, uri=read_only, check_same_thread=False)
         if not read_only:
             self.db.executescript(SCHEMA)
+            self.upgrade()
+
+    def upgrade(self) -> None:
+        """Stores of vclr <= 0.1 have no `state` column (a file's size and mtime, for incremental re-indexing)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
+        if "state" not in columns:
+            with self.db:
+                self.db.execute("ALTER TABLE images ADD COLUMN state TEXT")
 
     # ------------------------------------------------------------------------------------------------- writing
 
-    def add_images(self, paths: Sequence[str]) -> np.ndarray:
+    def add_images(self, paths: Sequence[str], states: Sequence[str | None] | None = None) -> np.ndarray:
         start = self.count("images")
+        states = states if states is not None else [None] * len(paths)
         with self.db:
-            self.db.executemany("INSERT INTO images (id, path) VALUES (?, ?)",
-                                ((start + i, str(p)) for i, p in enumerate(paths)))
+            self.db.executemany("INSERT INTO images (id, path, state) VALUES (?, ?, ?)",
+                                ((start + i, str(p), s) for i, (p, s) in enumerate(zip(paths, states))))
         return np.arange(start, start + len(paths), dtype=np.int64)
 
     def add_texts(self, texts: Sequence[str], image_ids: Sequence[int]) -> np.ndarray:
@@ -69,6 +79,11 @@ class MetadataStore:
 
     def texts(self, ids: Sequence[int] | None = None) -> list[str]:
         return self._column("texts", "text", ids)
+
+    def live_image_states(self) -> dict[str, tuple[int, str | None]]:
+        """path -> (id, file state) of every image not deleted."""
+        rows = self.db.execute("SELECT path, id, state FROM images WHERE deleted = 0").fetchall()
+        return {path: (image_id, state) for path, image_id, state in rows}
 
     def caption_image(self) -> np.ndarray:
         rows = self.db.execute("SELECT image_id FROM texts ORDER BY id").fetchall()

@@ -212,22 +212,27 @@ def load_caption_table(source: str | os.PathLike, image_column: str = "file_name
     return CaptionTable(str(table_file), paths, captions, skipped)
 
 
-def random_crop(image_size: int) -> T.RandomResizedCrop:
+def random_crop(image_size: int, interpolation: str = "bicubic") -> T.RandomResizedCrop:
     """The augmentation's crop, for the PIL and the device-decode paths alike: mild (scale 0.8-1, near-square),
     because captions describe the whole scene and its layout."""
-    return T.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)
+    return T.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1),
+                               interpolation=T.InterpolationMode(interpolation), antialias=True)
 
 
-def decode_transform(image_size: int, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL -> uint8 (3, S, S). Resize the short side then centre-crop, or random-resized-crop when augmenting.
+def decode_transform(image_size: int, augment: bool = False,
+                     interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
+    """PIL -> uint8 (3, S, S), as open_clip's own preprocess: the short side resized on the PIL image with the model's
+    interpolation, then a centre crop (or a random resized crop when augmenting); its ToTensor of that uint8 image,
+    normalised later on batches (normalize_images), gives open_clip's input exactly.
 
-    No flips, ever: captions say "left" and "right". Normalisation happens later, on batches (see normalize_images).
+    No flips, ever: captions say "left" and "right".
     """
     if augment:
-        geometry = random_crop(image_size)
+        geometry = random_crop(image_size, interpolation)
     else:
-        geometry = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
-    return T.Compose([T.PILToTensor(), geometry])
+        geometry = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode(interpolation)),
+                              T.CenterCrop(image_size)])
+    return T.Compose([geometry, T.PILToTensor()])
 
 
 def read_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image | None:
@@ -384,20 +389,3 @@ def collate_pairs(items: list) -> dict:
     if isinstance(images[0], bytes):
         return {"encoded": list(images), "tokens": torch.stack(tokens)}  # B x bytes, (B, L)
     return {"images": torch.stack(images), "tokens": torch.stack(tokens)}  # (B, 3, S, S) uint8, (B, L)
-
-
-class ImageOnlyDataset(Dataset):
-    """Images of a table in order (for embedding); reuses an ImageTextDataset's cache when there is one."""
-
-    def __init__(self, pairs: ImageTextDataset):
-        self.pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int):
-        image = self.pairs.image(i)
-        if image is None:
-            image = torch.zeros(3, self.pairs.image_size, self.pairs.image_size, dtype=torch.uint8)
-            logger.warning("embedding a blank image for unreadable %s", self.pairs.table.image_paths[i])
-        return image

@@ -1,0 +1,333 @@
+"""Any model, any folder: open_clip models by config + checkpoint, plain photo folders without captions, incremental
+re-indexing, and `vclr eval --model`, each against open_clip's own embeddings."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import vclr.model  # noqa: F401  (registers vclr's model configs with open_clip)
+from vclr.cli import main
+from vclr.metrics import retrieval_metrics
+from vclr.model_source import OpenClipSource, model_source
+from vclr.search import Searcher, build_index
+
+MODEL = "vclr-tiny-rn"  # an open_clip config (vclr's own, registered with open_clip): fast on a CPU
+QUERIES = ["a red square", "a large blue circle at the top", "green"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-init open_clip state dict saved to a file, as a user's local checkpoint would be."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-rn.pt"
+    torch.save(open_clip.create_model(MODEL).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """open_clip itself: its model from the checkpoint, its preprocess and its tokenizer."""
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=str(checkpoint))
+    return model.eval(), preprocess, open_clip.get_tokenizer(MODEL)
+
+
+def _open_clip_images(reference, paths) -> np.ndarray:
+    model, preprocess, _ = reference
+    with torch.no_grad():
+        features = model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths]))
+    return torch.nn.functional.normalize(features, dim=-1).numpy()
+
+
+def _open_clip_texts(reference, texts) -> np.ndarray:
+    model, _, tokenizer = reference
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=-1).numpy()
+
+
+def _draw(path: Path, seed: int) -> None:
+    """A photo-like image of another size than the model's (so resizing and cropping are exercised)."""
+    rng = np.random.default_rng(seed)
+    width, height = int(rng.integers(70, 140)), int(rng.integers(70, 140))
+    image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
+        draw.ellipse([x, y, x + int(rng.integers(10, 40)), y + int(rng.integers(10, 40))],
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=95) if path.suffix == ".jpg" else image.save(path)
+
+
+def _photo_folder(root: Path, count: int = 57, start: int = 0) -> list[Path]:
+    """`count` images in nested folders (jpg, png, webp, bmp), none with a caption."""
+    folders = ["", "trip", "trip/day2", "pets"]
+    suffixes = [".jpg", ".png", ".webp", ".bmp"]
+    paths = []
+    for i in range(start, start + count):
+        path = root / folders[i % 4] / f"img{i:03d}{suffixes[i % 4]}"
+        _draw(path, i)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def photos(tmp_path) -> tuple[Path, list[Path]]:
+    root = tmp_path / "photos"
+    paths = _photo_folder(root)
+    (root / "broken.jpg").write_bytes(b"this is not a jpeg")  # 3 unreadable files
+    (root / "trip" / "empty.png").write_bytes(b"")
+    (root / "pets" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    outside = tmp_path / "outside.png"
+    _draw(outside, 999)
+    (root / "link-out.png").symlink_to(outside)  # a link out of the folder: never indexed
+    (root / "notes.md").write_text("not an image")
+    return root, paths
+
+
+def _brute_force(query: np.ndarray, images: np.ndarray, paths: list[Path], k: int):
+    scores = images @ query  # (N,)
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [str(paths[i]) for i in top], scores[top]
+
+
+def test_open_clip_model_from_a_local_checkpoint_embeds_as_open_clip(checkpoint, reference, photos):
+    from vclr.embed import embed_image_paths, embed_texts
+
+    model, cfg = OpenClipSource(MODEL, str(checkpoint)).load(torch.device("cpu"))
+    _, paths = photos
+    inputs, encode_image = [], model.clip.encode_image
+    model.clip.encode_image = lambda images, **kw: inputs.append(images) or encode_image(images, **kw)
+    ours, kept = embed_image_paths(model, [str(p) for p in paths[:12]], batch_size=5)
+    assert list(kept) == list(range(12))
+    # what the image tower is fed is open_clip's own preprocess, to float rounding (jpg, png, webp, bmp; 70-140 px)
+    expected_inputs = torch.stack([reference[1](Image.open(p)) for p in paths[:12]])
+    torch.testing.assert_close(torch.cat(inputs), expected_inputs, atol=1e-5, rtol=0)
+    theirs = _open_clip_images(reference, paths[:12])
+    assert np.min(np.sum(ours * theirs, axis=1)) >= 0.999
+    ours_text, theirs_text = embed_texts(model, cfg, QUERIES), _open_clip_texts(reference, QUERIES)
+    assert np.min(np.sum(ours_text * theirs_text, axis=1)) >= 0.999
+
+
+def test_a_vclr_weights_file_loads_as_a_checkpoint_too(tmp_path):
+    from safetensors.torch import save_file
+
+    from vclr.config import ModelConfig
+    from vclr.model import build_model
+
+    torch.manual_seed(1)
+    trained = build_model(ModelConfig(name=MODEL))
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    loaded, _ = OpenClipSource(MODEL, str(tmp_path / "model.safetensors")).load(torch.device("cpu"))
+    for name, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+@pytest.mark.slow
+def test_vit_b_32_embeds_as_open_clip(tmp_path, photos):
+    """The acceptance model: a random-init ViT-B-32 saved to a file, at its own 224 px, bicubic, CLIP mean/std."""
+    from vclr.embed import embed_image_paths, embed_texts
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "vit-b-32.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in open_clip.create_model("ViT-B-32").state_dict().items()},
+              str(checkpoint))
+    model, cfg = OpenClipSource("ViT-B-32", str(checkpoint)).load(torch.device("cpu"))
+    reference = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(checkpoint))
+    reference = (reference[0].eval(), reference[2], open_clip.get_tokenizer("ViT-B-32"))
+    paths = [str(p) for p in photos[1][:4]]
+    ours, _ = embed_image_paths(model, paths)
+    assert np.min(np.sum(ours * _open_clip_images(reference, paths), axis=1)) >= 0.999
+    ours_text = embed_texts(model, cfg, QUERIES)
+    assert np.min(np.sum(ours_text * _open_clip_texts(reference, QUERIES), axis=1)) >= 0.999
+
+
+def test_lit_towers_embed_as_open_clip(tiny_lit_model_name, tiny_hf_text_dir, tmp_path, photos):
+    """vclr's LiT towers (timm image tower + HF text tower from a local dir), through a run directory."""
+    from open_clip.tokenizer import HFTokenizer
+    from safetensors.torch import save_file
+
+    from vclr.config import load_config, save_config
+    from vclr.embed import embed_image_paths, embed_texts
+    from vclr.model import build_model, image_preprocess_cfg
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"model.name={tiny_lit_model_name}", f"model.text_tower_dir={tiny_hf_text_dir}",
+                             f"train.output_dir={run}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    save_config(cfg, run / "config.yaml")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+    loaded, cfg = model_source(run=str(run)).load(torch.device("cpu"))
+    preprocess = open_clip.image_transform(**{k: v for k, v in image_preprocess_cfg(loaded).items()
+                                              if k in ("mean", "std", "interpolation", "resize_mode")},
+                                           image_size=image_preprocess_cfg(loaded)["size"], is_train=False)
+    tokenizer = HFTokenizer(str(tiny_hf_text_dir), context_length=24)
+    reference = (loaded.clip, preprocess, tokenizer)
+    paths = [str(p) for p in photos[1][:6]]
+    ours, _ = embed_image_paths(loaded, paths)
+    assert np.min(np.sum(ours * _open_clip_images(reference, paths), axis=1)) >= 0.999
+    texts = ["a red circle", "the blue star on the left"]
+    assert np.min(np.sum(embed_texts(loaded, cfg, texts) * _open_clip_texts(reference, texts), axis=1)) >= 0.999
+
+
+def test_a_photo_folder_without_captions(checkpoint, reference, photos, capsys):
+    root, paths = photos
+    out = root.parent / "index"
+    assert main(["index", "--model", MODEL, "--pretrained", str(checkpoint), "--data", str(root),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "indexed 57 images and 0 captions" in printed and "3 unreadable files skipped" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(Path(p).name for p in manifest["unreadable_files"]) == ["broken.jpg", "empty.png", "truncated.png"]
+    assert manifest["model_source"] == {"kind": "open_clip", "model": MODEL, "pretrained": str(checkpoint.resolve())}
+
+    searcher = Searcher.open(out)  # no model flags: the index knows its model
+    ordered = [Path(p) for p in searcher.index.image_paths]
+    assert sorted(ordered) == sorted(p.resolve() for p in paths)
+    images = _open_clip_images(reference, ordered)
+    for query, embedding in zip(QUERIES, _open_clip_texts(reference, QUERIES)):  # text -> images
+        hits = searcher.by_text(query, 5)
+        expected_paths, expected_scores = _brute_force(embedding, images, ordered, 5)
+        assert [h.path for h in hits] == expected_paths
+        assert np.allclose([h.score for h in hits], expected_scores, atol=1e-4)
+    query = paths[7]  # image -> images: an image-only index answers with images
+    hits = searcher.by_image_file(query, 4)
+    expected_paths, expected_scores = _brute_force(_open_clip_images(reference, [query])[0], images, ordered, 4)
+    assert [h.path for h in hits] == expected_paths and hits[0].path == str(query.resolve())
+    assert np.allclose([h.score for h in hits], expected_scores, atol=1e-4)
+    like = searcher.like(hits[0].id, 3)  # "more like this": the same neighbours, itself left out
+    assert [h.path for h in like] == expected_paths[1:4]
+
+    assert main(["search", "--index", str(out), "--text", "a red square", "-k", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [sorted(r) for r in rows] == [["id", "path", "rank", "score"]] * 3
+    assert main(["search", "--index", str(out), "--like", str(hits[0].id), "-k", "2", "--json"]) == 0
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == expected_paths[1:3]
+
+
+def _answers(index_dir, image: Path) -> list:
+    """What an index answers, by path and score: text queries and an image query."""
+    searcher = Searcher.open(index_dir)
+    answers = [[(h.path, round(h.score, 4)) for h in searcher.by_text(q, 10)] for q in QUERIES]
+    return answers + [[(h.path, round(h.score, 4)) for h in searcher.by_image_file(image, 10, images=True)]]
+
+
+def test_re_indexing_a_changed_folder_embeds_only_what_changed(checkpoint, photos, tmp_path, monkeypatch):
+    import vclr.search as search_mod
+
+    root, paths = photos
+    source = model_source(model=MODEL, pretrained=str(checkpoint))
+    first = build_index(source, str(root), tmp_path / "index")
+    assert first.rebuilt and first.added == 57
+    added = _photo_folder(root / "new", count=10, start=100)
+    for path in paths[:5]:
+        path.unlink()
+    (paths[5].with_suffix(".txt")).write_text("a caption that arrived later\n")  # a changed sidecar: re-embedded
+    embedded = []
+    real_embed_table = search_mod.embed_table
+    monkeypatch.setattr(search_mod, "embed_table", lambda m, c, t: embedded.extend(t.image_paths)
+                        or real_embed_table(m, c, t))
+    update = build_index(source, str(root), tmp_path / "index")
+    assert not update.rebuilt and (update.added, update.changed, update.removed) == (10, 1, 5)
+    assert sorted(embedded) == sorted([str(p.resolve()) for p in added] + [str(paths[5].resolve())])
+    assert update.unchanged == 51 and len(update.unreadable) == 3
+    fresh = build_index(source, str(root), tmp_path / "fresh")
+    assert _answers(tmp_path / "index", paths[9]) == _answers(tmp_path / "fresh", paths[9])
+    assert Searcher.open(tmp_path / "index").index.manifest["num_texts"] == 1  # the new caption is searchable
+    again = build_index(source, str(root), tmp_path / "index")  # nothing changed: nothing embedded
+    assert (again.added, again.changed, again.removed, again.unchanged) == (0, 0, 0, 62) and fresh.rebuilt
+
+
+def test_a_killed_re_index_continues_where_it_stopped(checkpoint, photos, tmp_path, monkeypatch):
+    import vclr.search as search_mod
+
+    root, _ = photos
+    source = model_source(model=MODEL, pretrained=str(checkpoint))
+    build_index(source, str(root), tmp_path / "index")
+    added = _photo_folder(root / "new", count=12, start=200)
+    real_embed_table, embedded = search_mod.embed_table, []
+
+    def dies_on_the_third_chunk(model, cfg, table):
+        if len(embedded) == 10:
+            raise KeyboardInterrupt  # Ctrl-C in the middle: two chunks of 5 are saved
+        embedded.extend(table.image_paths)
+        return real_embed_table(model, cfg, table)
+
+    monkeypatch.setattr(search_mod, "embed_table", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(source, str(root), tmp_path / "index", save_every=5)
+    saved = set(Searcher.open(tmp_path / "index").index.image_paths)
+    assert set(embedded) <= saved  # the two finished chunks were saved
+    monkeypatch.setattr(search_mod, "embed_table", real_embed_table)
+    resumed = build_index(source, str(root), tmp_path / "index", save_every=5)
+    assert resumed.added == 2 and resumed.unchanged == 57 + 10  # only what the killed run had not saved
+    build_index(source, str(root), tmp_path / "fresh")
+    assert _answers(tmp_path / "index", added[0]) == _answers(tmp_path / "fresh", added[0])
+
+
+def test_eval_of_an_open_clip_model_equals_open_clip_figures(checkpoint, reference, small_shapes, tmp_path):
+    from vclr.data.dataset import load_caption_table
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", MODEL, "--pretrained", str(checkpoint), "--data", str(small_shapes / "test"),
+                 "--out", str(out), "--no-plots"]) == 0
+    report = json.loads(out.read_text())
+    table = load_caption_table(small_shapes / "test")
+    texts = [c for caps in table.captions for c in caps]
+    caption_image = np.repeat(np.arange(len(table)), [len(c) for c in table.captions])
+    expected = retrieval_metrics(_open_clip_images(reference, table.image_paths), _open_clip_texts(reference, texts),
+                                 caption_image, (1, 5, 10))
+    for key in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@10", "rsum"):
+        assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
+    assert report["model_source"]["kind"] == "open_clip"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["index", "--data", "{tmp}", "--out", "{tmp}/i"], "no model: pass --run DIR"),
+    (["index", "--run", "{tmp}/r", "--model", "RN50", "--out", "{tmp}/i"], "either --run DIR or --model NAME"),
+    (["index", "--pretrained", "x.pt", "--out", "{tmp}/i"], "--pretrained needs --model NAME"),
+    (["index", "--model", "no-such-model", "--data", "{tmp}", "--out", "{tmp}/i"], "--model no-such-model is not"),
+    (["index", "--model", MODEL, "--pretrained", "{tmp}/missing.pt", "--data", "{tmp}", "--out", "{tmp}/i"],
+     "no such checkpoint file"),
+    (["eval", "--run", "{tmp}/nowhere"], "--run {tmp}/nowhere has no config.yaml"),
+    (["search", "--index", "{tmp}", "--text", "x", "--like", "3"], "exactly one of --text, --image or --like"),
+])
+def test_a_wrong_or_missing_model_source_is_one_line_naming_the_flag(argv, expected, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected.format(tmp=tmp_path) in err, err
+
+
+def test_sidecar_captions_make_image_queries_return_captions(checkpoint, tmp_path):
+    root = tmp_path / "photos"
+    paths = _photo_folder(root, count=6)
+    paths[0].with_suffix(".txt").write_text("a birthday cake\nthe cake on the table\n")
+    build_index(model_source(model=MODEL, pretrained=str(checkpoint)), str(root), tmp_path / "index")
+    searcher = Searcher.open(tmp_path / "index")
+    assert searcher.index.texts == ["a birthday cake", "the cake on the table"]
+    hits = searcher.by_image_file(paths[0], 2)
+    assert {h.caption for h in hits} == {"a birthday cake", "the cake on the table"} and hits[0].path is None
+    assert all(h.path for h in searcher.by_image_file(paths[0], 2, images=True))  # images on request
+
+
+def test_pretrained_tag_without_network_is_one_line(monkeypatch):
+    """An open_clip tag needs a download; without one the error is a line, not a traceback of retries."""
+    import vclr.model as model_mod
+    from vclr.model_source import ModelSourceError
+
+    def no_network(*args, **kwargs):
+        raise OSError("Could not connect to the hub")
+
+    monkeypatch.setattr(model_mod.open_clip, "create_model", no_network)
+    with pytest.raises(ModelSourceError, match="cannot load pretrained weights 'laion2b_s34b_b79k' for ViT-B-32"):
+        OpenClipSource("ViT-B-32", "laion2b_s34b_b79k").load()
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the suite never reaches a hub

@@ -1,0 +1,173 @@
+"""Where the model that embeds comes from: a vclr run, or any open_clip model config with optional weights.
+
+    source = model_source(run="runs/demo")                                  # a vclr training run
+    source = model_source(model="ViT-B-32", pretrained="laion2b_s34b_b79k")  # an open_clip tag (downloads)
+    source = model_source(model="ViT-B-32", pretrained="weights/vit.safetensors")  # a local checkpoint
+    model, cfg = source.load()
+    manifest["model_source"] = source.describe()        # an index remembers it: search needs no model flags
+    source = source_from_manifest(manifest)
+
+A model source is one class behind one call shape (`load() -> (DualEncoder, Config)`, `describe() -> dict`); a new
+one is one class here and one branch in `model_source`/`source_from_manifest`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from vclr.config import Config, ModelConfig, VclrError, config_hash
+from vclr.model import DualEncoder, build_model, list_models
+from vclr.rundir import CONFIG_FILE, load_run_config, weights_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+class ModelSourceError(VclrError):
+    """A missing or wrong model source: one line naming the flag."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ModelSource(Protocol):
+    def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]: ...
+
+    def describe(self) -> dict: ...
+
+
+def _load_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """A vclr training run directory: its resolved config and its final (or newest checkpoint's) weights."""
+
+    run_dir: str
+
+    def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
+        cfg = load_run_config(self.run_dir)
+        # the weights come from the run: no pretrained files to load, no locking needed for inference
+        model = build_model(replace(cfg.model, pretrained="", image_tower_weights=""))
+        model.load_state_dict(_load_state(weights_file(self.run_dir)))
+        return model.to(device or default_device()).eval(), cfg
+
+    def describe(self) -> dict:
+        return {"kind": "run", "run_dir": str(Path(self.run_dir).resolve())}
+
+
+@dataclass(frozen=True)
+class OpenClipSource:
+    """An open_clip model config (vclr's own included) with random, tagged, hub or local-file weights.
+
+    `pretrained`: "" (random init), an open_clip tag such as laion2b_s34b_b79k (downloads), or a local checkpoint:
+    an open_clip state dict (.pt/.bin/.safetensors) or a vclr run's model.safetensors (keys under `clip.`).
+    `name` may be `hf-hub:org/repo` (config and weights from the Hugging Face hub: downloads).
+    """
+
+    name: str
+    pretrained: str = ""
+
+    def _is_file(self) -> bool:
+        return bool(self.pretrained) and (Path(self.pretrained).suffix in CHECKPOINT_SUFFIXES
+                                          or Path(self.pretrained).is_file())
+
+    def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
+        if ":" not in self.name and self.name not in list_models():  # hf-hub:org/repo, local-dir:path are open_clip's
+            raise ModelSourceError(f"--model {self.name} is not a known model config; `vclr models` lists them")
+        # the config names the weights (a file by its absolute path): indexes compare its hash with the querying model
+        cfg = Config(model=ModelConfig(name=self.name, pretrained=self.describe()["pretrained"]))
+        if not self._is_file():
+            model = _build_or_explain(cfg.model)
+        else:
+            path = Path(cfg.model.pretrained)
+            if not path.is_file():
+                raise ModelSourceError(f"--pretrained {self.pretrained}: no such checkpoint file")
+            state = _load_state(path)
+            if any(k.startswith("clip.") for k in state):  # a vclr model.safetensors: the whole dual encoder
+                model = build_model(replace(cfg.model, pretrained=""))
+                _load_checked(model, state, path)
+            else:  # an open_clip state dict: open_clip's own loader (it also adapts older layouts)
+                model = _build_or_explain(cfg.model)
+        return model.to(device or default_device()).eval(), cfg
+
+    def describe(self) -> dict:
+        pretrained = str(Path(self.pretrained).resolve()) if self._is_file() else self.pretrained
+        return {"kind": "open_clip", "model": self.name, "pretrained": pretrained}
+
+
+def _load_checked(model: DualEncoder, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ModelSourceError(f"--pretrained {path} does not fit --model {model.cfg.name}: {first}") from None
+
+
+def _build_or_explain(cfg: ModelConfig) -> DualEncoder:
+    """Build; a pretrained tag that cannot be fetched is one line, not a traceback of retries."""
+    try:
+        return build_model(cfg)
+    except VclrError:
+        raise
+    except Exception as e:  # network errors, unknown tags (RuntimeError), hub errors
+        if not cfg.pretrained and ":" not in cfg.name:
+            raise
+        what = f"pretrained weights {cfg.pretrained!r} for {cfg.name}" if cfg.pretrained else cfg.name
+        raise ModelSourceError(f"cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                               "check the name and the network, or pass a local checkpoint file to --pretrained"
+                               ) from None
+
+
+def model_source(run: str | None = None, model: str | None = None, pretrained: str | None = None,
+                 default: ModelSource | None = None) -> ModelSource:
+    """The source the command-line flags name; `default` (an index's own) when they name none."""
+    if run and model:
+        raise ModelSourceError("give either --run DIR or --model NAME [--pretrained TAG|FILE], not both")
+    if pretrained and not model:
+        raise ModelSourceError("--pretrained needs --model NAME (the open_clip config the weights are for)")
+    if run:
+        if not (Path(run) / CONFIG_FILE).is_file():
+            raise ModelSourceError(f"--run {run} has no {CONFIG_FILE}: pass a `vclr train` output dir")
+        return RunSource(str(run))
+    if model:
+        return OpenClipSource(model, pretrained or "")
+    if default is None:
+        raise ModelSourceError("no model: pass --run DIR (a vclr run) or --model NAME [--pretrained TAG|FILE] "
+                               "(an open_clip model; `vclr models` lists them)")
+    return default
+
+
+def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
+    """The model of a vclr run directory, in eval mode."""
+    return RunSource(str(run_dir)).load(device)
+
+
+def source_from_manifest(manifest: dict) -> ModelSource | None:
+    """The model source an index or report recorded (indexes of vclr <= 0.1 recorded only `run_dir`)."""
+    described = manifest.get("model_source") or ({"kind": "run", "run_dir": manifest["run_dir"]}
+                                                  if manifest.get("run_dir") else None)
+    if described is None:
+        return None
+    if described["kind"] == "run":
+        return RunSource(described["run_dir"])
+    return OpenClipSource(described["model"], described.get("pretrained", ""))
+
+
+def model_identity(source: ModelSource, cfg: Config) -> dict:
+    """What an index or report records of the model that embedded it."""
+    return {"model_source": source.describe(), "model_name": cfg.model.name,
+            "model_config_hash": config_hash(cfg.model)}

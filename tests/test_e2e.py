@@ -40,10 +40,10 @@ def test_train_learns_then_index_search_eval(small_shapes, tmp_path, capsys):
         hits = json.loads(capsys.readouterr().out)
         assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
         assert hits[0]["score"] >= hits[-1]["score"]
-        found += any(Path(h["value"]).name == row["file_name"] for h in hits)
+        found += any(Path(h["path"]).name == row["file_name"] for h in hits)
     assert found >= 7
     # image -> text: an image's top captions include one of its own
     image = small_shapes / "test" / test_rows[0]["file_name"]
     assert main(["search", "--index", str(index), "--image", str(image), "-k", "5", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert any(h["value"] in test_rows[0]["captions"] for h in hits)
+    assert any(h["caption"] in test_rows[0]["captions"] for h in hits)

@@ -174,6 +174,7 @@ def add_index_arguments(p) -> None:
     p.add_argument("--rebuild", action="store_true", help="build afresh even if --out holds an up-to-date index")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images (default 0: in "
                                                           "the main process)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per embedding batch (default: the config's, 512)")
     p.add_argument("--index-type", choices=INDEX_CHOICES, default="auto",
                    help="auto: exact up to 50k items, else every type that fits the memory budget is built and "
                         "measured, and the fastest one meeting --recall-target is kept (exact search included)")
@@ -182,16 +183,29 @@ def add_index_arguments(p) -> None:
     p.add_argument("--memory-budget-gb", type=float, default=0.0, help="index memory budget (0 = no limit)")
 
 
+def _end_launch() -> None:
+    """Under a multi-process launch: wait for every process, then tear the process group down."""
+    from vclr.embed_shards import launched_processes, process_state
+
+    if launched_processes() > 1:
+        state = process_state()
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 def cmd_index(args) -> int:
     from vclr.index import IndexOptions
     from vclr.search import build_index
 
     options = IndexOptions(kind=args.index_type, recall_target=args.recall_target,
                            memory_budget_gb=args.memory_budget_gb)
-    if args.workers < 0:
-        raise VclrError(f"--workers must be >= 0, got {args.workers}")
+    if args.workers < 0 or args.batch_size < 0:
+        raise VclrError(f"--workers and --batch-size must be >= 0, got {args.workers} and {args.batch_size}")
     update = build_index(_model_source(args), args.data, args.out, options, rebuild=args.rebuild,
-                         workers=args.workers)
+                         workers=args.workers, batch_size=args.batch_size)
+    _end_launch()
+    if update.index is None:  # under `accelerate launch`, process 0 reports
+        return 0
     manifest = update.index.manifest
     live_images = manifest["num_images"] - manifest["deleted_images"]
     print(f"indexed {live_images} images and {manifest['num_texts'] - manifest['deleted_texts']} captions "

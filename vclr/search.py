@@ -58,7 +58,7 @@ class Hit:
 class IndexUpdate:
     """What `build_index` did."""
 
-    index: RetrievalIndex
+    index: RetrievalIndex | None  # None in the other processes of a multi-process launch
     added: int = 0  # new files embedded
     changed: int = 0  # files embedded again (their size, mtime or captions changed)
     removed: int = 0  # files gone from the collection, deleted from the index
@@ -100,28 +100,46 @@ def _weights_identity(identity: dict) -> dict:
 
 def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_dir: str | os.PathLike,
                 options: IndexOptions = IndexOptions(), rebuild: bool = False, workers: int = 0,
-                save_every: int = SAVE_EVERY) -> IndexUpdate:
+                save_every: int = SAVE_EVERY, batch_size: int = 0) -> IndexUpdate:
     """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
     already holds an index of the same model and collection, bring it up to date instead of rebuilding it."""
     source = _as_source(source)
-    model, cfg = source.load()
-    cfg = _with_workers(cfg, workers)
+    embed, device, is_main = _embedding_plan(Path(out_dir))
+    model, cfg = source.load(device)
+    cfg = _with_loader(cfg, workers, batch_size)
     dataset, table = _collection(cfg, data)
     identity = _weights_identity(model_identity(source, cfg)) | {"dataset": str(Path(dataset).resolve())}
     existing = None if rebuild else _existing_index(Path(out_dir), identity)
     if existing is None:
-        update = _fresh_build(model, cfg, table, identity, options, Path(out_dir))
+        update = _fresh_build(model, cfg, table, identity, options, Path(out_dir), embed)
     else:
-        update = _update(existing, model, cfg, table, Path(out_dir), save_every)
+        update = _update(existing, model, cfg, table, Path(out_dir), save_every, embed)
+    if not is_main:
+        return IndexUpdate(None)  # process 0 built and saved the index
     logger.info("indexed %s into %s: %d added, %d changed, %d removed, %d unchanged, %d unreadable", dataset, out_dir,
                 update.added, update.changed, update.removed, update.unchanged, len(update.unreadable))
     return update
 
 
-def _with_workers(cfg: Config, workers: int) -> Config:
+def _embedding_plan(out_dir: Path):
+    """(embed function, device, is this process the one that writes) — one process, or a multi-process launch where
+    every process embeds a share on its own device (vclr.embed_shards)."""
+    from vclr.embed_shards import collection_embedder, launched_processes
+
+    if launched_processes() == 1:
+        return embed_table, None, True
+    from vclr.embed_shards import process_state
+
+    state = process_state()
+    return collection_embedder(out_dir), state.device, state.is_main_process
+
+
+def _with_loader(cfg: Config, workers: int, batch_size: int) -> Config:
+    """The embedding loader's workers and batch (0: the config's)."""
     from dataclasses import replace
 
-    return replace(cfg, data=replace(cfg.data, num_workers=workers)) if workers else cfg
+    data = replace(cfg.data, num_workers=workers or cfg.data.num_workers)
+    return replace(cfg, data=data, eval=replace(cfg.eval, batch_size=batch_size or cfg.eval.batch_size))
 
 
 def _existing_index(out_dir: Path, identity: dict) -> RetrievalIndex | None:
@@ -136,8 +154,10 @@ def _existing_index(out_dir: Path, identity: dict) -> RetrievalIndex | None:
 
 
 def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity: dict, options: IndexOptions,
-                 out_dir: Path) -> IndexUpdate:
-    emb = embed_table(model, cfg, table)
+                 out_dir: Path, embed=embed_table) -> IndexUpdate:
+    emb = embed(model, cfg, table)
+    if emb is None:  # another process of a multi-process launch: its share is embedded
+        return IndexUpdate(None)
     index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.caption_image, emb.image_paths,
                                  emb.texts, dict(identity, unreadable_files={p: file_state(p) for p in emb.unreadable}),
                                  options,
@@ -147,7 +167,7 @@ def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity:
 
 
 def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: CaptionTable, out_dir: Path,
-            save_every: int) -> IndexUpdate:
+            save_every: int, embed=embed_table) -> IndexUpdate:
     """Delete what is gone or changed, then embed what is new or changed, saving after every `save_every` images."""
     live = index.store.live_image_states()  # path -> (id, state)
     current = {path: file_state(path) for path in table.image_paths}
@@ -168,16 +188,25 @@ def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: Capti
         rows = todo[start:start + save_every]
         if rows:
             chunk = CaptionTable(table.source, [table.image_paths[r] for r in rows], [table.captions[r] for r in rows])
-            emb = embed_table(model, cfg, chunk)
+            emb = embed(model, cfg, chunk)
+            if emb is None:  # another process of a multi-process launch: its share of the chunk is embedded
+                continue
             index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts, emb.caption_image,
                       image_states=[current[p] for p in emb.image_paths])
             update.changed += sum(1 for p in emb.image_paths if p in changed)
             update.added += sum(1 for p in emb.image_paths if p not in changed)
             unreadable.update({path: current[path] for path in emb.unreadable})
         index.manifest["unreadable_files"] = unreadable
-        index.save(out_dir)  # each chunk is kept: a killed run continues from here
+        if embed is embed_table or _is_main():
+            index.save(out_dir)  # each chunk is kept: a killed run continues from here
     update.unreadable = sorted(unreadable)
     return update
+
+
+def _is_main() -> bool:
+    from vclr.embed_shards import process_state
+
+    return process_state().is_main_process
 
 
 def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | os.PathLike | None = None

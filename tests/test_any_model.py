@@ -331,3 +331,34 @@ def test_pretrained_tag_without_network_is_one_line(monkeypatch):
     with pytest.raises(ModelSourceError, match="cannot load pretrained weights 'laion2b_s34b_b79k' for ViT-B-32"):
         OpenClipSource("ViT-B-32", "laion2b_s34b_b79k").load()
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the suite never reaches a hub
+
+
+def test_embeddings_larger_than_ram_stream_to_disk_and_fill_the_index_in_chunks(checkpoint, photos, tmp_path,
+                                                                                 monkeypatch):
+    """The out-of-core path (forced with a zero RAM allowance and a 7-vector chunk) gives the in-memory index."""
+    import vclr.ann as ann_mod
+    import vclr.embed as embed_mod
+    from vclr.index import IndexOptions
+
+    root, _ = photos
+    (root / "pets").joinpath("img003.txt").write_text("a cat on the sofa\n")
+    source = model_source(model=MODEL, pretrained=str(checkpoint))
+    options = IndexOptions(kind="ivf_flat", recall_target=0.9)
+    in_memory = build_index(source, str(root), tmp_path / "memory", options)
+    mapped, filled, truths = [], [], []
+    real_open, real_build, real_truth = np.lib.format.open_memmap, ann_mod.build, ann_mod.exact_neighbours
+    monkeypatch.setattr(embed_mod.np.lib.format, "open_memmap", lambda *a, **k: mapped.append(a[0]) or
+                        real_open(*a, **k))
+    monkeypatch.setattr(ann_mod, "build", lambda spec, xb, seed, chunk: filled.append((len(xb), chunk)) or
+                        real_build(spec, xb, seed, chunk))
+    monkeypatch.setattr(ann_mod, "exact_neighbours", lambda xb, q, k, chunk: truths.append(chunk) or
+                        real_truth(xb, q, k, chunk))
+    streamed = build_index(source, str(root), tmp_path / "streamed", IndexOptions(kind="ivf_flat", recall_target=0.9,
+                                                                                   chunk=7), in_memory_max_bytes=0)
+    assert sorted(Path(p).name for p in mapped) == ["images.npy", "texts.npy"]  # vectors went to mapped files
+    assert filled == [(57, 7), (1, 7)] and truths == [7, 7]  # the index filled and checked 7 vectors at a time
+    assert not list(tmp_path.glob(".*.embeddings"))  # the scratch files are gone
+    np.testing.assert_array_equal(np.load(tmp_path / "streamed" / "image_embeddings.npy"),
+                                  np.load(tmp_path / "memory" / "image_embeddings.npy"))
+    image = Path(in_memory.index.image_paths[3])
+    assert _answers(tmp_path / "streamed", image) == _answers(tmp_path / "memory", image) and streamed.rebuilt

@@ -167,10 +167,16 @@ def tune(index: faiss.Index, spec: IndexSpec, queries: np.ndarray, exact: np.nda
                   curve=curve)
 
 
-def exact_neighbours(xb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    flat = faiss.IndexFlatIP(xb.shape[1])
-    flat.add(np.ascontiguousarray(xb, dtype=np.float32))
-    return flat.search(queries, k)[1]
+def exact_neighbours(xb: np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_000) -> np.ndarray:
+    """Exact top-k ids; xb (possibly a memory-mapped file) is read `chunk` rows at a time when it is larger."""
+    if len(xb) <= chunk:
+        flat = faiss.IndexFlatIP(xb.shape[1])
+        flat.add(np.ascontiguousarray(xb, dtype=np.float32))
+        return flat.search(queries, k)[1]
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    blocks = (np.ascontiguousarray(xb[i:i + chunk], dtype=np.float32) for i in range(0, len(xb), chunk))
+    return knn_ground_truth(queries, blocks, k, metric_type=faiss.METRIC_INNER_PRODUCT)[1]
 
 
 def candidate_kinds(n: int, d: int, memory_budget_bytes: float | None, exact_below: int) -> list[str]:
@@ -184,22 +190,23 @@ def candidate_kinds(n: int, d: int, memory_budget_bytes: float | None, exact_bel
 
 def choose_index(xb: np.ndarray, queries: np.ndarray, k: int = 10, target: float = 0.95,
                  memory_budget_bytes: float | None = None, exact_below: int = 50_000,
-                 kind: str = "auto", seed: int = 0) -> tuple[faiss.Index, Tuning]:
+                 kind: str = "auto", seed: int = 0, chunk: int = 200_000) -> tuple[faiss.Index, Tuning]:
     """Build and tune every candidate type; keep the fastest whose cross-modal recall@k meets `target`.
 
     Exact search is a candidate too (recall 1 by definition): an ANN index that is not faster than it at the
     target recall is not chosen. `queries` (nq, d) are embeddings of the other modality; `kind` forces a type.
+    `xb` may be a memory-mapped file: it is trained on a sample and read `chunk` rows at a time.
     """
     n, d = xb.shape
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     kinds = candidate_kinds(n, d, memory_budget_bytes, exact_below) if kind == "auto" else [kind]
     k = min(k, n)
-    exact = exact_neighbours(xb, queries, k) if kinds != ["flat"] else None
+    exact = exact_neighbours(xb, queries, k, chunk) if kinds != ["flat"] else None
     tried: list[tuple[faiss.Index, Tuning]] = []
     for candidate in kinds:
         spec = spec_for(candidate, n, d)
         start = time.perf_counter()
-        index = build(spec, xb, seed)
+        index = build(spec, xb, seed, chunk)
         build_s = time.perf_counter() - start
         if spec.kind == "flat":
             _, qps = timed_search(index, queries, k)

@@ -62,6 +62,29 @@ class _ImageFiles(Dataset):
         return i, None if image is None else self.transform(image)
 
 
+class _Rows:
+    """Where embeddings go as they are computed: a list in RAM, or rows of a memory-mapped .npy file for collections
+    whose vectors do not fit in RAM (then at most one batch is held)."""
+
+    def __init__(self, capacity: int, dim: int, spill_to: Path | None = None):
+        self.dim, self.count, self.parts = dim, 0, []
+        self.file = np.lib.format.open_memmap(spill_to, mode="w+", dtype=np.float32, shape=(max(capacity, 1), dim)
+                                              ) if spill_to is not None else None
+
+    def append(self, batch: torch.Tensor) -> None:  # (B, D)
+        if self.file is None:
+            self.parts.append(batch)
+        else:
+            self.file[self.count:self.count + len(batch)] = batch.numpy()
+        self.count += len(batch)
+
+    def result(self) -> np.ndarray:  # (count, D)
+        if self.file is not None:
+            self.file.flush()
+            return self.file[:self.count]
+        return torch.cat(self.parts).numpy().astype(np.float32) if self.parts else np.zeros((0, self.dim), np.float32)
+
+
 def _collate_kept(items: list) -> tuple[list[int], torch.Tensor | None, list[int]]:
     kept = [(i, image) for i, image in items if image is not None]
     failed = [i for i, image in items if image is None]
@@ -77,12 +100,13 @@ def _encode_images(model: DualEncoder, batch: torch.Tensor) -> torch.Tensor:
         return model.encode_image(batch, normalize=True).float().cpu()
 
 
-def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int = 256,
-                      num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """-> (embeddings (M, D) of the readable images, their positions (M,) in `paths`), in the order of `paths`."""
+def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int = 256, num_workers: int = 0,
+                      spill_to: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """-> (embeddings (M, D) of the readable images, their positions (M,) in `paths`), in the order of `paths`.
+    `spill_to`: write the embeddings into this .npy file as they come (returned memory-mapped)."""
     loader = DataLoader(_ImageFiles(paths, inference_transform(model)), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate_kept)
-    out, kept = [], []
+    out, kept = _Rows(len(paths), model.embed_dim, spill_to), []
     with tqdm(total=len(paths), desc="embedding images", unit="img", leave=False, disable=len(paths) <= batch_size,
               dynamic_ncols=True) as bar:
         for positions, batch, failed in loader:
@@ -90,24 +114,23 @@ def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int 
                 out.append(_encode_images(model, batch))
                 kept += positions
             bar.update(len(positions) + len(failed))
-    dim = model.embed_dim
-    embeddings = torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, dim), np.float32)
-    return embeddings, np.asarray(kept, dtype=np.int64)  # (M, D), (M,)
+    return out.result(), np.asarray(kept, dtype=np.int64)  # (M, D), (M,)
 
 
 @torch.no_grad()
-def embed_tokens(model: DualEncoder, tokens: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    device = model_device(model)
-    out = []
+def embed_tokens(model: DualEncoder, tokens: torch.Tensor, batch_size: int = 512,
+                 spill_to: Path | None = None) -> np.ndarray:
+    device, out = model_device(model), _Rows(len(tokens), model.embed_dim, spill_to)
     for start in tqdm(range(0, len(tokens), batch_size), desc="embedding texts", unit="batch", leave=False,
                       disable=len(tokens) <= batch_size):
         with _autocast(device):
             out.append(model.encode_text(tokens[start:start + batch_size].to(device), normalize=True).float().cpu())
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.embed_dim), np.float32)  # (C, D)
+    return out.result()  # (C, D)
 
 
-def embed_texts(model: DualEncoder, cfg: Config, texts: Sequence[str], batch_size: int = 512) -> np.ndarray:
-    return embed_tokens(model, tokenize_all(get_tokenizer(cfg.model), texts), batch_size)
+def embed_texts(model: DualEncoder, cfg: Config, texts: Sequence[str], batch_size: int = 512,
+                spill_to: Path | None = None) -> np.ndarray:
+    return embed_tokens(model, tokenize_all(get_tokenizer(cfg.model), texts), batch_size, spill_to)
 
 
 def embed_pil_images(model: DualEncoder, images: Sequence) -> np.ndarray:
@@ -129,10 +152,14 @@ def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
     return embed_pil_images(model, images)
 
 
-def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size: int | None = None) -> Embeddings:
-    """Embed every readable image of a table and the captions of those images."""
+def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size: int | None = None,
+                spill_dir: Path | None = None) -> Embeddings:
+    """Embed every readable image of a table and the captions of those images. `spill_dir`: stream the vectors into
+    memory-mapped files there (images.npy, texts.npy) instead of RAM."""
     batch_size = batch_size or cfg.eval.batch_size
-    image_embeddings, kept = embed_image_paths(model, table.image_paths, batch_size, cfg.data.num_workers)
+    spill = (lambda name: Path(spill_dir) / name) if spill_dir is not None else (lambda name: None)
+    image_embeddings, kept = embed_image_paths(model, table.image_paths, batch_size, cfg.data.num_workers,
+                                               spill("images.npy"))
     unreadable = sorted(set(range(len(table))) - set(kept.tolist()))
     if unreadable:
         logger.warning("%s: %d unreadable images left out (first: %s)", table.source, len(unreadable),
@@ -140,5 +167,5 @@ def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size
     captions = [table.captions[i] for i in kept]
     texts = [c for caps in captions for c in caps]
     caption_image = np.repeat(np.arange(len(kept)), [len(c) for c in captions]).astype(np.int64)  # (C,)
-    return Embeddings(image_embeddings, embed_texts(model, cfg, texts, batch_size), caption_image,
+    return Embeddings(image_embeddings, embed_texts(model, cfg, texts, batch_size, spill("texts.npy")), caption_image,
                       [table.image_paths[i] for i in kept], texts, [table.image_paths[i] for i in unreadable], kept)

@@ -51,6 +51,7 @@ class IndexOptions:
     memory_budget_gb: float = 0.0  # 0 = no limit
     exact_below: int = 50_000  # collections up to this size stay exact
     tuning_queries: int = 1000
+    chunk: int = 200_000  # vectors read at a time to fill an index or find exact neighbours (memory-mapped input)
 
     def __post_init__(self):
         if self.kind not in INDEX_CHOICES:
@@ -60,9 +61,9 @@ class IndexOptions:
             raise IndexDirError(f"--recall-target must be in (0, 1], got {self.recall_target}")
         if self.memory_budget_gb < 0:
             raise IndexDirError(f"--memory-budget-gb must be >= 0 (0 = no limit), got {self.memory_budget_gb}")
-        if self.k < 1 or self.exact_below < 0 or self.tuning_queries < 1:
+        if self.k < 1 or self.exact_below < 0 or self.tuning_queries < 1 or self.chunk < 1:
             raise IndexDirError(f"index options out of range: k={self.k} (>= 1), exact_below={self.exact_below} "
-                                f"(>= 0), tuning_queries={self.tuning_queries} (>= 1)")
+                                f"(>= 0), tuning_queries={self.tuning_queries} (>= 1), chunk={self.chunk} (>= 1)")
 
 
 def _as_queries(xq: np.ndarray, d: int) -> np.ndarray:
@@ -82,7 +83,7 @@ def _build_modality(xb: np.ndarray, other: np.ndarray, options: IndexOptions, se
     sample = rng.choice(len(other), min(options.tuning_queries, len(other)), replace=False)
     budget = options.memory_budget_gb * 1e9 or None
     index, tuning = choose_index(xb, other[np.sort(sample)], options.k, options.recall_target, budget,
-                                 options.exact_below, options.kind, seed)
+                                 options.exact_below, options.kind, seed, options.chunk)
     return index, tuning.to_dict()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000
 SAVE_EVERY = 20_000  # images embedded between saves of a growing index: what a kill can cost at most
+IN_MEMORY_MAX_BYTES = 4 * 2**30  # embeddings beyond this stream to memory-mapped files beside the index
 
 
 @dataclass
@@ -100,7 +102,8 @@ def _weights_identity(identity: dict) -> dict:
 
 def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_dir: str | os.PathLike,
                 options: IndexOptions = IndexOptions(), rebuild: bool = False, workers: int = 0,
-                save_every: int = SAVE_EVERY, batch_size: int = 0) -> IndexUpdate:
+                save_every: int = SAVE_EVERY, batch_size: int = 0,
+                in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> IndexUpdate:
     """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
     already holds an index of the same model and collection, bring it up to date instead of rebuilding it."""
     source = _as_source(source)
@@ -111,7 +114,8 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
     identity = _weights_identity(model_identity(source, cfg)) | {"dataset": str(Path(dataset).resolve())}
     existing = None if rebuild else _existing_index(Path(out_dir), identity)
     if existing is None:
-        update = _fresh_build(model, cfg, table, identity, options, Path(out_dir), embed)
+        spill = embed is embed_table and _vector_bytes(table, model.embed_dim) > in_memory_max_bytes
+        update = _fresh_build(model, cfg, table, identity, options, Path(out_dir), embed, spill)
     else:
         update = _update(existing, model, cfg, table, Path(out_dir), save_every, embed)
     if not is_main:
@@ -153,16 +157,30 @@ def _existing_index(out_dir: Path, identity: dict) -> RetrievalIndex | None:
     return index
 
 
+def _vector_bytes(table: CaptionTable, dim: int) -> int:
+    return 4 * dim * (len(table) + sum(len(c) for c in table.captions))
+
+
 def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity: dict, options: IndexOptions,
-                 out_dir: Path, embed=embed_table) -> IndexUpdate:
-    emb = embed(model, cfg, table)
-    if emb is None:  # another process of a multi-process launch: its share is embedded
-        return IndexUpdate(None)
-    index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.caption_image, emb.image_paths,
-                                 emb.texts, dict(identity, unreadable_files={p: file_state(p) for p in emb.unreadable}),
-                                 options,
-                                 image_states=[file_state(p) for p in emb.image_paths])
-    index.save(out_dir)
+                 out_dir: Path, embed=embed_table, spill: bool = False) -> IndexUpdate:
+    """Embed and index everything. `spill`: the vectors stream to memory-mapped files in a scratch folder beside the
+    index, and the index is trained on a sample and filled `options.chunk` vectors at a time."""
+    scratch = out_dir.parent / f".{out_dir.name}.embeddings"
+    if spill:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        logger.info("embeddings larger than RAM allows: streaming them to %s", scratch)
+    try:
+        emb = embed_table(model, cfg, table, spill_dir=scratch) if spill else embed(model, cfg, table)
+        if emb is None:  # another process of a multi-process launch: its share is embedded
+            return IndexUpdate(None)
+        manifest = dict(identity, unreadable_files={p: file_state(p) for p in emb.unreadable})
+        index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.caption_image, emb.image_paths,
+                                     emb.texts, manifest, options, image_states=[file_state(p) for p in emb.image_paths])
+        index.save(out_dir)
+    finally:
+        if spill:
+            shutil.rmtree(scratch, ignore_errors=True)  # mapped arrays stay readable until released
     return IndexUpdate(index, added=len(emb.image_paths), unreadable=emb.unreadable)
 
 

@@ -230,20 +230,27 @@ def test_re_indexing_a_changed_folder_embeds_only_what_changed(checkpoint, photo
     added = _photo_folder(root / "new", count=10, start=100)
     for path in paths[:5]:
         path.unlink()
-    (paths[5].with_suffix(".txt")).write_text("a caption that arrived later\n")  # a changed sidecar: re-embedded
     embedded = []
     real_embed_table = search_mod.embed_table
     monkeypatch.setattr(search_mod, "embed_table", lambda m, c, t: embedded.extend(t.image_paths)
                         or real_embed_table(m, c, t))
     update = build_index(source, str(root), tmp_path / "index")
-    assert not update.rebuilt and (update.added, update.changed, update.removed) == (10, 1, 5)
-    assert sorted(embedded) == sorted([str(p.resolve()) for p in added] + [str(paths[5].resolve())])
-    assert update.unchanged == 51 and len(update.unreadable) == 3
+    assert not update.rebuilt and (update.added, update.changed, update.removed) == (10, 0, 5)
+    assert sorted(embedded) == sorted(str(p.resolve()) for p in added)  # exactly the 10 new files
+    assert update.unchanged == 52 and len(update.unreadable) == 3  # the unreadable ones are not retried
     fresh = build_index(source, str(root), tmp_path / "fresh")
+    assert _answers(tmp_path / "index", paths[9]) == _answers(tmp_path / "fresh", paths[9]) and fresh.rebuilt
+
+    embedded.clear()
+    (paths[5].with_suffix(".txt")).write_text("a caption that arrived later\n")  # a changed sidecar: re-embedded
+    update = build_index(source, str(root), tmp_path / "index")
+    assert (update.added, update.changed, update.removed) == (0, 1, 0) and embedded == [str(paths[5].resolve())]
+    assert Searcher.open(tmp_path / "index").index.texts == ["a caption that arrived later"]
+    build_index(source, str(root), tmp_path / "fresh")
     assert _answers(tmp_path / "index", paths[9]) == _answers(tmp_path / "fresh", paths[9])
-    assert Searcher.open(tmp_path / "index").index.manifest["num_texts"] == 1  # the new caption is searchable
+    embedded.clear()
     again = build_index(source, str(root), tmp_path / "index")  # nothing changed: nothing embedded
-    assert (again.added, again.changed, again.removed, again.unchanged) == (0, 0, 0, 62) and fresh.rebuilt
+    assert (again.added, again.changed, again.removed, again.unchanged) == (0, 0, 0, 62) and embedded == []
 
 
 def test_a_killed_re_index_continues_where_it_stopped(checkpoint, photos, tmp_path, monkeypatch):

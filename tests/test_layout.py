@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-READERS = ["vclr.rundir", "vclr.index", "vclr.metrics", "vclr.embed", "vclr.search", "vclr.serve", "vclr.evaluate"]
+READERS = ["vclr.rundir", "vclr.index", "vclr.metrics", "vclr.model_source", "vclr.embed", "vclr.embed_shards",
+           "vclr.search", "vclr.serve", "vclr.evaluate"]
 
 # one fresh interpreter imports the readers one by one; modules only accumulate in sys.modules, so the first reader
 # after which the trainer or Accelerate is loaded is the one that imported it

@@ -79,6 +79,23 @@ def test_image_upload_searches_captions(client):
     assert response.status_code == 200
     hits = response.json()["hits"]
     assert len(hits) == 3 and all(isinstance(h["value"], str) and h["value"] for h in hits)
+    assert {h["kind"] for h in hits} == {"caption"}
+
+
+def test_image_upload_can_ask_for_images_and_more_like_this(searcher, client):
+    """image -> images, and "more like this" by id: the index's own vectors, by brute force."""
+    import numpy as np
+
+    response = client.post("/api/search/image", params={"k": 4, "images": "true"},
+                           files={"file": ("q.png", _png(), "image/png")})
+    hits = response.json()["hits"]
+    assert response.status_code == 200 and [h["kind"] for h in hits] == ["image"] * 4
+    assert all(h["url"] == f"api/image/{h['id']}" and "/" not in h["value"] for h in hits)  # no server paths
+    like = client.get("/api/like/5", params={"k": 3}).json()["hits"]
+    vectors = searcher.index.image_embeddings
+    expected = [int(i) for i in np.argsort(-(vectors @ vectors[5]), kind="stable") if i != 5][:3]
+    assert [h["id"] for h in like] == expected
+    assert client.get("/api/like/99999").status_code == 400
 
 
 @pytest.mark.parametrize("payload, status, message", [

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,9 +27,11 @@ from vclr.config import Config, VclrError, config_hash
 from vclr.data.dataset import CaptionTable
 from vclr.data.folder import load_collection
 from vclr.embed import embed_image_files, embed_table, embed_texts
+from vclr.embed_shards import collection_embedder, launched_processes, process_state
 from vclr.index import IndexOptions, RetrievalIndex
 from vclr.model import DualEncoder
 from vclr.model_source import ModelSource, RunSource, model_identity, source_from_manifest
+from vclr.rundir import weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +94,6 @@ def _weights_identity(identity: dict) -> dict:
     described = identity["model_source"]
     weights = described.get("pretrained") if described["kind"] == "open_clip" else None
     if described["kind"] == "run":
-        from vclr.rundir import weights_file
-
         weights = str(weights_file(described["run_dir"]))
     if weights and Path(weights).is_file():
         return dict(identity, weights_state=file_state(weights))
@@ -128,20 +128,14 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
 def _embedding_plan(out_dir: Path):
     """(embed function, device, is this process the one that writes) — one process, or a multi-process launch where
     every process embeds a share on its own device (vclr.embed_shards)."""
-    from vclr.embed_shards import collection_embedder, launched_processes
-
     if launched_processes() == 1:
         return embed_table, None, True
-    from vclr.embed_shards import process_state
-
     state = process_state()
     return collection_embedder(out_dir), state.device, state.is_main_process
 
 
 def _with_loader(cfg: Config, workers: int, batch_size: int) -> Config:
     """The embedding loader's workers and batch (0: the config's)."""
-    from dataclasses import replace
-
     data = replace(cfg.data, num_workers=workers or cfg.data.num_workers)
     return replace(cfg, data=data, eval=replace(cfg.eval, batch_size=batch_size or cfg.eval.batch_size))
 
@@ -222,8 +216,6 @@ def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: Capti
 
 
 def _is_main() -> bool:
-    from vclr.embed_shards import process_state
-
     return process_state().is_main_process
 
 

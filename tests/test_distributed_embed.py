@@ -52,3 +52,9 @@ def test_two_processes_index_as_one(checkpoint, tmp_path):  # noqa: F811
     assert main(["index", *flags, "--out", str(tmp_path / "one")]) == 0
     _two_processes(["index", *flags, "--out", str(tmp_path / "two")])
     _assert_same_index(tmp_path / "one", tmp_path / "two")
+
+    # shards larger than the RAM allowance are assembled in a memory-mapped file: the same index
+    _two_processes(["index", *flags, "--out", str(tmp_path / "mapped"), "--max-ram-gb", "0"])
+    assert main(["index", *flags, "--out", str(tmp_path / "fresh"), "--max-ram-gb", "0"]) == 0
+    _assert_same_index(tmp_path / "fresh", tmp_path / "mapped")
+    assert not list(tmp_path.glob(".*.embed-shards")) and not list(tmp_path.glob(".*.embeddings"))

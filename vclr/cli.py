@@ -175,6 +175,8 @@ def add_index_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images (default 0: in "
                                                           "the main process)")
     p.add_argument("--batch-size", type=int, default=0, help="images per embedding batch (default: the config's, 512)")
+    p.add_argument("--max-ram-gb", type=float, default=4.0, help="embeddings beyond this stream to memory-mapped "
+                                                                 "files beside the index (default 4)")
     p.add_argument("--index-type", choices=INDEX_CHOICES, default="auto",
                    help="auto: exact up to 50k items, else every type that fits the memory budget is built and "
                         "measured, and the fastest one meeting --recall-target is kept (exact search included)")
@@ -199,10 +201,12 @@ def cmd_index(args) -> int:
 
     options = IndexOptions(kind=args.index_type, recall_target=args.recall_target,
                            memory_budget_gb=args.memory_budget_gb)
-    if args.workers < 0 or args.batch_size < 0:
-        raise VclrError(f"--workers and --batch-size must be >= 0, got {args.workers} and {args.batch_size}")
+    if min(args.workers, args.batch_size, args.max_ram_gb) < 0:
+        raise VclrError(f"--workers, --batch-size and --max-ram-gb must be >= 0, got {args.workers}, "
+                        f"{args.batch_size} and {args.max_ram_gb}")
     update = build_index(_model_source(args), args.data, args.out, options, rebuild=args.rebuild,
-                         workers=args.workers, batch_size=args.batch_size)
+                         workers=args.workers, batch_size=args.batch_size,
+                         in_memory_max_bytes=int(args.max_ram_gb * 2**30))
     _end_launch()
     if update.index is None:  # under `accelerate launch`, process 0 reports
         return 0

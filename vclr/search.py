@@ -107,7 +107,7 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
     """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
     already holds an index of the same model and collection, bring it up to date instead of rebuilding it."""
     source = _as_source(source)
-    embed, device, is_main = _embedding_plan(Path(out_dir))
+    embed, device, is_main = _embedding_plan(Path(out_dir), in_memory_max_bytes)
     model, cfg = source.load(device)
     cfg = _with_loader(cfg, workers, batch_size)
     dataset, table = _collection(cfg, data)
@@ -125,13 +125,13 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
     return update
 
 
-def _embedding_plan(out_dir: Path):
+def _embedding_plan(out_dir: Path, in_memory_max_bytes: int):
     """(embed function, device, is this process the one that writes) — one process, or a multi-process launch where
     every process embeds a share on its own device (vclr.embed_shards)."""
     if launched_processes() == 1:
         return embed_table, None, True
     state = process_state()
-    return collection_embedder(out_dir), state.device, state.is_main_process
+    return collection_embedder(out_dir, in_memory_max_bytes), state.device, state.is_main_process
 
 
 def _with_loader(cfg: Config, workers: int, batch_size: int) -> Config:

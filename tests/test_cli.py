@@ -1,14 +1,11 @@
 """The CLI through main(argv): user errors are one clear line on stderr, a non-zero exit, and no traceback."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vclr.cli import main
-from vclr.config import BUILTIN_CONFIGS
-from vclr.config import ModelConfig, config_hash
+from vclr.config import BUILTIN_CONFIGS, ModelConfig, config_hash
 from vclr.index import RetrievalIndex
 
 CONFIG = str(BUILTIN_CONFIGS / "demo.yaml")

@@ -1,6 +1,5 @@
 """Config loading, overrides and validation; every YAML in configs/ (recursively) must load."""
 
-from pathlib import Path
 
 import pytest
 import yaml

@@ -190,7 +190,6 @@ def test_mmap_falls_back_to_reading_index_types_it_cannot_map(collection, tmp_pa
 
 
 def test_index_add_refuses_a_model_of_another_config(small_shapes, tmp_path, capsys):
-    import torch
     from safetensors.torch import save_file
 
     from vclr.cli import main

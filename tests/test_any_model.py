@@ -369,3 +369,14 @@ def test_embeddings_larger_than_ram_stream_to_disk_and_fill_the_index_in_chunks(
                                   np.load(tmp_path / "memory" / "image_embeddings.npy"))
     image = Path(in_memory.index.image_paths[3])
     assert _answers(tmp_path / "streamed", image) == _answers(tmp_path / "memory", image) and streamed.rebuilt
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--model", MODEL, "--pretrained", "w.pt"],
+                                                          OpenClipSource(MODEL, "w.pt"))])
+def test_serve_takes_the_model_flags_or_the_index_s_own(flags, expected, tmp_path, monkeypatch):
+    import vclr.serve as serve_mod
+
+    served = []
+    monkeypatch.setattr(serve_mod, "serve", lambda index, source, *rest: served.append(source))
+    assert main(["serve", "--index", str(tmp_path), *flags]) == 0
+    assert served == [expected]

@@ -267,7 +267,7 @@ def _parse_ids(text: str | None, flag: str) -> list[int]:
 
 def add_serve_arguments(p) -> None:
     p.add_argument("--index", required=True)
-    p.add_argument("--run", help="model run dir (default: the one the index was built with)")
+    add_model_arguments(p, required=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it into RAM")

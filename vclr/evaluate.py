@@ -24,16 +24,12 @@ from vclr.rundir import read_metrics
 from vclr.storage import atomic_write_text
 from vclr.data.dataset import CaptionTable, load_caption_table, load_class_labels
 from vclr.embed import embed_table, embed_texts
-from vclr.model_source import ModelSource, RunSource, model_identity
+from vclr.model_source import ModelSource, RunSource, as_source, model_identity
 from vclr.metrics import (KNN_K, KNN_TEMPERATURE, adjusted_rand_index, best_f1_threshold, check_retrieval_inputs,
                           cluster, image_to_text_ranks, knn_classify, metrics_from_ranks, normalized_mutual_info,
                           text_to_image_ranks, top_k_accuracy, verification_prf, zero_shot_metrics)
 
 logger = logging.getLogger(__name__)
-
-
-def _as_source(source: ModelSource | str | Path) -> ModelSource:
-    return source if hasattr(source, "load") else RunSource(str(source))
 
 
 def _provenance(model_source: ModelSource, data: str, table: CaptionTable, cfg: Config) -> dict:
@@ -54,7 +50,7 @@ def evaluate_run(model_source: ModelSource | str | Path, data: str | None = None
                  index_dir: str | Path | None = None, label_column: str | None = None,
                  knn_train: str | None = None, examples: int = 6) -> dict:
     """Embed `data` (default: the run's data.test) with the run's model and score it; see the module doc."""
-    model_source = _as_source(model_source)
+    model_source = as_source(model_source)
     model, cfg = model_source.load()
     source = data or cfg.data.test
     if not source:
@@ -228,7 +224,7 @@ def zero_shot_run(model_source: ModelSource | str | Path, data: str, label_colum
                   out: str | Path | None = None) -> dict:
     """Zero-shot classification of `data`'s images against prompts built from its class names (`templates`: open_clip's
     standard ensemble for the dataset when it has one, else DEFAULT_TEMPLATES)."""
-    model_source = _as_source(model_source)
+    model_source = as_source(model_source)
     model, cfg = model_source.load()
     table = load_caption_table(data, cfg.data.image_column, cfg.data.caption_columns)
     labels, class_names = load_class_labels(data, table.image_paths, label_column, name_column,

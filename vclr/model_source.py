@@ -151,6 +151,11 @@ def model_source(run: str | None = None, model: str | None = None, pretrained: s
     return default
 
 
+def as_source(source: "ModelSource | str | Path") -> ModelSource:
+    """A model source as given, or a run directory's path as its RunSource."""
+    return source if hasattr(source, "load") else RunSource(str(source))
+
+
 def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
     """The model of a vclr run directory, in eval mode."""
     return RunSource(str(run_dir)).load(device)

@@ -30,7 +30,7 @@ from vclr.embed import embed_image_files, embed_table, embed_texts
 from vclr.embed_shards import collection_embedder, launched_processes, process_state
 from vclr.index import IndexOptions, RetrievalIndex
 from vclr.model import DualEncoder
-from vclr.model_source import ModelSource, RunSource, model_identity, source_from_manifest
+from vclr.model_source import ModelSource, as_source, model_identity, source_from_manifest
 from vclr.rundir import weights_file
 
 logger = logging.getLogger(__name__)
@@ -71,10 +71,6 @@ class IndexUpdate:
     rebuilt: bool = True  # a fresh build (no index there, another model, or --rebuild)
 
 
-def _as_source(source: ModelSource | str | os.PathLike) -> ModelSource:
-    return source if hasattr(source, "load") else RunSource(str(source))
-
-
 def _collection(cfg: Config, data: str | None) -> tuple[str, CaptionTable]:
     source = data or cfg.data.test or cfg.data.train
     if not source:
@@ -106,7 +102,7 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
                 in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> IndexUpdate:
     """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
     already holds an index of the same model and collection, bring it up to date instead of rebuilding it."""
-    source = _as_source(source)
+    source = as_source(source)
     embed, device, is_main = _embedding_plan(Path(out_dir), in_memory_max_bytes)
     model, cfg = source.load(device)
     cfg = _with_loader(cfg, workers, batch_size)
@@ -223,7 +219,7 @@ def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | o
                  ) -> tuple[int, int]:
     """Embed another dataset with the index's model and append it, without rebuilding. -> (images, captions)."""
     index = RetrievalIndex.load(index_dir)
-    source = _as_source(source) if source else _recorded_source(index)
+    source = as_source(source) if source else _recorded_source(index)
     model, cfg = source.load()
     index.check_model(model.embed_dim, config_hash(cfg.model))  # before spending time on embedding
     _, table = _collection(cfg, data)
@@ -274,7 +270,7 @@ class Searcher:
     def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
              mmap: bool = False) -> "Searcher":
         index = RetrievalIndex.load(index_dir, mmap=mmap)
-        model, cfg = (_as_source(source) if source else _recorded_source(index)).load()
+        model, cfg = (as_source(source) if source else _recorded_source(index)).load()
         index.check_model(model.embed_dim, config_hash(cfg.model))
         return cls(index, model, cfg)
 

@@ -316,9 +316,3 @@ def search_by_text(index_dir: str | Path, text: str, k: int = 5, source: ModelSo
     text = check_text_query(text)
     check_k(k)
     return Searcher.open(index_dir, source).by_text(text, k)
-
-
-def search_by_image(index_dir: str | Path, image_path: str | Path, k: int = 5, source: ModelSource | None = None,
-                    images: bool | None = None) -> list[Hit]:
-    check_k(k)
-    return Searcher.open(index_dir, source).by_image_file(image_path, k, images)

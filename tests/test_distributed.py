@@ -1,6 +1,6 @@
 """Global negatives across processes: 2 CPU processes (gloo, `accelerate launch`) with per-process batch B train
 exactly as one process with batch 2B (a world-size check in the worker makes sure two processes really ran), for
-InfoNCE, the hardest-negative triplet term, the memory bank and GradCache.
+InfoNCE, the hardest-negative triplet term, SigLIP, the memory bank and GradCache.
 
 The model is the tiny ViT: LayerNorm only. BatchNorm would make the comparison meaningless, since under DDP each
 process normalises with its own batch statistics.
@@ -29,6 +29,9 @@ CASES = {
     "triplet": {"loss.infonce_weight": 0, "loss.triplet_weight": 1.0},
     "both_bank": {"loss.triplet_weight": 0.5, "loss.memory_bank_size": 24},
     "gradcache": {"loss.triplet_weight": 0.5, "train.grad_cache_chunk": 4},
+    # the sigmoid loss over global negatives, its columns scored 5 at a time, and its bias through GradCache
+    "siglip": {"loss.infonce_weight": 0, "loss.siglip_weight": 1.0, "loss.siglip_chunk": 5},
+    "siglip_gradcache": {"loss.siglip_weight": 1.0, "train.grad_cache_chunk": 4},
 }
 
 
@@ -84,7 +87,8 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(two_process_r
 
     dist_weights = load_file(root / f"dist_{name}" / "model.safetensors")
     single_weights = load_file(reference / "model.safetensors")
-    initial = train_mod.build_model(load_config(None, _overrides(data, reference, 2, case)).model).state_dict()
+    initial_cfg = load_config(None, _overrides(data, reference, 2, case))
+    initial = train_mod.build_model(initial_cfg.model, logit_bias=initial_cfg.loss.siglip_weight > 0).state_dict()
     assert dist_weights.keys() == single_weights.keys()
     moved = 0
     for key, value in single_weights.items():

@@ -150,3 +150,105 @@ def test_bank_is_not_updated_without_grad():
     with torch.no_grad():
         loss(img, txt, torch.tensor(2.0, dtype=torch.float64))
     assert int(loss.bank.filled) == 0
+
+
+# ------------------------------------------------------------------------------------------------ SigLIP (sigmoid)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("chunk", [3, 4096])  # columns scored 3 at a time under checkpointing, or all at once
+def test_siglip_matches_open_clip_loss_and_gradients(seed, chunk):
+    from open_clip.loss import SigLipLoss as OpenClipSigLip
+
+    from vclr.loss import SigLipLoss
+
+    img, txt = (t.float().requires_grad_() for t in _features(batch=8, dim=6, seed=seed))
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0 + seed, requires_grad=True)
+    ours = SigLipLoss(chunk=chunk)(img, txt, scale, bias)
+    assert set(ours) == {"siglip_loss"}
+    grads = torch.autograd.grad(ours["siglip_loss"], [img, txt, scale, bias])
+    reference = OpenClipSigLip()(img, txt, scale, bias)
+    expected = torch.autograd.grad(reference, [img, txt, scale, bias])
+    torch.testing.assert_close(ours["siglip_loss"], reference)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_siglip_is_a_combined_loss_term_with_its_own_weight():
+    img, txt = (t.float() for t in _features(batch=6, seed=3))
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    from vclr.loss import SigLipLoss
+
+    both = CombinedLoss(LossConfig(infonce_weight=1.0, siglip_weight=0.5))(img, txt, scale, logit_bias=bias)
+    expected = InfoNCELoss()(img, txt, scale)["infonce_loss"] + 0.5 * SigLipLoss()(img, txt, scale, bias)["siglip_loss"]
+    torch.testing.assert_close(both["loss"], expected)
+    with pytest.raises(ValueError, match="logit_bias"):
+        CombinedLoss(LossConfig(infonce_weight=0.0, siglip_weight=1.0))(img, txt, scale)
+
+
+# ------------------------------------------------------------------------------------------------ false negatives
+
+
+def _batch_with_duplicates(seed=4):
+    """Rows 0 and 3 show one image (two of its captions); rows 1 and 5 carry the same caption text."""
+    img, noise = (t.float() for t in _features(batch=6, seed=seed))
+    img = img.clone()
+    img[3] = img[0]
+    txt = F.normalize(img + 0.3 * noise, dim=-1)  # captions near their images: the duplicates score high
+    txt[5] = txt[1]
+    image_ids = torch.tensor([10, 11, 12, 10, 14, 15])
+    caption_ids = torch.tensor([20, 21, 22, 23, 24, 21])
+    return img, txt, image_ids, caption_ids
+
+
+def _dropping(img, txt, scale, bias, term, pairs):
+    """Reference: each row's loss computed with the false-negative columns removed from its candidates."""
+    n = len(img)
+    if term == "infonce":
+        total = 0.0
+        for i in range(n):
+            keep = [j for j in range(n) if (i, j) not in pairs]
+            at = keep.index(i)
+            total += F.cross_entropy(scale * img[i] @ txt[keep].T, torch.tensor(at))
+            total += F.cross_entropy(scale * txt[i] @ img[keep].T, torch.tensor(at))
+        return total / (2 * n)
+    if term == "siglip":
+        total = 0.0
+        for i in range(n):
+            for j in range(n):
+                if (i, j) not in pairs:
+                    total += -F.logsigmoid((1.0 if i == j else -1.0) * (scale * img[i] @ txt[j] + bias))
+        return total / n
+    margin, total = 0.2, 0.0  # triplet, hardest negatives
+    s = img @ txt.T
+    for i in range(n):
+        negatives = [j for j in range(n) if j != i and (i, j) not in pairs]
+        total += max(max(0.0, margin + s[i, j] - s[i, i]) for j in negatives) / n
+        total += max(max(0.0, margin + s[j, i] - s[i, i]) for j in negatives) / n
+    return total
+
+
+@pytest.mark.parametrize("term", ["infonce", "triplet", "siglip"])
+def test_duplicates_in_a_batch_are_not_each_others_negatives(term):
+    img, txt, image_ids, caption_ids = _batch_with_duplicates()
+    scale, bias = torch.tensor(12.0), torch.tensor(-5.0)
+    pairs = {(0, 3), (3, 0), (1, 5), (5, 1)}
+    cfg = LossConfig(infonce_weight=float(term == "infonce"), triplet_weight=float(term == "triplet"),
+                     siglip_weight=float(term == "siglip"))
+    masked = CombinedLoss(cfg)(img, txt, scale, logit_bias=bias, image_ids=image_ids, caption_ids=caption_ids)
+    expected = _dropping(img, txt, scale, bias, term, pairs)
+    torch.testing.assert_close(masked[f"{term}_loss"], torch.as_tensor(expected, dtype=torch.float32))
+    unmasked = CombinedLoss(cfg)(img, txt, scale, logit_bias=bias)  # without ids: every other row is a negative
+    assert not torch.allclose(unmasked[f"{term}_loss"], masked[f"{term}_loss"], rtol=1e-2)
+    off = CombinedLoss(LossConfig(**{**cfg.__dict__, "mask_false_negatives": False}))
+    torch.testing.assert_close(off(img, txt, scale, logit_bias=bias, image_ids=image_ids,
+                                   caption_ids=caption_ids)["loss"], unmasked["loss"])
+
+
+def test_caption_ids_are_equal_for_equal_token_rows_only():
+    from vclr.loss import text_ids
+
+    tokens = torch.tensor([[49406, 320, 1929, 49407, 0], [49406, 320, 1929, 49407, 0], [49406, 320, 1930, 49407, 0]])
+    ids = text_ids(tokens)
+    assert ids[0] == ids[1] and ids[0] != ids[2]

@@ -40,6 +40,7 @@ class ModelConfig:
     pretrained: str = ""  # "" = random init; a local checkpoint path; or an open_clip tag (downloads: needs internet)
     init_temperature: float = 0.07  # CLIP's starting softmax temperature; stored as log(1/T) like open_clip
     learn_temperature: bool = True  # learnable temperature is one of InfoNCE's best-known wins (CLIP, ALIGN)
+    init_logit_bias: float = -10.0  # SigLIP's learnable bias (only with loss.siglip_weight > 0); its paper's init
     max_logit_scale: float = 100.0  # clamp 1/T as CLIP does, so the learned temperature cannot blow up the logits
     projector: bool = False  # FC-BN-ReLU-FC head after each tower (SimCLR-style); off: towers project themselves
     projector_hidden_dim: int = 512
@@ -92,12 +93,21 @@ class LossConfig:
     triplet_negatives: Literal["hardest", "all"] = "hardest"  # hardest = VSE++ max-violation
     triplet_warmup_steps: int = 0  # hardest-negative hinge collapses from scratch: phase it in after InfoNCE warms up
     memory_bank_size: int = 0  # > 0: a FIFO of this many past features adds negatives beyond the batch (MoCo/NPID)
+    # SigLIP's pairwise sigmoid loss; it adds a learnable logit bias to the model (model.init_logit_bias). SigLIP
+    # starts its scale at 10 (model.init_temperature=0.1, as configs/siglip_*.yaml set)
+    siglip_weight: float = 0.0
+    siglip_chunk: int = 4096  # columns scored at a time: memory O(batch x chunk), backward included
+    # rows of one batch that show the same image (duplicate rows, several captions of one image) or carry the same
+    # caption text are not each other's negatives in any term
+    mask_false_negatives: bool = True
 
     def __post_init__(self):
         _check(self.infonce_weight >= 0, "loss.infonce_weight", self.infonce_weight, ">= 0")
         _check(self.triplet_weight >= 0, "loss.triplet_weight", self.triplet_weight, ">= 0")
-        _check(self.infonce_weight + self.triplet_weight > 0, "loss.infonce_weight", self.infonce_weight,
-               "> 0 when loss.triplet_weight is 0 (some loss must be on)")
+        _check(self.siglip_weight >= 0, "loss.siglip_weight", self.siglip_weight, ">= 0")
+        _check(self.infonce_weight + self.triplet_weight + self.siglip_weight > 0, "loss.infonce_weight",
+               self.infonce_weight, "> 0 when loss.triplet_weight and loss.siglip_weight are 0 (some loss must be on)")
+        _check(self.siglip_chunk >= 1, "loss.siglip_chunk", self.siglip_chunk, ">= 1")
         _check(0 <= self.triplet_margin <= 2, "loss.triplet_margin", self.triplet_margin, "[0, 2] (cosine margin)")
         _check(self.triplet_warmup_steps >= 0, "loss.triplet_warmup_steps", self.triplet_warmup_steps, ">= 0")
         _check(self.memory_bank_size >= 0, "loss.memory_bank_size", self.memory_bank_size, ">= 0 (0 = off)")
@@ -313,9 +323,18 @@ def config_to_dict(cfg: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists: plain YAML/JSON
 
 
+# fields added after index manifests began recording config hashes: at their default they are left out of the hash,
+# so an index built before they existed still matches the run that built it
+_NEWER_FIELDS = {"init_logit_bias"}
+
+
 def config_hash(section: Any) -> str:
     """Short stable hash of a config (section); the index manifest uses the model section's."""
-    blob = json.dumps(json.loads(json.dumps(dataclasses.asdict(section))), sort_keys=True)
+    values = json.loads(json.dumps(dataclasses.asdict(section)))
+    for field_ in dataclasses.fields(section):
+        if field_.name in _NEWER_FIELDS and getattr(section, field_.name) == field_.default:
+            values.pop(field_.name)
+    blob = json.dumps(values, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

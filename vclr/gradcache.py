@@ -39,7 +39,8 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 def _cached_features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, slices: list[slice]):
-    """Pass 1: (B, D) image and text features and the logit scale, without autograd graphs."""
+    """Pass 1: (B, D) image and text features and the logit scale and bias (when the model has one), without
+    autograd graphs."""
     buffers = [b.detach().clone() for b in model.buffers()]  # BN running stats: pass 3 updates them instead
     rng_states, image_chunks, text_chunks = [], [], []
     with torch.no_grad():
@@ -50,7 +51,8 @@ def _cached_features(model: nn.Module, images: torch.Tensor, tokens: torch.Tenso
             text_chunks.append(out["text_features"].float())
         for buffer, saved in zip(model.buffers(), buffers):
             buffer.copy_(saved)
-    return torch.cat(image_chunks), torch.cat(text_chunks), out["logit_scale"].float(), rng_states
+    scalars = {k: out[k].float() for k in ("logit_scale", "logit_bias") if k in out}
+    return torch.cat(image_chunks), torch.cat(text_chunks), scalars, rng_states
 
 
 def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, chunk: int,
@@ -58,22 +60,24 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
                     no_sync: Callable[[nn.Module], ContextManager] = lambda m: contextlib.nullcontext()):
     """Loss and gradients of the whole batch (B pairs), with activations for `chunk` pairs at a time.
 
-    `loss_fn(image_features, text_features, logit_scale)` scores the full batch; `backward` is the accelerator's
+    `loss_fn(image_features, text_features, logit_scale, logit_bias=None)` scores the full batch; `backward` is the accelerator's
     (it scales for mixed precision and accumulation); `no_sync(model)` defers DDP's gradient all-reduce to the last
     chunk. Returns the loss terms (detached) and the logit scale.
     """
     slices = chunk_slices(len(images), chunk)
-    image_features, text_features, logit_scale, rng_states = _cached_features(model, images, tokens, slices)
+    image_features, text_features, scalars, rng_states = _cached_features(model, images, tokens, slices)
 
     # pass 2: the full-batch loss on leaf copies of the cached features
     image_leaf = image_features.requires_grad_()  # (B, D)
     text_leaf = text_features.requires_grad_()  # (B, D)
-    scale_leaf = logit_scale.detach().requires_grad_()
-    losses = loss_fn(image_leaf, text_leaf, scale_leaf)
-    image_grad, text_grad, scale_grad = torch.autograd.grad(losses["loss"], [image_leaf, text_leaf, scale_leaf])
+    scalar_leaves = {k: v.detach().requires_grad_() for k, v in scalars.items()}  # scale (and bias)
+    losses = loss_fn(image_leaf, text_leaf, *scalar_leaves.values())
+    image_grad, text_grad, *scalar_grads = torch.autograd.grad(losses["loss"], [image_leaf, text_leaf,
+                                                                                *scalar_leaves.values()])
 
     # pass 3: replay each chunk with a graph; <features, cached grad> has the chunk's share of the parameter gradient.
-    # The temperature's gradient is split evenly over the chunks so every chunk's backward touches every parameter.
+    # The temperature's (and bias') gradient is split evenly over the chunks so every chunk's backward touches every
+    # parameter.
     device = images.device
     restore = _rng_state(device)
     for i, part in enumerate(slices):
@@ -82,8 +86,9 @@ def grad_cache_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
             _set_rng_state(rng_states[i], device)
             out = model(images[part], tokens[part])
             surrogate = ((out["image_features"].float() * image_grad[part]).sum()
-                         + (out["text_features"].float() * text_grad[part]).sum()
-                         + out["logit_scale"].float() * scale_grad / len(slices))
+                         + (out["text_features"].float() * text_grad[part]).sum())
+            for name, grad in zip(scalar_leaves, scalar_grads):
+                surrogate = surrogate + out[name].float() * grad / len(slices)
             backward(surrogate)
     _set_rng_state(restore, device)
-    return {k: v.detach() for k, v in losses.items()}, logit_scale.detach()
+    return {k: v.detach() for k, v in losses.items()}, scalars["logit_scale"].detach()

@@ -80,13 +80,26 @@ class DualEncoder(nn.Module):
         features = self.text_projector(self.clip.encode_text(tokens))  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """() SigLIP's learnable bias; None for models trained without the sigmoid loss."""
+        return getattr(self.clip, "logit_bias", None)
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "image_features": self.encode_image(images, normalize=True),  # (B, D)
-            "text_features": self.encode_text(tokens, normalize=True),  # (B, D)
+        return self.score_features(self.encode_image(images, normalize=True),  # (B, D)
+                                   self.encode_text(tokens, normalize=True))  # (B, D)
+
+    def score_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """forward's output for features computed elsewhere (cached locked towers): features + scale (+ bias)."""
+        out = {
+            "image_features": image_features,
+            "text_features": text_features,
             # clamp as CLIP does (at 100): the learned temperature can otherwise run off and destabilise training
             "logit_scale": self.clip.logit_scale.clamp(max=self.max_log_scale).exp(),
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
 
 
 def _open_clip_config(name: str) -> dict:
@@ -165,15 +178,19 @@ def _lock_towers(clip: nn.Module, cfg: ModelConfig) -> None:
         clip.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
 
 
-def build_model(cfg: ModelConfig) -> DualEncoder:
-    """Create the towers from the named open_clip config; load `cfg.pretrained` and tower weights; lock towers."""
+def build_model(cfg: ModelConfig, logit_bias: bool = False) -> DualEncoder:
+    """Create the towers from the named open_clip config; load `cfg.pretrained` and tower weights; lock towers.
+
+    `logit_bias`: give the model SigLIP's learnable bias (at `cfg.init_logit_bias`); open_clip's SigLIP configs
+    have one anyway."""
     model_cfg = _open_clip_config(cfg.name)
     pretrained = cfg.pretrained or None
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained={pretrained!r}: no such checkpoint file")
     with _quiet_random_init_warning():
+        bias = {"init_logit_bias": cfg.init_logit_bias} if logit_bias and "init_logit_bias" not in model_cfg else {}
         clip = open_clip.create_model(cfg.name, pretrained=pretrained, pretrained_text=False, output_dict=True,
-                                      **_text_cfg_override(cfg, model_cfg))
+                                      **_text_cfg_override(cfg, model_cfg), **bias)
     if pretrained:
         logger.info("loaded pretrained weights %s into %s", pretrained, cfg.name)
     if cfg.image_tower_weights:

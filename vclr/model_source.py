@@ -61,7 +61,8 @@ class RunSource:
     def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
         cfg = load_run_config(self.run_dir)
         # the weights come from the run: no pretrained files to load, no locking needed for inference
-        model = build_model(replace(cfg.model, pretrained="", image_tower_weights=""))
+        model = build_model(replace(cfg.model, pretrained="", image_tower_weights=""),
+                            logit_bias=cfg.loss.siglip_weight > 0)
         model.load_state_dict(_load_state(weights_file(self.run_dir)))
         return model.to(device or default_device()).eval(), cfg
 
@@ -98,7 +99,7 @@ class OpenClipSource:
                 raise ModelSourceError(f"--pretrained {self.pretrained}: no such checkpoint file")
             state = _load_state(path)
             if any(k.startswith("clip.") for k in state):  # a vclr model.safetensors: the whole dual encoder
-                model = build_model(replace(cfg.model, pretrained=""))
+                model = build_model(replace(cfg.model, pretrained=""), logit_bias="clip.logit_bias" in state)
                 _load_checked(model, state, path)
             else:  # an open_clip state dict: open_clip's own loader (it also adapts older layouts)
                 model = _build_or_explain(cfg.model)

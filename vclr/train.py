@@ -26,7 +26,7 @@ from vclr.data.dataset import normalize_images
 from vclr.data.device_decode import decode_resize
 from vclr.data.sources import TrainingSource, open_training_source
 from vclr.gradcache import grad_cache_step
-from vclr.loss import CombinedLoss, gather_features
+from vclr.loss import CombinedLoss, gather_features, text_ids
 from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg, param_groups
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
                         "train.output_dir")
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, logit_bias=cfg.loss.siglip_weight > 0)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     preprocess = image_preprocess_cfg(model)
@@ -169,23 +169,25 @@ def _restore(trainer: Trainer) -> None:
 # ------------------------------------------------------------------------------------------------------------- loop
 
 
-def batch_on_device(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised float images (B, 3, S, S) and tokens (B, L) on the training device.
+def batch_on_device(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Normalised float images (B, 3, S, S), tokens (B, L) and image ids (B,) on the training device.
 
     With data.decode_on=device the batch holds encoded bytes: decode them here, in one batched call, and drop the
-    tokens of images that fail to decode.
+    tokens (and ids) of images that fail to decode.
     """
-    device, tokens = trainer.accelerator.device, batch["tokens"]
+    device, tokens, image_ids = trainer.accelerator.device, batch["tokens"], batch.get("image_ids")
     if "encoded" in batch:
         images, kept = decode_resize(batch["encoded"], trainer.image_size, device, trainer.cfg.data.augment)
         if not kept.all():
             tokens = tokens[kept.to(tokens.device)]
+            image_ids = image_ids[kept.to(image_ids.device)] if image_ids is not None else None
     else:
         images = batch["images"].to(device, non_blocking=True)
     images = normalize_images(images, trainer.mean, trainer.std)  # (B, 3, S, S)
     if trainer.cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, tokens.to(device, non_blocking=True)
+    image_ids = image_ids.to(device, non_blocking=True) if image_ids is not None else None
+    return images, tokens.to(device, non_blocking=True), image_ids
 
 
 def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
@@ -193,19 +195,23 @@ def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
     acc, cfg = trainer.accelerator, trainer.cfg
     step = trainer.state.step
 
-    def loss_fn(image_features, text_features, logit_scale):
-        # the loss in fp32 even under bf16/fp16 autocast: softmax over large batches is precision-sensitive
-        return trainer.loss_fn(image_features.float(), text_features.float(), logit_scale.float(), step=step)
-
     with acc.accumulate(trainer.model):
-        images, tokens = batch_on_device(trainer, batch)
+        images, tokens, image_ids = batch_on_device(trainer, batch)
+        caption_ids = text_ids(tokens)  # (B,) equal captions, equal ids
+
+        def loss_fn(image_features, text_features, logit_scale, logit_bias=None):
+            # the loss in fp32 even under bf16/fp16 autocast: softmax over large batches is precision-sensitive
+            return trainer.loss_fn(image_features.float(), text_features.float(), logit_scale.float(), step=step,
+                                   logit_bias=None if logit_bias is None else logit_bias.float(),
+                                   image_ids=image_ids, caption_ids=caption_ids)
+
         chunk = cfg.train.grad_cache_chunk
         if chunk and chunk < len(images):
             losses, logit_scale = grad_cache_step(trainer.model, images, tokens, chunk, loss_fn, acc.backward,
                                                   acc.no_sync)
         else:
             out = trainer.model(images, tokens)
-            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
             logit_scale = out["logit_scale"].detach()
             acc.backward(losses["loss"])
         if acc.sync_gradients and cfg.optim.grad_clip_norm > 0:

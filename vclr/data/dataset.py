@@ -275,6 +275,12 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
     return (images.float() - mean_t) / std_t
 
 
+def stable_id(data: str | bytes) -> int:
+    """A signed 64-bit identity of an image path or image bytes: equal inputs, equal ids, in every process."""
+    raw = data.encode() if isinstance(data, str) else data
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
+
+
 def tokenize_all(tokenizer, texts: Sequence[str], batch: int = 4096) -> torch.Tensor:
     """(N, context_length) token ids; long captions are truncated by the tokenizer."""
     chunks = [tokenizer(list(texts[i:i + batch])) for i in range(0, len(texts), batch)]
@@ -282,7 +288,8 @@ def tokenize_all(tokenizer, texts: Sequence[str], batch: int = 4096) -> torch.Te
 
 
 class ImageTextDataset(Dataset):
-    """Item i: (uint8 image (3, S, S), caption tokens (L,)). One of image i's captions, chosen per epoch.
+    """Item i: (uint8 image (3, S, S), caption tokens (L,), image id). One of image i's captions, chosen per epoch.
+    The image id (`stable_id` of the file's path) tells the loss which rows of a batch show the same image.
 
     The caption choice is a pure function of (seed, epoch, i), so a resumed run that skips batches sees the same
     captions as an uninterrupted one. With `cache_images` all images are decoded once into one uint8 tensor.
@@ -303,6 +310,7 @@ class ImageTextDataset(Dataset):
         self.tokens = tokenize_all(tokenizer, texts)  # (C, L)
         self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in table.captions])])  # (N + 1,)
         self.caption_image = caption_image
+        self.image_ids = [stable_id(os.path.abspath(path)) for path in table.image_paths]
         self.cache: torch.Tensor | None = None
         self.unreadable_on_the_fly: set[int] = set()  # found while decoding lazily (this process's items only)
         if encoded:
@@ -348,6 +356,7 @@ class ImageTextDataset(Dataset):
                                   {**self.table.skipped, "unreadable image": len(bad)})
         self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in self.table.captions])])
         self.caption_image = self.table.flat_captions()[1]
+        self.image_ids = [self.image_ids[i] for i in keep]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -373,19 +382,21 @@ class ImageTextDataset(Dataset):
         if image is None:
             self.unreadable_on_the_fly.add(i)
             return None  # unreadable on the fly: collate drops it
-        return image, self.tokens[self.caption_index(i)]
+        return image, self.tokens[self.caption_index(i)], self.image_ids[i]
 
 
 def collate_pairs(items: list) -> dict:
-    """Stack (image, tokens) pairs, dropping unreadable items (None).
+    """Stack (image, tokens, image id) triples, dropping unreadable items (None).
 
     Decoded images stack into "images" (B, 3, S, S) uint8; encoded ones stay a list of bytes under "encoded"
     (bytes, not tensors, so that Accelerate's device placement leaves them on the CPU for the batched decoder).
     """
     items = [item for item in items if item is not None]
     if not items:
-        return {"images": torch.zeros(0, dtype=torch.uint8), "tokens": torch.zeros(0, dtype=torch.long)}
-    images, tokens = zip(*items)
+        return {"images": torch.zeros(0, dtype=torch.uint8), "tokens": torch.zeros(0, dtype=torch.long),
+                "image_ids": torch.zeros(0, dtype=torch.long)}
+    images, tokens, image_ids = zip(*items)
+    batch = {"tokens": torch.stack(tokens), "image_ids": torch.tensor(image_ids, dtype=torch.long)}  # (B, L), (B,)
     if isinstance(images[0], bytes):
-        return {"encoded": list(images), "tokens": torch.stack(tokens)}  # B x bytes, (B, L)
-    return {"images": torch.stack(images), "tokens": torch.stack(tokens)}  # (B, 3, S, S) uint8, (B, L)
+        return {"encoded": list(images), **batch}  # B x bytes
+    return {"images": torch.stack(images), **batch}  # (B, 3, S, S) uint8

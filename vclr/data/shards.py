@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vclr.data.dataset import METADATA_NAMES, DataError, decode_transform, read_bytes, read_image
+from vclr.data.dataset import METADATA_NAMES, DataError, decode_transform, read_bytes, read_image, stable_id
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def sample_image_key(sample: dict) -> str | None:
 
 
 class ShardPairs:
-    """Row -> {"image": bytes or uint8 (3, S, S), "tokens": (L,)}; None-image rows are dropped by the collate."""
+    """Row -> {"image": bytes or uint8 (3, S, S), "tokens": (L,), "image_id": stable_id of the image's bytes};
+    None-image rows are dropped by the collate."""
 
     def __init__(self, tokenizer, image_size: int, seed: int, caption_columns: Sequence[str], encoded: bool,
                  augment: bool):
@@ -95,12 +96,12 @@ class ShardPairs:
             data = read_bytes(image["path"])
         captions = sample_captions(row, self.caption_columns)
         if not data or not captions:
-            return {"image": None, "tokens": None}
+            return {"image": None, "tokens": None, "image_id": None}
         # caption choice: a pure function of (seed, epoch, key), as for in-memory datasets
         key = str(row.get("__key__", "")) + str(row.get("__url__", ""))
         draw = np.random.default_rng((self.seed, self.epoch, zlib.crc32(key.encode()))).integers(len(captions))
         tokens = self.tokenizer([captions[draw]])[0]  # (L,)
-        return {"image": data if self.encoded else self._decode(data), "tokens": tokens}
+        return {"image": data if self.encoded else self._decode(data), "tokens": tokens, "image_id": stable_id(data)}
 
     def _decode(self, data: bytes) -> torch.Tensor | None:
         image = read_image(io.BytesIO(data))  # same limits and mode handling as files; None when unreadable
@@ -134,4 +135,5 @@ def collate_stream(rows: list[dict]) -> dict:
     """Stream rows -> the same batch dict as `collate_pairs`."""
     from vclr.data.dataset import collate_pairs
 
-    return collate_pairs([(r["image"], r["tokens"]) if r["image"] is not None else None for r in rows])
+    return collate_pairs([(r["image"], r["tokens"], r["image_id"]) if r["image"] is not None else None
+                          for r in rows])

@@ -67,6 +67,10 @@ class ModelConfig:
 class DataConfig:
     train: str = ""  # dataset: an imagefolder split dir, or a .jsonl/.json/.csv/.parquet table of image paths
     test: str = ""  # same forms as `train`; used by eval and for the end-of-training report
+    # validation during training (train.eval_every): this table; else a held-out share of train (val_fraction > 0,
+    # by a hash of each image's path, so the same images every run); else data.test
+    val: str = ""
+    val_fraction: float = 0.0
     image_column: str = "file_name"  # paths are relative to the table's folder
     caption_columns: tuple[str, ...] = ("captions",)  # each holds one caption or a list of captions
     batch_size: int = 256  # contrastive batch: more in-batch negatives per step
@@ -83,6 +87,7 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         _check(len(self.caption_columns) > 0, "data.caption_columns", self.caption_columns, "at least one column")
         _check(self.cache_max_gb >= 0, "data.cache_max_gb", self.cache_max_gb, ">= 0")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction, "[0, 1)")
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,15 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between save_state checkpoints (and one at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted
     log_every: int = 10  # steps between metrics.jsonl rows
-    max_minutes: float = 0.0  # wall-time cap on the training loop; 0 = none. Stops early and checkpoints
+    # wall-time budget of the training loop; 0 = none. After its first steps the run times a step and fits
+    # optim.max_steps to the budget (never above it), so the LR schedule completes; a hard stop at the budget remains
+    max_minutes: float = 0.0
+    eval_every: int = 0  # steps between validation recalls (data.val, see there); 0 = off. Also at the last step
+    # the validation figure that picks checkpoints/best: rsum, or e.g. text_to_image_R@1
+    best_metric: str = "rsum"
+    early_stop_patience: int = 0  # stop after this many validations without a new best; 0 = never
+    # experiment trackers through Accelerate, besides metrics.jsonl: none, tensorboard, wandb, mlflow, comet_ml, ...
+    log_with: str = "none"
     threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
     # GradCache: embed the batch in chunks of this many pairs without graphs, take the loss over the whole batch,
     # then backprop chunk by chunk. Same gradients as the full batch, activation memory of one chunk. 0 = off
@@ -163,6 +176,10 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
         _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, ">= 0")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0 (0 = off)")
+        _check(self.early_stop_patience >= 0, "train.early_stop_patience", self.early_stop_patience, ">= 0 (0 = off)")
+        _check(self.best_metric == "rsum" or "_R@" in self.best_metric, "train.best_metric", self.best_metric,
+               "rsum or a recall such as text_to_image_R@1")
         _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
         _check(self.grad_cache_chunk >= 0, "train.grad_cache_chunk", self.grad_cache_chunk, ">= 0 (0 = off)")
 

@@ -92,7 +92,7 @@ def _collate_kept(items: list) -> tuple[list[int], torch.Tensor | None, list[int
 
 
 @torch.no_grad()
-def _encode_images(model: DualEncoder, batch: torch.Tensor) -> torch.Tensor:
+def encode_image_batch(model: DualEncoder, batch: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> (B, D) float32 unit vectors."""
     device, preprocess = model_device(model), image_preprocess_cfg(model)
     batch = normalize_images(batch.to(device, non_blocking=True), preprocess["mean"], preprocess["std"])
@@ -111,7 +111,7 @@ def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int 
               dynamic_ncols=True) as bar:
         for positions, batch, failed in loader:
             if batch is not None:
-                out.append(_encode_images(model, batch))
+                out.append(encode_image_batch(model, batch))
                 kept += positions
             bar.update(len(positions) + len(failed))
     return out.result(), np.asarray(kept, dtype=np.int64)  # (M, D), (M,)
@@ -136,7 +136,7 @@ def embed_texts(model: DualEncoder, cfg: Config, texts: Sequence[str], batch_siz
 def embed_pil_images(model: DualEncoder, images: Sequence) -> np.ndarray:
     """Embed decoded RGB PIL images (search queries, uploads). -> (B, D)"""
     transform = inference_transform(model)
-    return _encode_images(model, torch.stack([transform(image) for image in images])).numpy()
+    return encode_image_batch(model, torch.stack([transform(image) for image in images])).numpy()
 
 
 def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:

@@ -6,6 +6,8 @@ trainer, so that searching and serving need neither the training code nor Accele
     RUN/model.safetensors         the final weights
     RUN/data_report.json          what the training data held and what was skipped
     RUN/checkpoints/step_XXXXXXX  accelerate save_state + checksums.json (vclr.storage), newest `keep` kept
+    RUN/checkpoints/best          the same, at the best validation figure so far; best.json says which step and why
+    RUN/tensorboard/              event files, when train.log_with includes tensorboard
 
 Checkpoints are written through `vclr.storage`: into an owner-named temp dir that is checksummed, fsynced and renamed
 into place, so a crash never leaves a half checkpoint under a final name, and the temp dirs of dead writers go.
@@ -29,6 +31,9 @@ METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 DATA_REPORT_FILE = "data_report.json"
 CHECKPOINT_DIR = "checkpoints"
+BEST_CHECKPOINT = "best"
+BEST_FILE = "best.json"
+TRACKER_DIR = "tensorboard"
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -115,9 +120,32 @@ def write_data_report(run_dir: str | Path, report: dict) -> None:
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int) -> Path:
     """accelerate's save_state (every process writes its part) into one temp dir, published atomically by the main
     process with checksums; then the oldest checkpoints beyond `keep` are removed."""
+    final = _save_state(accelerator, checkpoint_path(run_dir, step))
+    if accelerator.is_main_process:
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_best(accelerator, run_dir: str | Path, record: dict) -> Path:
+    """The state at a new best validation figure, as checkpoints/best (replacing the previous best atomically);
+    `record` (step, metric, value, the validation row) is written inside it as best.json."""
+    return _save_state(accelerator, best_checkpoint(run_dir), {BEST_FILE: json.dumps(record, indent=2)})
+
+
+def best_checkpoint(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / BEST_CHECKPOINT
+
+
+def read_best(run_dir: str | Path) -> dict | None:
+    path = best_checkpoint(run_dir) / BEST_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _save_state(accelerator, final: Path, extra_files: dict[str, str] | None = None) -> Path:
     from accelerate.utils import broadcast_object_list
 
-    final = checkpoint_path(run_dir, step)
     # one temp dir for all processes, named for the main process (its pid marks it live to stale-dir cleanup)
     tmp = [str(temp_dir(final)) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
@@ -127,10 +155,10 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int) -> P
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         publish_directory(tmp, final)
         remove_stale_temp_dirs(final.parent)
-        for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -21,13 +22,14 @@ from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_see
 from tqdm import tqdm
 
 from vclr import rundir
-from vclr.config import Config, VclrError
+from vclr.config import Config, VclrError, config_to_dict
 from vclr.data.dataset import normalize_images
 from vclr.data.device_decode import decode_resize
-from vclr.data.sources import TrainingSource, open_training_source
+from vclr.data.sources import TrainingSource, open_training_source, validation_table
 from vclr.gradcache import grad_cache_step
 from vclr.loss import CombinedLoss, gather_features, text_ids
 from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg, param_groups
+from vclr.validate import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ class TrainState:
     epoch: int = 0  # the data position to resume from: epoch and micro-batches into it
     batches_in_epoch: int = 0
     elapsed_s: float = 0.0  # training-loop wall time, summed over resumes
+    max_steps: int = 0  # the schedule's length: optim.max_steps, or fewer when fitted to train.max_minutes
+    best_value: float = float("-inf")  # the best validation figure so far (train.best_metric) and its step
+    best_step: int = 0
+    evals_since_best: int = 0
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -55,7 +61,7 @@ class TrainResult:
     first_loss: float
     last_loss: float
     elapsed_s: float
-    stopped_early: bool  # by train.max_minutes
+    stopped_early: bool  # by train.max_minutes or train.early_stop_patience
     main_process: bool = True  # False in the other processes of a multi-process launch
 
 
@@ -72,18 +78,21 @@ class Trainer:
     mean: tuple
     std: tuple
     image_size: int
+    validator: Validator | None = None
 
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.train.output_dir)
 
 
-def warmup_cosine(warmup_steps: int, max_steps: int):
-    """LR multiplier: linear warmup to 1, then cosine to 0 at max_steps."""
+def warmup_cosine(warmup_steps: int, max_steps: int | Callable[[], int]):
+    """LR multiplier: linear warmup to 1, then cosine to 0 at max_steps (a number, or a function giving the current
+    one: a time budget may shorten the schedule while it runs)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        total = max_steps() if callable(max_steps) else max_steps
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
@@ -117,18 +126,19 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                   fused=accelerator.device.type == "cuda")
+    state = TrainState(max_steps=cfg.optim.max_steps)
     # Not prepared: accelerate would step a prepared scheduler once per process; ours counts optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps,
-                                                                           cfg.optim.max_steps))
+                                                                           lambda: state.max_steps))
+    validator = make_validator(cfg, source, model, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
     loss_fn = CombinedLoss(cfg.loss, gather=gather_features, embed_dim=accelerator.unwrap_model(model).embed_dim)
     loss_fn.to(accelerator.device)
     accelerator.register_for_checkpointing(scheduler, state)
     if loss_fn.bank is not None:
         accelerator.register_for_checkpointing(loss_fn.bank)  # the queue of negatives resumes with the run
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, source, loss_fn, state,
-                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"])
+                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"], validator)
     if resume:
         _restore(trainer)
     if accelerator.is_main_process:
@@ -136,13 +146,45 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
         # earlier run that left none) will be logged again
         rundir.truncate_metrics(run_dir, trainer.state.step)
         rundir.write_run_config(run_dir, cfg)
+    start_trackers(trainer)
     return trainer
+
+
+def make_validator(cfg: Config, source: TrainingSource, model: DualEncoder, accelerator) -> Validator | None:
+    if not cfg.train.eval_every:
+        return None
+    table = validation_table(cfg, source)
+    if table is None:
+        raise VclrError("train.eval_every needs validation data: pass data.val=TABLE, data.val_fraction=0.1 or "
+                        "data.test=TABLE")
+    return Validator(table, model, get_tokenizer(cfg.model), accelerator, cfg.eval.batch_size, cfg.eval.ks)
+
+
+def start_trackers(trainer: Trainer) -> None:
+    """Accelerate's trackers (train.log_with), with the resolved config as their hyperparameters."""
+    if trainer.cfg.train.log_with == "none":
+        return
+    flat = {}
+    for section, values in config_to_dict(trainer.cfg).items():
+        for key, value in values.items():  # trackers take scalars: lists become their text
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    trainer.accelerator.init_trackers(rundir.TRACKER_DIR, config=flat)
+
+
+def _log(trainer: Trainer, row: dict) -> None:
+    """One row to metrics.jsonl (main process) and to the trackers."""
+    if trainer.accelerator.is_main_process:
+        rundir.append_metrics(trainer.run_dir, row)
+    if trainer.cfg.train.log_with != "none":
+        trainer.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    log_with = [name.strip() for name in cfg.train.log_with.split(",") if name.strip() not in ("", "none")]
     accelerator = Accelerator(
+        log_with=log_with or None,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         project_dir=cfg.train.output_dir,
@@ -164,6 +206,8 @@ def _restore(trainer: Trainer) -> None:
         logger.warning("--resume: no usable checkpoint in %s, starting from step 0", trainer.run_dir)
     else:
         logger.info("resumed from %s at step %d", ckpt, trainer.state.step)
+    if not trainer.cfg.train.max_minutes:  # a resumed run may be given a longer (or shorter) schedule
+        trainer.state.max_steps = trainer.cfg.optim.max_steps
 
 
 # ------------------------------------------------------------------------------------------------------------- loop
@@ -260,8 +304,7 @@ def _log_row(trainer: Trainer, losses: dict, samples_per_s: float, epoch: int) -
            "temperature": 1.0 / float(losses["logit_scale"]), "samples_per_s": round(samples_per_s, 1),
            "elapsed_s": round(trainer.state.elapsed_s, 2)}
     row.update({k: float(v) for k, v in losses.items() if k.endswith("loss")})
-    if trainer.accelerator.is_main_process:
-        rundir.append_metrics(trainer.run_dir, row)
+    _log(trainer, row)
     return row
 
 
@@ -295,16 +338,74 @@ def batches(trainer: Trainer):
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
 
+# steps timed before a time budget is fitted; the first step (graph warm-up, caches) is left out of the timing
+BUDGET_TIMING_STEPS = 10
+
+
+class BudgetClock:
+    """Fits the schedule (state.max_steps) to train.max_minutes: after BUDGET_TIMING_STEPS steps, and again after
+    each validation (whose cost then counts), from the mean time per step since step 1."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.budget_s = trainer.cfg.train.max_minutes * 60
+        self.origin: tuple[int, float] | None = None  # (step, elapsed_s) where the timing starts
+
+    def tick(self, validated: bool) -> None:
+        state = self.trainer.state
+        if not self.budget_s:
+            return
+        if self.origin is None:
+            self.origin = (state.step, state.elapsed_s)
+            return
+        steps = state.step - self.origin[0]
+        if steps == BUDGET_TIMING_STEPS or (validated and steps > BUDGET_TIMING_STEPS):
+            self.fit((state.elapsed_s - self.origin[1]) / steps)
+
+    def fit(self, seconds_per_step: float) -> None:
+        state, cfg = self.trainer.state, self.trainer.cfg
+        affordable = state.step + int((self.budget_s - state.elapsed_s) / seconds_per_step)
+        fitted = max(state.step + 1, min(cfg.optim.max_steps, affordable))
+        if fitted != state.max_steps:
+            logger.info("train.max_minutes=%s at %.2f s/step: schedule fitted to %d steps (optim.max_steps=%d)",
+                        cfg.train.max_minutes, seconds_per_step, fitted, cfg.optim.max_steps)
+            if fitted < cfg.optim.warmup_steps:
+                logger.warning("the fitted schedule (%d steps) ends inside optim.warmup_steps=%d: the LR never "
+                               "decays; give train.max_minutes more time or lower the warm-up", fitted,
+                               cfg.optim.warmup_steps)
+        state.max_steps = fitted
+
+
+def validate(trainer: Trainer) -> bool:
+    """Validation recalls into metrics.jsonl and the trackers; a new best is saved as checkpoints/best.
+    Returns whether train.early_stop_patience ran out."""
+    cfg, state, acc = trainer.cfg, trainer.state, trainer.accelerator
+    row = {"step": state.step, **trainer.validator(acc.unwrap_model(trainer.model))}
+    _log(trainer, row)
+    value = row[f"val_{cfg.train.best_metric}"]
+    logger.info("step %d: validation %s %.2f (best %.2f at step %d) in %.1f s", state.step, cfg.train.best_metric,
+                value, max(value, state.best_value), state.step if value > state.best_value else state.best_step,
+                row["val_s"])
+    if value > state.best_value:
+        state.best_value, state.best_step, state.evals_since_best = value, state.step, 0
+        rundir.save_best(acc, trainer.run_dir, {"step": state.step, "metric": cfg.train.best_metric, "value": value,
+                                                "validation": row})
+        return False
+    state.evals_since_best += 1
+    return bool(cfg.train.early_stop_patience) and state.evals_since_best >= cfg.train.early_stop_patience
+
+
 def run_loop(trainer: Trainer) -> TrainResult:
     cfg, acc, state = trainer.cfg, trainer.accelerator, trainer.state
     global_batch = cfg.data.batch_size * acc.num_processes
-    bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", unit="step",
+    bar = tqdm(total=state.max_steps, initial=state.step, desc="train", unit="step",
                disable=not acc.is_local_main_process, dynamic_ncols=True)
     first_loss = last_loss = float("nan")
-    stopped_early = False
-    finished = state.step >= cfg.optim.max_steps  # resuming a run that is already done
+    stop_reason = ""
+    finished = state.step >= state.max_steps  # resuming a run that is already done
     window_start, window_samples = time.perf_counter(), 0
     last_tick = time.perf_counter()
+    clock = BudgetClock(trainer)
     try:  # the bar is closed whatever happens: an error message must not share a line with it
         for batch in batches(trainer) if not finished else ():
             losses = _step_or_explain_oom(trainer, batch)
@@ -317,28 +418,45 @@ def run_loop(trainer: Trainer) -> TrainResult:
                 continue
             state.step += 1
             bar.update(1)
-            if state.step % cfg.train.log_every == 0 or state.step == 1 or state.step == cfg.optim.max_steps:
+            last = state.step >= state.max_steps
+            if cfg.train.max_minutes and state.elapsed_s > cfg.train.max_minutes * 60 and not last:
+                stop_reason = f"train.max_minutes={cfg.train.max_minutes} reached"
+            validated = bool(trainer.validator) and (state.step % cfg.train.eval_every == 0 or last
+                                                     or bool(stop_reason))
+            if state.step % cfg.train.log_every == 0 or state.step == 1 or last or stop_reason or validated:
                 rate = window_samples / (time.perf_counter() - window_start)
                 row = _log_row(trainer, losses, rate, state.epoch)
                 first_loss = row["loss"] if math.isnan(first_loss) else first_loss
                 last_loss = row["loss"]
                 bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}", samples_s=f"{rate:.0f}")
                 window_start, window_samples = time.perf_counter(), 0
+            if validated and validate(trainer) and not last:
+                stop_reason = (f"train.early_stop_patience={cfg.train.early_stop_patience}: no better validation "
+                               f"{cfg.train.best_metric} since step {state.best_step}")
+            if validated:  # the validation's time counts against the budget, not against samples/s
+                window_start = time.perf_counter()
+                state.elapsed_s += window_start - last_tick
+                last_tick = window_start
             if state.step % cfg.train.checkpoint_every == 0:
                 save_checkpoint(trainer)
-            if cfg.train.max_minutes and state.elapsed_s > cfg.train.max_minutes * 60:
-                logger.warning("train.max_minutes=%s reached at step %d: stopping", cfg.train.max_minutes, state.step)
-                stopped_early = True
-            if state.step >= cfg.optim.max_steps or stopped_early:
+            if stop_reason:
+                logger.warning("%s: stopping at step %d of the %d-step schedule (the LR had not decayed to 0)",
+                               stop_reason, state.step, state.max_steps)
+                break
+            clock.tick(validated)
+            bar.total = state.max_steps
+            if last:
                 break
     finally:
         bar.close()
-    return TrainResult(trainer.run_dir, state.step, first_loss, last_loss, state.elapsed_s, stopped_early,
+    return TrainResult(trainer.run_dir, state.step, first_loss, last_loss, state.elapsed_s, bool(stop_reason),
                        acc.is_main_process)
 
 
 def cleanup(trainer: Trainer, result: TrainResult) -> None:
     """Final checkpoint (unless this step has one), the final weights as model.safetensors, and the data report."""
+    for tracker in trainer.accelerator.trackers:
+        tracker.finish()
     if rundir.latest_checkpoint(trainer.run_dir) != rundir.checkpoint_path(trainer.run_dir, result.step):
         save_checkpoint(trainer)
     trainer.accelerator.wait_for_everyone()

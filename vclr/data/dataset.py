@@ -212,6 +212,19 @@ def load_caption_table(source: str | os.PathLike, image_column: str = "file_name
     return CaptionTable(str(table_file), paths, captions, skipped)
 
 
+def split_held_out(table: CaptionTable, fraction: float) -> tuple[CaptionTable, CaptionTable]:
+    """(train, held out): about `fraction` of the images, picked by a hash of their path (stable across runs and
+    machines), with all their captions."""
+    held = [stable_id(path) % 10_000 < fraction * 10_000 for path in table.image_paths]
+
+    def part(keep: bool) -> CaptionTable:
+        rows = [i for i, h in enumerate(held) if h == keep]
+        return CaptionTable(table.source, [table.image_paths[i] for i in rows], [table.captions[i] for i in rows],
+                            table.skipped if not keep else {})
+
+    return part(False), part(True)
+
+
 def random_crop(image_size: int, interpolation: str = "bicubic") -> T.RandomResizedCrop:
     """The augmentation's crop, for the PIL and the device-decode paths alike: mild (scale 0.8-1, near-square),
     because captions describe the whole scene and its layout."""

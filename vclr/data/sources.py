@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vclr.config import Config, VclrError
-from vclr.data.dataset import ImageTextDataset, collate_pairs, load_caption_table
+from vclr.data.dataset import CaptionTable, ImageTextDataset, collate_pairs, load_caption_table, split_held_out
 from vclr.data.shards import ShardPairs, collate_stream, find_shards, stream_shards
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class MapSource:
 
     def __init__(self, cfg: Config, accelerator, tokenizer, image_size: int):
         table = load_caption_table(cfg.data.train, cfg.data.image_column, cfg.data.caption_columns)
+        self.held_out: CaptionTable | None = None
+        if cfg.data.val_fraction and not cfg.data.val:  # validation images never train
+            table, self.held_out = split_held_out(table, cfg.data.val_fraction)
         self.dataset = ImageTextDataset(table, tokenizer, image_size, seed=cfg.train.seed, augment=cfg.data.augment,
                                         cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb,
                                         encoded=cfg.data.decode_on == "device")
@@ -97,3 +100,17 @@ def open_training_source(cfg: Config, accelerator, tokenizer, image_size: int) -
     if shards:
         return ShardSource(cfg, accelerator, tokenizer, image_size, shards)
     return MapSource(cfg, accelerator, tokenizer, image_size)
+
+
+def validation_table(cfg: Config, source: TrainingSource) -> CaptionTable | None:
+    """The table `train.eval_every` scores: data.val, else the share of train held out by data.val_fraction, else
+    data.test; None when there is none."""
+    if cfg.data.val:
+        return load_caption_table(cfg.data.val, cfg.data.image_column, cfg.data.caption_columns)
+    if cfg.data.val_fraction:
+        if getattr(source, "held_out", None) is None:
+            raise VclrError("data.val_fraction holds out part of a table; for shards pass data.val=TABLE instead")
+        return source.held_out
+    if cfg.data.test:
+        return load_caption_table(cfg.data.test, cfg.data.image_column, cfg.data.caption_columns)
+    return None

@@ -1,0 +1,78 @@
+"""Retrieval recall on a validation set while training (`train.eval_every`): the exact evaluator's recall@k both ways
+and rsum, with each process embedding its share of the images and captions and the embeddings gathered across
+processes (Accelerate's `gather_for_metrics`).
+
+The validation images are decoded once (uint8, at the model's eval preprocessing) and its captions tokenised once,
+so an evaluation costs only the two towers' forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vclr.data.dataset import CaptionTable, read_image, tokenize_all
+from vclr.embed import encode_image_batch, embed_tokens
+from vclr.metrics import retrieval_metrics
+from vclr.model import DualEncoder, inference_transform
+
+logger = logging.getLogger(__name__)
+
+
+class Validator:
+    """`validator(model)` -> {"val_image_to_text_R@1": ..., "val_rsum": ..., "val_s": seconds} on one table."""
+
+    def __init__(self, table: CaptionTable, model: DualEncoder, tokenizer, accelerator, batch_size: int = 256,
+                 ks: Sequence[int] = (1, 5, 10)):
+        self.accelerator, self.batch_size, self.ks = accelerator, batch_size, tuple(ks)
+        transform = inference_transform(model)
+
+        def decode(path: str) -> torch.Tensor | None:
+            image = read_image(path)
+            return None if image is None else transform(image)
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes outside the GIL
+            images = list(pool.map(decode, table.image_paths, chunksize=64))
+        kept = [i for i, image in enumerate(images) if image is not None]
+        if len(kept) < len(images):
+            logger.warning("validation set %s: %d unreadable images left out", table.source, len(images) - len(kept))
+        self.images = torch.stack([images[i] for i in kept])  # (N, 3, S, S) uint8
+        captions = [table.captions[i] for i in kept]
+        self.tokens = tokenize_all(tokenizer, [c for caps in captions for c in caps])  # (C, L)
+        self.caption_image = np.repeat(np.arange(len(kept)), [len(c) for c in captions])  # (C,)
+        logger.info("validation set %s: %d images, %d captions", table.source, len(kept), len(self.tokens))
+
+    def _share(self, rows: int) -> slice:
+        """This process's contiguous share of `rows` (shares are in rank order, so the gather keeps row order)."""
+        bounds = np.linspace(0, rows, self.accelerator.num_processes + 1).astype(int)
+        rank = self.accelerator.process_index
+        return slice(bounds[rank], bounds[rank + 1])
+
+    def _gathered(self, local: np.ndarray) -> np.ndarray:
+        parts = self.accelerator.gather_for_metrics([local], use_gather_object=True)  # one array per process
+        return np.concatenate(parts)
+
+    @torch.no_grad()
+    def __call__(self, model: DualEncoder) -> dict[str, float]:
+        start, was_training = time.perf_counter(), model.training
+        model.eval()
+        try:
+            images = self.images[self._share(len(self.images))]
+            image_embeddings = [encode_image_batch(model, images[i:i + self.batch_size])
+                                for i in range(0, len(images), self.batch_size)]
+            local_images = torch.cat(image_embeddings).numpy() if image_embeddings else np.zeros((0, model.embed_dim),
+                                                                                                   np.float32)
+            local_texts = embed_tokens(model, self.tokens[self._share(len(self.tokens))], self.batch_size)
+        finally:
+            model.train(was_training)
+        metrics = retrieval_metrics(self._gathered(local_images), self._gathered(local_texts), self.caption_image,
+                                    self.ks)
+        row = {f"val_{k}": round(v, 4) for k, v in metrics.items() if "_R@" in k or k == "rsum"}
+        row["val_s"] = round(time.perf_counter() - start, 2)
+        return row

@@ -46,7 +46,7 @@ def test_load_table_and_dataset(shapes):
     texts, t2i = table.flat_captions()
     assert len(texts) == len(t2i) == sum(len(c) for c in table.captions)
     ds = ImageTextDataset(table, get_tokenizer(ModelConfig()), 64, seed=0)
-    image, tokens, _ = ds[3]
+    image, tokens, _, _ = ds[3]
     assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
     assert tokens.shape == (32,)
     # caption choice: deterministic per (seed, epoch, index), and it varies across epochs

@@ -168,6 +168,9 @@ class TrainConfig:
     tf32: bool = True  # CUDA: TF32 matmuls/convolutions for the fp32 parts
     compile: bool = False  # torch.compile the model (Accelerate's dynamo backend "inductor")
     channels_last: bool = False  # NHWC memory format for conv towers (faster tensor-core convolutions)
+    # a fully locked tower on deterministic input (no data.augment) is run once over the training set; its outputs
+    # are cached on disk ($VCLR_CACHE/locked) and training runs only the parts that train (vclr.locked_cache)
+    cache_locked_towers: bool = True
 
     def __post_init__(self):
         _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import open_clip
 from open_clip.hf_configs import arch_dict
@@ -67,6 +68,29 @@ class DualEncoder(nn.Module):
                 self.clip.logit_scale.fill_(math.log(1.0 / cfg.init_temperature))
         self.clip.logit_scale.requires_grad_(cfg.learn_temperature)
         self.max_log_scale = math.log(cfg.max_logit_scale)
+        self.train()  # puts locked parts in inference mode (see train)
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        """Locked parts stay in inference mode while the rest trains (LiT): no dropout inside a frozen text
+        transformer, so it computes a fixed function of its input, the same each epoch, and can be cached."""
+        super().train(mode)
+        if mode:
+            for module in self._frozen_modules():
+                module.eval()
+        return self
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        frozen = []
+        image = self.frozen_image_part()
+        if image is not None:
+            frozen.append(image)
+        text = getattr(self.clip, "text", None)
+        if text is not None and hasattr(text, "transformer"):
+            if not any(p.requires_grad for p in text.transformer.parameters()):
+                frozen.append(text.transformer)
+        elif text is None and self.frozen_text_part() is not None:
+            frozen.append(self.clip.transformer)
+        return frozen
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -80,14 +104,75 @@ class DualEncoder(nn.Module):
         features = self.text_projector(self.clip.encode_text(tokens))  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
+    # ---- locked towers computed once (vclr.locked_cache): a fully locked tower splits into a frozen part, whose
+    # output is cached per image / caption, and the part that trains (its projection; identity when nothing trains)
+
+    def frozen_image_part(self) -> nn.Module | None:
+        """The image tower's frozen part when the rest trains on its output alone: the whole tower, or a timm
+        trunk whose head (pool + projection) trains. None when the frozen part is not a cacheable prefix."""
+        visual = self.clip.visual
+        if not any(p.requires_grad for p in visual.parameters()):
+            return visual
+        trunk = getattr(visual, "trunk", None)
+        if trunk is not None and not any(p.requires_grad for p in trunk.parameters()):
+            return trunk
+        return None
+
+    def frozen_text_part(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """tokens (B, L) -> the frozen text part's output: the whole tower, or an HF transformer and its
+        parameter-free pooler when only the projection trains. None when not cacheable."""
+        text = getattr(self.clip, "text", None)
+        if text is None:  # open_clip's built-in text transformer lives on the CLIP module itself
+            text_params = [p for n, p in self.clip.named_parameters() if not n.startswith(("visual.", "logit_"))]
+            return self.clip.encode_text if not any(p.requires_grad for p in text_params) else None
+        if not any(p.requires_grad for p in text.parameters()):
+            return text
+        pooler_trains = any(p.requires_grad for p in text.pooler.parameters()) if hasattr(text, "pooler") else True
+        if hasattr(text, "transformer") and not any(p.requires_grad for p in text.transformer.parameters()) \
+                and not pooler_trains:
+            def pooled(tokens: torch.Tensor) -> torch.Tensor:
+                mask = (tokens != text.config.pad_token_id).long()
+                return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)  # (B, H)
+            return pooled
+        return None
+
+    def image_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        """The trainable rest of the image tower on cached frozen outputs; equals encode_image's features."""
+        visual = self.clip.visual
+        rest = visual.head if self.frozen_image_part() is getattr(visual, "trunk", None) else nn.Identity()
+        return self.image_projector(rest(frozen))
+
+    def text_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        text = getattr(self.clip, "text", None)
+        whole = text is None or not any(p.requires_grad for p in text.parameters())
+        return self.text_projector(frozen if whole else text.proj(frozen))
+
+    def use_cached_inputs(self, image: bool, text: bool) -> None:
+        """From now on forward() takes frozen-part outputs instead of images (and/or tokens): training on cached
+        features goes through forward, as DDP and GradCache need."""
+        self.cached_inputs = {name for name, on in (("image", image), ("text", text)) if on}
+
+    def trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L'): drop the padding columns after the batch's longest caption where the text tower reads
+        padding only through an attention mask (HF towers), so features are unchanged and the cost falls with L'.
+        open_clip's own text transformer adds all L positional embeddings: its tokens stay as they are."""
+        config = getattr(getattr(self.clip, "text", None), "config", None)
+        if config is None or getattr(config, "pad_token_id", None) is None:
+            return tokens
+        used = (tokens != config.pad_token_id).any(dim=0).nonzero()
+        return tokens[:, :int(used.max()) + 1] if len(used) else tokens
+
     @property
     def logit_bias(self) -> torch.Tensor | None:
         """() SigLIP's learnable bias; None for models trained without the sigmoid loss."""
         return getattr(self.clip, "logit_bias", None)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.score_features(self.encode_image(images, normalize=True),  # (B, D)
-                                   self.encode_text(tokens, normalize=True))  # (B, D)
+        cached = getattr(self, "cached_inputs", ())
+        image_features = self.image_from_frozen(images) if "image" in cached else self.encode_image(images)
+        text_features = self.text_from_frozen(tokens) if "text" in cached else self.encode_text(tokens)
+        return self.score_features(F.normalize(image_features, dim=-1),  # (B, D)
+                                   F.normalize(text_features, dim=-1))  # (B, D)
 
     def score_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
         """forward's output for features computed elsewhere (cached locked towers): features + scale (+ bias)."""

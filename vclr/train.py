@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +25,9 @@ from vclr import rundir
 from vclr.config import Config, VclrError, config_to_dict
 from vclr.data.dataset import normalize_images
 from vclr.data.device_decode import decode_resize
-from vclr.data.sources import TrainingSource, open_training_source, validation_table
+from vclr.data.sources import MapSource, TrainingSource, open_training_source, validation_table
 from vclr.gradcache import grad_cache_step
+from vclr.locked_cache import LockedFeatures, locked_features
 from vclr.loss import CombinedLoss, gather_features, text_ids
 from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg, param_groups
 from vclr.validate import Validator
@@ -79,6 +80,7 @@ class Trainer:
     std: tuple
     image_size: int
     validator: Validator | None = None
+    locked: LockedFeatures = field(default_factory=LockedFeatures)
 
     @property
     def run_dir(self) -> Path:
@@ -131,6 +133,7 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps,
                                                                            lambda: state.max_steps))
     validator = make_validator(cfg, source, model, accelerator)
+    locked = cache_locked_towers(cfg, model, source, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = CombinedLoss(cfg.loss, gather=gather_features, embed_dim=accelerator.unwrap_model(model).embed_dim)
     loss_fn.to(accelerator.device)
@@ -138,7 +141,7 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
     if loss_fn.bank is not None:
         accelerator.register_for_checkpointing(loss_fn.bank)  # the queue of negatives resumes with the run
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, source, loss_fn, state,
-                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"], validator)
+                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"], validator, locked)
     if resume:
         _restore(trainer)
     if accelerator.is_main_process:
@@ -148,6 +151,22 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
         rundir.write_run_config(run_dir, cfg)
     start_trackers(trainer)
     return trainer
+
+
+def cache_locked_towers(cfg: Config, model: DualEncoder, source: TrainingSource, accelerator) -> LockedFeatures:
+    """Cached outputs of fully locked towers (train.cache_locked_towers); the model then trains on them."""
+    if not isinstance(source, MapSource):  # streamed shards: no stable rows to cache by
+        return LockedFeatures()
+    enabled = cfg.train.cache_locked_towers
+    image = enabled and model.frozen_image_part() is not None and not cfg.data.augment \
+        and cfg.data.decode_on == "loader"
+    text = enabled and model.frozen_text_part() is not None
+    locked = locked_features(model.to(accelerator.device), source.dataset, accelerator.device, image, text,
+                             accelerator)
+    model.use_cached_inputs(image=locked.images is not None, text=locked.texts is not None)
+    if image or text:
+        logger.info("locked towers cached: image %s, text %s; training runs only the parts that train", image, text)
+    return locked
 
 
 def make_validator(cfg: Config, source: TrainingSource, model: DualEncoder, accelerator) -> Validator | None:
@@ -213,25 +232,39 @@ def _restore(trainer: Trainer) -> None:
 # ------------------------------------------------------------------------------------------------------------- loop
 
 
-def batch_on_device(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Normalised float images (B, 3, S, S), tokens (B, L) and image ids (B,) on the training device.
+def batch_on_device(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                              torch.Tensor | None]:
+    """What the model takes for this batch, on the training device: normalised images (B, 3, S, S) or the locked
+    image tower's cached outputs; tokens (B, L) or the locked text tower's cached outputs; the tokens themselves
+    (caption identities); image ids (B,).
 
     With data.decode_on=device the batch holds encoded bytes: decode them here, in one batched call, and drop the
     tokens (and ids) of images that fail to decode.
     """
     device, tokens, image_ids = trainer.accelerator.device, batch["tokens"], batch.get("image_ids")
-    if "encoded" in batch:
+    caption_rows = batch.get("caption_rows")
+    if "image_rows" in batch:
+        images = trainer.locked.images[batch["image_rows"]].to(device, non_blocking=True)  # (B, ...) cached
+    elif "encoded" in batch:
         images, kept = decode_resize(batch["encoded"], trainer.image_size, device, trainer.cfg.data.augment)
         if not kept.all():
-            tokens = tokens[kept.to(tokens.device)]
-            image_ids = image_ids[kept.to(image_ids.device)] if image_ids is not None else None
+            kept = kept.to(tokens.device)
+            tokens = tokens[kept]
+            image_ids = image_ids[kept] if image_ids is not None else None
+            caption_rows = caption_rows[kept] if caption_rows is not None else None
     else:
         images = batch["images"].to(device, non_blocking=True)
-    images = normalize_images(images, trainer.mean, trainer.std)  # (B, 3, S, S)
-    if trainer.cfg.train.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    if "image_rows" not in batch:
+        images = normalize_images(images, trainer.mean, trainer.std)  # (B, 3, S, S)
+        if trainer.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+    tokens = tokens.to(device, non_blocking=True)
+    if trainer.locked.texts is not None:
+        text_input = trainer.locked.texts[caption_rows].to(device, non_blocking=True)  # (B, ...) cached
+    else:
+        text_input = trainer.accelerator.unwrap_model(trainer.model).trim_padding(tokens)  # (B, L' <= L)
     image_ids = image_ids.to(device, non_blocking=True) if image_ids is not None else None
-    return images, tokens.to(device, non_blocking=True), image_ids
+    return images, text_input, tokens, image_ids
 
 
 def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
@@ -240,7 +273,7 @@ def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
     step = trainer.state.step
 
     with acc.accumulate(trainer.model):
-        images, tokens, image_ids = batch_on_device(trainer, batch)
+        images, text_input, tokens, image_ids = batch_on_device(trainer, batch)
         caption_ids = text_ids(tokens)  # (B,) equal captions, equal ids
 
         def loss_fn(image_features, text_features, logit_scale, logit_bias=None):
@@ -251,10 +284,10 @@ def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
 
         chunk = cfg.train.grad_cache_chunk
         if chunk and chunk < len(images):
-            losses, logit_scale = grad_cache_step(trainer.model, images, tokens, chunk, loss_fn, acc.backward,
+            losses, logit_scale = grad_cache_step(trainer.model, images, text_input, chunk, loss_fn, acc.backward,
                                                   acc.no_sync)
         else:
-            out = trainer.model(images, tokens)
+            out = trainer.model(images, text_input)
             losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
             logit_scale = out["logit_scale"].detach()
             acc.backward(losses["loss"])

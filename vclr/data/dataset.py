@@ -311,7 +311,7 @@ class ImageTextDataset(Dataset):
     """
 
     def __init__(self, table: CaptionTable, tokenizer, image_size: int, seed: int = 0, augment: bool = False,
-                 cache_images: bool = True, cache_max_gb: float = 4.0, encoded: bool = False):
+                 cache_images: bool = True, cache_max_gb: float = 4.0, encoded: bool = False, decode_now: bool = True):
         self.table = table
         self.seed = seed
         self.epoch = 0
@@ -326,14 +326,23 @@ class ImageTextDataset(Dataset):
         self.image_ids = [stable_id(os.path.abspath(path)) for path in table.image_paths]
         self.cache: torch.Tensor | None = None
         self.unreadable_on_the_fly: set[int] = set()  # found while decoding lazily (this process's items only)
-        if encoded:
-            self._maybe_cache_encoded(cache_images, cache_max_gb)
+        # rows_only: items carry their image's row number instead of pixels (the locked image tower's outputs are
+        # cached per row: vclr.locked_cache)
+        self.rows_only = False
+        self.cache_images, self.cache_max_gb, self.augment = cache_images, cache_max_gb, augment
+        if decode_now:
+            self.prepare_images()
+
+    def prepare_images(self) -> None:
+        """Decode (or read) the images into RAM when the settings and the size allow; else they load per item."""
+        if self.encoded:
+            self._maybe_cache_encoded(self.cache_images, self.cache_max_gb)
             return
-        cache_gb = len(table) * 3 * image_size**2 / 1e9
-        if cache_images and not augment and cache_gb <= cache_max_gb:
+        cache_gb = len(self.table) * 3 * self.image_size**2 / 1e9
+        if self.cache_images and not self.augment and cache_gb <= self.cache_max_gb:
             self._fill_cache()
-        elif cache_images and not augment:
-            logger.info("not caching images: %.1f GB > data.cache_max_gb=%.1f", cache_gb, cache_max_gb)
+        elif self.cache_images and not self.augment:
+            logger.info("not caching images: %.1f GB > data.cache_max_gb=%.1f", cache_gb, self.cache_max_gb)
 
     def _fill_cache(self) -> None:
         def decode(path: str) -> torch.Tensor | None:
@@ -391,15 +400,17 @@ class ImageTextDataset(Dataset):
         return None if image is None else self.transform(image)
 
     def __getitem__(self, i: int):
-        image = self.image(i)
+        image = i if self.rows_only else self.image(i)
         if image is None:
             self.unreadable_on_the_fly.add(i)
             return None  # unreadable on the fly: collate drops it
-        return image, self.tokens[self.caption_index(i)], self.image_ids[i]
+        caption = self.caption_index(i)
+        return image, self.tokens[caption], self.image_ids[i], caption
 
 
 def collate_pairs(items: list) -> dict:
-    """Stack (image, tokens, image id) triples, dropping unreadable items (None).
+    """Stack (image, tokens, image id[, caption row]) items, dropping unreadable items (None). An image given as its
+    row number (rows_only) comes out under "image_rows".
 
     Decoded images stack into "images" (B, 3, S, S) uint8; encoded ones stay a list of bytes under "encoded"
     (bytes, not tensors, so that Accelerate's device placement leaves them on the CPU for the batched decoder).
@@ -408,8 +419,12 @@ def collate_pairs(items: list) -> dict:
     if not items:
         return {"images": torch.zeros(0, dtype=torch.uint8), "tokens": torch.zeros(0, dtype=torch.long),
                 "image_ids": torch.zeros(0, dtype=torch.long)}
-    images, tokens, image_ids = zip(*items)
+    images, tokens, image_ids, *caption_rows = zip(*items)
     batch = {"tokens": torch.stack(tokens), "image_ids": torch.tensor(image_ids, dtype=torch.long)}  # (B, L), (B,)
+    if caption_rows:
+        batch["caption_rows"] = torch.tensor(caption_rows[0], dtype=torch.long)  # (B,) rows of dataset.tokens
+    if isinstance(images[0], int):
+        return {"image_rows": torch.tensor(images, dtype=torch.long), **batch}  # (B,)
     if isinstance(images[0], bytes):
         return {"encoded": list(images), **batch}  # B x bytes
     return {"images": torch.stack(images), **batch}  # (B, 3, S, S) uint8

@@ -50,7 +50,10 @@ class MapSource:
             table, self.held_out = split_held_out(table, cfg.data.val_fraction)
         self.dataset = ImageTextDataset(table, tokenizer, image_size, seed=cfg.train.seed, augment=cfg.data.augment,
                                         cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb,
-                                        encoded=cfg.data.decode_on == "device")
+                                        encoded=cfg.data.decode_on == "device",
+                                        # images are decoded in setup, unless a locked image tower's cache makes
+                                        # pixels unnecessary (vclr.locked_cache)
+                                        decode_now=False)
         if len(self.dataset) < cfg.data.batch_size:
             raise VclrError(f"data.train has {len(self.dataset)} usable images, fewer than data.batch_size="
                             f"{cfg.data.batch_size}; lower the batch size or add data")

@@ -1,0 +1,113 @@
+"""Locked towers computed once: the cached path gives the uncached path's loss and gradients; a training run on the
+cache reuses it across runs and recomputes it when the data changes; padding trimmed to the batch's longest caption
+leaves an HF text tower's features unchanged."""
+
+import logging
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import vclr.train as train_mod
+from vclr.config import LossConfig, ModelConfig, load_config
+from vclr.data.synthetic import make_synthetic
+from vclr.loss import CombinedLoss
+from vclr.model import build_model, get_tokenizer
+
+CAPTIONS = ["a red circle on the left", "a small blue star at the top", "a green square", "the large star",
+            "a red square", "a blue circle"]
+
+
+@pytest.fixture
+def lit_files(tiny_hf_text_dir, tiny_lit_model_name, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "trunk.pt"
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(), weights)
+    return tiny_lit_model_name, str(tiny_hf_text_dir), str(weights)
+
+
+def _locked(lit_files, **extra):
+    name, text_dir, weights = lit_files
+    return ModelConfig(**{"name": name, "text_tower_dir": text_dir, "image_tower_weights": weights,
+                          "lock_image": True, "lock_text": True, **extra})
+
+
+def _loss_and_grads(model, images, text_input):
+    model.zero_grad()
+    out = model(images, text_input)
+    loss = CombinedLoss(LossConfig(triplet_weight=0.5))(out["image_features"], out["text_features"],
+                                                        out["logit_scale"])["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cached_frozen_parts_give_the_uncached_loss_and_gradients(lit_files):
+    cfg = _locked(lit_files)
+    model = build_model(cfg).train()
+    tokens = get_tokenizer(cfg)(CAPTIONS)  # (6, L)
+    images = torch.randn(6, 3, 64, 64)
+    expected_loss, expected_grads = _loss_and_grads(model, images, tokens)
+
+    with torch.no_grad():
+        frozen_images = model.frozen_image_part()(images)  # (6, 1280) the trunk's pooled output
+        frozen_texts = model.frozen_text_part()(model.trim_padding(tokens))  # (6, H) pooled transformer output
+    assert frozen_images.shape == (6, 1280) and frozen_texts.ndim == 2
+    model.use_cached_inputs(image=True, text=True)
+    loss, grads = _loss_and_grads(model, frozen_images, frozen_texts)
+    torch.testing.assert_close(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys() and grads  # the projections (and the temperature) train
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_partly_unlocked_or_augmented_towers_are_not_cached(lit_files):
+    model = build_model(_locked(lit_files, lock_text_unlocked_layers=1))
+    assert model.frozen_image_part() is not None and model.frozen_text_part() is None
+    model = build_model(_locked(lit_files, lock_image=False))
+    assert model.frozen_image_part() is None and model.frozen_text_part() is not None
+
+
+def test_trimmed_padding_leaves_hf_text_features_unchanged(lit_files):
+    cfg = _locked(lit_files, lock_text=False)
+    model = build_model(cfg).eval()
+    tokens = get_tokenizer(cfg)(CAPTIONS)
+    trimmed = model.trim_padding(tokens)
+    assert trimmed.shape[1] < tokens.shape[1] and (tokens[:, trimmed.shape[1]:] == 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(trimmed), model.encode_text(tokens), rtol=1e-5, atol=1e-6)
+    builtin = build_model(ModelConfig())  # open_clip's own text transformer needs every position: left alone
+    assert builtin.trim_padding(tokens) is tokens
+
+
+@pytest.mark.slow
+def test_training_on_the_cache_equals_uncached_training_and_reuses_it(lit_files, tmp_path, caplog):
+    name, text_dir, weights = lit_files
+    data = make_synthetic(tmp_path / "data", num_train=64, num_test=8, seed=2)
+
+    def run(folder, cached=True):
+        cfg = load_config(None, [f"data.train={data / 'train'}", f"train.output_dir={tmp_path / folder}",
+                                 f"model.name={name}", f"model.text_tower_dir={text_dir}",
+                                 f"model.image_tower_weights={weights}", "model.lock_image=true",
+                                 "model.lock_text=true", "data.batch_size=16", "optim.max_steps=4",
+                                 "optim.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100",
+                                 f"train.cache_locked_towers={str(cached).lower()}"])
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            train_mod.train(cfg)
+        return load_file(tmp_path / folder / "model.safetensors"), caplog.text
+
+    uncached, _ = run("uncached", cached=False)
+    cached, log = run("cached")
+    assert "computing the locked image tower's outputs once" in log
+    for key, value in uncached.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    _, log = run("again")
+    assert "reusing the locked image tower's outputs" in log and "reusing the locked text tower's outputs" in log
+
+    image = next((data / "train").glob("*.png"))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # the file changed
+    _, log = run("changed")
+    assert "computing the locked image tower's outputs once" in log
+    assert "reusing the locked text tower's outputs" in log  # the captions did not change

@@ -1,0 +1,165 @@
+"""Locked towers computed once (LiT on small data): when a tower's frozen part is a prefix that the trainable rest
+only reads the output of (`DualEncoder.frozen_image_part` / `frozen_text_part`) and its input is deterministic (no
+augmentation), its outputs for every training image and caption are computed once, kept on disk as memory-mapped
+.npy files, and training runs only the trainable rest.
+
+    $VCLR_CACHE/locked/<key>/images.npy     (N, ...) float32, row-aligned with the training table
+    $VCLR_CACHE/locked/<key>/texts.npy      (C, ...) float32, aligned with the dataset's caption rows
+
+The key hashes the frozen part's weights, the data (paths, captions, file sizes and times, the token ids) and the
+preprocessing, so a run reuses another's features exactly when they would come out the same, and any change computes
+them afresh. Loss and gradients equal the uncached path (tests/test_locked_cache.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vclr.data.dataset import DataError, ImageTextDataset, normalize_images
+from vclr.data.prepare import cache_dir
+from vclr.model import DualEncoder
+from vclr.storage import write_directory
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+BATCH = 256
+
+
+@dataclass
+class LockedFeatures:
+    """Cached frozen-part outputs (None for a tower that is not cached)."""
+
+    images: torch.Tensor | None = None  # (N, ...) per training image row
+    texts: torch.Tensor | None = None  # (C, ...) per caption row
+
+
+def _digest_module(module: nn.Module | None, digest) -> None:
+    if module is None:
+        return
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+
+
+def _data_digest(dataset: ImageTextDataset, digest) -> None:
+    digest.update(dataset.table.fingerprint().encode())
+    for path in dataset.table.image_paths:  # the files themselves: a replaced image changes the key
+        stat = os.stat(path)
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+
+
+def cache_key(kind: str, module: nn.Module | None, dataset: ImageTextDataset, preprocessing: dict) -> str:
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "kind": kind, **preprocessing},
+                                       sort_keys=True, default=str).encode())
+    _digest_module(module, digest)
+    if kind == "images":
+        _data_digest(dataset, digest)
+    else:
+        digest.update(dataset.tokens.numpy().tobytes())  # the captions as the tokenizer made them
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def _compute(frozen, batches, total: int, desc: str) -> np.ndarray:
+    parts = []
+    for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+        parts.append(frozen(batch).float().cpu().numpy())
+    return np.concatenate(parts)
+
+
+def _cached(kind: str, key: str) -> Path | None:
+    folder = cache_dir() / "locked" / key
+    return folder if (folder / f"{kind}.npy").is_file() else None
+
+
+def _save(kind: str, key: str, arrays: dict[str, np.ndarray]) -> Path:
+    folder = cache_dir() / "locked" / key
+    write_directory(folder, lambda tmp: [np.save(tmp / f"{name}.npy", value) for name, value in arrays.items()])
+    return folder
+
+
+def _mapped(folder: Path, name: str) -> torch.Tensor:
+    return torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c"))  # copy-on-write map, read as needed
+
+
+def _image_batches(model: DualEncoder, dataset: ImageTextDataset, device: torch.device):
+    """Normalised (b, 3, S, S) batches of the dataset's images in row order (from its RAM cache when it has one)."""
+    from vclr.model import image_preprocess_cfg
+
+    preprocess = image_preprocess_cfg(model)
+    for start in range(0, len(dataset), BATCH):
+        rows = range(start, min(start + BATCH, len(dataset)))
+        images = [dataset.image(i) for i in rows]
+        bad = [dataset.table.image_paths[i] for i, image in zip(rows, images) if image is None]
+        if bad:
+            raise DataError(f"{bad[0]} could not be read while caching the locked image tower; remove or replace it")
+        yield normalize_images(torch.stack(images).to(device), preprocess["mean"], preprocess["std"])
+
+
+def _image_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device) -> torch.Tensor:
+    """Per-row outputs of the frozen image part; afterwards the dataset serves row numbers instead of pixels."""
+    from vclr.model import image_preprocess_cfg
+
+    frozen = model.frozen_image_part()
+    key = cache_key("images", frozen, dataset, image_preprocess_cfg(model))
+    folder = _cached("images", key)
+    if folder is None:
+        logger.info("computing the locked image tower's outputs once for %d images", len(dataset))
+        original = {path: i for i, path in enumerate(dataset.table.image_paths)}
+        dataset.prepare_images()  # decodes with threads (when it fits data.cache_max_gb), drops unreadable rows
+        values = _compute(frozen, _image_batches(model, dataset, device), -(-len(dataset) // BATCH),
+                          "locked image tower")
+        kept = np.asarray([original[path] for path in dataset.table.image_paths], dtype=np.int64)
+        folder = _save("images", key, {"images": values, "rows": kept})
+    else:
+        logger.info("reusing the locked image tower's outputs from %s", folder)
+        kept = set(np.load(folder / "rows.npy").tolist())
+        unreadable = set(range(len(dataset))) - kept
+        if unreadable:
+            dataset._drop_rows(unreadable)
+    dataset.cache = None  # the pixels are no longer needed
+    dataset.rows_only = True
+    return _mapped(folder, "images")
+
+
+def _text_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device) -> torch.Tensor:
+    frozen = model.frozen_text_part()
+    key = cache_key("texts", getattr(model.clip, "text", model.clip), dataset, {"model": model.cfg.name})
+    folder = _cached("texts", key)
+    if folder is None:
+        tokens = dataset.tokens
+        batches = (model.trim_padding(tokens[i:i + BATCH]).to(device) for i in range(0, len(tokens), BATCH))
+        values = _compute(frozen, batches, -(-len(tokens) // BATCH), "locked text tower")
+        folder = _save("texts", key, {"texts": values})
+    else:
+        logger.info("reusing the locked text tower's outputs from %s", folder)
+    return _mapped(folder, "texts")
+
+
+def locked_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device, image: bool, text: bool,
+                    accelerator=None) -> LockedFeatures:
+    """The cached outputs of the towers asked for; the main process computes them first, the others then read
+    them. Without a cached image tower the dataset decodes its images as usual."""
+    from contextlib import nullcontext
+
+    features = LockedFeatures()
+    with accelerator.main_process_first() if accelerator is not None else nullcontext():
+        if image:
+            features.images = _image_features(model, dataset, device)
+        else:
+            dataset.prepare_images()
+        if text:
+            features.texts = _text_features(model, dataset, device)
+    return features

@@ -448,7 +448,8 @@ def cmd_demo(args) -> int:
     if (run / MODEL_FILE).is_file() and not args.retrain:
         print(f"[2/5] reusing the trained model in {run} (--retrain to train again)")
     else:
-        print(f"[2/5] training {cfg.model.name} for {cfg.optim.max_steps} steps (at most {cfg.train.max_minutes} min)")
+        budget = f", fitted to {cfg.train.max_minutes} min" if cfg.train.max_minutes else ""
+        print(f"[2/5] training {cfg.model.name} for up to {cfg.optim.max_steps} steps{budget}")
         resume = latest_checkpoint(run) is not None and not args.retrain
         if args.retrain and run.exists():
             shutil.rmtree(run)

@@ -1,13 +1,19 @@
 """Emoji image-text benchmark: train on OpenMoji train concepts, score retrieval on held-out concepts.
 
     pip install -e '.[lit]' && python scripts/prepare_lit_towers.py --out weights
-    python scripts/bench_emoji.py --minutes 5 --variants a,b,c      # one JSON line per variant
+    python scripts/bench_emoji.py --minutes 4 --variants scratch,lit_uncached,lit     # one JSON line per variant
 
-Variants, each given the same wall-time budget on this machine:
-  a  both towers from scratch (vclr-tiny-rn)
-  b  pretrained EfficientNet-Lite0 + MiniLM, both locked; only projections and temperature train (LiT)
-  c  the same pretrained towers, fine-tuned end to end
-The step count of each variant is sized from a short timing run, so every learning-rate schedule completes.
+Every variant gets the same wall-time budget (train.max_minutes: the schedule is fitted to it, so it completes).
+Settings are chosen on a validation split carved from the train concepts (`fit` / `val`, by a hash of the concept,
+never by image); the held-out test concepts are scored once per variant, at the end.
+
+Variants (configs/ recipes):
+  scratch        both towers from scratch (openmoji_scratch)
+  lit_uncached   EfficientNet-Lite0 + MiniLM locked, run every step (lit_frozen, train.cache_locked_towers=false)
+  lit            the same, with the locked towers' outputs computed once and cached (lit_frozen)
+  siglip         lit with the sigmoid loss (siglip_lit)
+  lit_partial    the top layer of each tower unlocked (lit_partial)
+  finetune       both towers fine-tuned, lower tower LR and layer-wise decay (lit_finetune)
 """
 
 from __future__ import annotations
@@ -15,74 +21,85 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 from vclr.config import load_config
 from vclr.data.prepare import cache_dir, prepare_openmoji
 from vclr.evaluate import evaluate_run
+from vclr.rundir import read_metrics
 from vclr.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
+LIT = ["model.name=vclr-lit-effl0-minilm-128"]
 VARIANTS = {
-    "a": ("configs/openmoji_scratch.yaml", []),
-    "b": ("configs/lit_frozen_minilm_effl0.yaml", ["model.name=vclr-lit-effl0-minilm-128"]),
-    "c": ("configs/lit_finetune_minilm_effl0.yaml", ["model.name=vclr-lit-effl0-minilm-128"]),
+    "scratch": ("openmoji_scratch", ["optim.max_steps=100000"]),
+    "lit_uncached": ("lit_frozen_minilm_effl0", ["train.cache_locked_towers=false", "optim.max_steps=100000"]),
+    "lit": ("lit_frozen_minilm_effl0", ["optim.max_steps=100000"]),
+    "siglip": ("siglip_lit_minilm_effl0", ["optim.max_steps=100000"]),
+    "lit_partial": ("lit_partial_minilm_effl0", ["optim.max_steps=100000"]),
+    "finetune": ("lit_finetune_minilm_effl0", ["optim.max_steps=100000"]),
 }
 
 
-def overrides_for(variant: str, data: Path, weights: Path, out: Path) -> tuple[Path, list[str]]:
+def carve_validation(data: Path, fraction: float = 0.2) -> tuple[Path, Path]:
+    """train -> fit + val by concept (a concept's images all land on one side); tables point at train's images."""
+    rows = [json.loads(line) for line in (data / "train" / "metadata.jsonl").read_text().splitlines()]
+    splits: dict[str, list[str]] = {"fit": [], "val": []}
+    for row in rows:
+        side = "val" if zlib.crc32(row["concept"].encode()) % 100 < fraction * 100 else "fit"
+        splits[side].append(json.dumps({**row, "file_name": f"../train/{row['file_name']}"}))
+    for side, lines in splits.items():
+        (data / side).mkdir(exist_ok=True)
+        (data / side / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return data / "fit", data / "val"
+
+
+def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Path, eval_every: int) -> dict:
     config, extra = VARIANTS[variant]
-    common = [f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"train.output_dir={out}",
-              "train.checkpoint_every=100000", "train.log_every=10", "data.batch_size=128"]
-    if variant != "a":
-        common += [f"model.text_tower_dir={weights / 'all-MiniLM-L6-v2'}",
-                   f"model.image_tower_weights={weights / 'efficientnet_lite0_timm.pt'}"]
-    return ROOT / config, common + extra
-
-
-def seconds_per_step(config: Path, overrides: list[str], tmp: Path) -> float:
-    """Time a short run (after its first steps) to size the real one."""
-    run = tmp / "timing"
-    shutil.rmtree(run, ignore_errors=True)
-    cfg = load_config(config, overrides + [f"train.output_dir={run}", "optim.max_steps=12", "optim.warmup_steps=1",
-                                           "train.log_every=1"])
-    train(cfg)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return (rows[-1]["elapsed_s"] - rows[1]["elapsed_s"]) / (rows[-1]["step"] - rows[1]["step"])
-
-
-def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Path) -> dict:
-    config, overrides = overrides_for(variant, data, weights, tmp / f"run_{variant}")
-    steps = max(20, int(minutes * 60 / seconds_per_step(config, overrides, tmp)))
-    cfg = load_config(config, overrides + [f"optim.max_steps={steps}", f"optim.warmup_steps={max(1, steps // 20)}",
-                                           f"train.max_minutes={minutes * 1.1}"])
+    fit, val = data / "fit", data / "val"
+    overrides = [f"data.train={fit}", f"data.val={val}", f"data.test={data / 'test'}",
+                 f"train.output_dir={tmp / variant}", f"train.max_minutes={minutes}", "train.checkpoint_every=100000",
+                 "train.log_every=25", *extra] + ([f"train.eval_every={eval_every}"] if eval_every else [])
+    if variant != "scratch":
+        overrides += [*LIT, f"model.text_tower_dir={weights / 'all-MiniLM-L6-v2'}",
+                      f"model.image_tower_weights={weights / 'efficientnet_lite0_timm.pt'}"]
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", overrides)
     start = time.perf_counter()
     result = train(cfg)
-    train_s = time.perf_counter() - start
-    metrics = evaluate_run(result.run_dir, str(data / "test"))["metrics"]
-    return {"bench": "emoji", "variant": variant, "model": cfg.model.name, "locked": cfg.model.lock_image,
-            "steps": result.step, "train_s": round(train_s, 1), "minutes_budget": minutes,
-            **{k: round(v, 2) for k, v in metrics.items() if "_R@" in k or k in ("rsum", "num_images", "num_texts")}}
+    wall_s = time.perf_counter() - start
+    rows = read_metrics(result.run_dir)
+    validation = [r for r in rows if "val_rsum" in r]
+    test = evaluate_run(result.run_dir, str(data / "test"))["metrics"]  # scored once, at the end
+    last_val = validation[-1] if validation else {}
+    return {"bench": "emoji", "variant": variant, "config": config, "steps": result.step,
+            "train_s": round(result.elapsed_s, 1), "wall_s": round(wall_s, 1),
+            "steps_per_min": round(result.step / (result.elapsed_s / 60), 1), "minutes_budget": minutes,
+            "val_i2t_R@1": last_val.get("val_image_to_text_R@1"), "val_t2i_R@1": last_val.get("val_text_to_image_R@1"),
+            "val_rsum": last_val.get("val_rsum"),
+            **{f"test_{k}": round(v, 2) for k, v in test.items() if "_R@" in k or k in ("rsum", "num_images")}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="prepared openmoji dir (default: prepare it into the cache)")
     parser.add_argument("--weights", default=str(ROOT / "weights"), help="scripts/prepare_lit_towers.py output")
-    parser.add_argument("--minutes", type=float, default=5.0, help="training wall time per variant")
-    parser.add_argument("--variants", default="a,b,c")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training wall time per variant")
+    parser.add_argument("--variants", default="scratch,lit_uncached,lit")
+    parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps (default: the "
+                        "recipe's; 0 keeps it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = Path(args.data) if args.data else cache_dir() / "bench" / "openmoji-128"
     if not (data / "test" / "metadata.jsonl").is_file():
         prepare_openmoji(data, size=128)
+    carve_validation(data)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
-            print(json.dumps(run_variant(variant.strip(), data, Path(args.weights), args.minutes, Path(tmp))),
-                  flush=True)
+            line = run_variant(variant.strip(), data, Path(args.weights), args.minutes, Path(tmp), args.eval_every)
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -146,3 +146,24 @@ def test_training_with_augmentation_runs(small_shapes, tmp_path):
     cfg = load_config(None, train_overrides(small_shapes, tmp_path / "run", **{
         "data.augment": True, "optim.max_steps": 2, "optim.warmup_steps": 1, "train.checkpoint_every": 2}))
     assert train_mod.train(cfg).step == 2
+
+
+def test_tower_lr_scale_and_layer_decay_give_each_parameter_its_lr(tiny_hf_text_dir, tiny_lit_model_name):
+    model = build_model(ModelConfig(name=tiny_lit_model_name, text_tower_dir=str(tiny_hf_text_dir)))
+    groups = param_groups(model, 0.1, lr=1e-3, tower_lr_scale=0.1, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["clip.visual.head.proj.weight"])] == pytest.approx(1e-3)  # the new heads keep lr
+    assert lr_of[id(named["clip.text.proj.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["clip.logit_scale"])] == pytest.approx(1e-3)
+    text_layers = 2  # the tiny BERT: layers 0 and 1, then the top
+    assert lr_of[id(named["clip.text.transformer.encoder.layer.1.output.dense.weight"])] == pytest.approx(1e-4 * 0.5)
+    assert lr_of[id(named["clip.text.transformer.encoder.layer.0.output.dense.weight"])] == pytest.approx(1e-4 * 0.25)
+    embeddings = named["clip.text.transformer.embeddings.word_embeddings.weight"]
+    assert lr_of[id(embeddings)] == pytest.approx(1e-4 * 0.5 ** (text_layers + 1))  # below block 0
+    last_block = max(int(n.split("blocks.")[1].split(".")[0]) for n in named if "trunk.blocks." in n)
+    top_block = f"clip.visual.trunk.blocks.{last_block}.0.conv_pwl.weight"
+    assert lr_of[id(named[top_block])] == pytest.approx(1e-4 * 0.5)
+    assert lr_of[id(named["clip.visual.trunk.conv_head.weight"])] == pytest.approx(1e-4)  # above the blocks
+    plain = param_groups(model, 0.1, lr=1e-3)  # the defaults: one LR, the two weight-decay groups as before
+    assert len(plain) == 2 and {g["lr"] for g in plain} == {1e-3}

@@ -108,8 +108,10 @@ def test_time_budget_fits_the_schedule_after_the_timed_steps():
     _advance(clock, state, train_mod.BUDGET_TIMING_STEPS, 0.5)
     assert state.max_steps == 1000  # not fitted yet: only 9 steps timed after the first
     _advance(clock, state, 1, 0.5)
-    # 60 s budget, 5 s first step + 10 x 0.5 s spent: 50 s left at 0.5 s/step = 100 more steps
-    assert state.max_steps == 11 + 100
+    # 60 s budget, 5 s first step + 10 x 0.5 s spent: 50 s left at 0.5 s/step = 100 more steps (less the margin)
+    assert state.max_steps == 11 + int(train_mod.BUDGET_MARGIN * 50 / 0.5)
+    _advance(clock, state, 60, 0.25)  # the steps got faster: refitted from the recent ones
+    assert state.max_steps == 71 + int(train_mod.BUDGET_MARGIN * (60 - 5 - 5 - 15) / 0.25)
     clock, state = _clock(max_minutes=10.0, max_steps=200)
     _advance(clock, state, 11, 0.5)
     assert state.max_steps == 200  # never above optim.max_steps

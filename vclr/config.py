@@ -128,6 +128,10 @@ class OptimConfig:
     warmup_steps: int = 100  # linear warmup, then cosine decay to 0 at max_steps
     max_steps: int = 1000
     grad_clip_norm: float = 1.0  # 0 = off
+    # fine-tuning pretrained towers: their LR is lr * tower_lr_scale (the new projection heads keep lr), and within
+    # a tower each block below the top gets another factor layer_decay (BEiT/ELECTRA-style layer-wise LR decay)
+    tower_lr_scale: float = 1.0
+    layer_decay: float = 1.0
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", self.lr, "> 0")
@@ -139,6 +143,8 @@ class OptimConfig:
         _check(0 <= self.warmup_steps <= self.max_steps, "optim.warmup_steps", self.warmup_steps,
                f"[0, optim.max_steps={self.max_steps}]")
         _check(self.grad_clip_norm >= 0, "optim.grad_clip_norm", self.grad_clip_norm, ">= 0")
+        _check(0 < self.tower_lr_scale <= 1, "optim.tower_lr_scale", self.tower_lr_scale, "(0, 1]")
+        _check(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "(0, 1]")
 
 
 @dataclass(frozen=True)

@@ -313,12 +313,70 @@ def image_preprocess_cfg(model: DualEncoder) -> dict:
     return preprocess
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: gains, biases, embeddings' scalars and the temperature are exempt (CLIP's recipe)."""
-    decay, no_decay = [], []
+# parameters outside the towers: projections into the joint space, projector heads, temperature and bias
+HEAD_PARTS = ("image_projector.", "text_projector.", "visual.head.", "visual.proj", "text.proj.", "text_projection",
+              "logit_scale", "logit_bias")
+LAYER_CONTAINERS = ("blocks", "resblocks", "layer", "layers", "stages")  # timm, open_clip, HF, ConvNeXt/ResNet-like
+
+
+def is_head(name: str) -> bool:
+    return any(part in name for part in HEAD_PARTS)
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer/conv block a tower parameter belongs to (`...blocks.3...` -> 3); None outside the blocks."""
+    parts = name.split(".")
+    for container, number in zip(parts, parts[1:]):
+        if container in LAYER_CONTAINERS and number.isdigit():
+            return int(number)
+    return None
+
+
+def _tower_of(name: str) -> str:
+    return "image" if ".visual." in f".{name}" else "text"
+
+
+def lr_scales(model: nn.Module, tower_lr_scale: float = 1.0, layer_decay: float = 1.0) -> dict[str, float]:
+    """Per-parameter LR multipliers: heads 1; tower parameters `tower_lr_scale`, times `layer_decay` ** (depth
+    below the tower's top), where the stem and embeddings sit below block 0 and final norms above the last block."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    deepest: dict[str, int] = {}
+    for name in names:
+        index = layer_index(name)
+        if index is not None and not is_head(name):
+            deepest[_tower_of(name)] = max(deepest.get(_tower_of(name), 0), index)
+    scales = {}
+    for name in names:
+        if is_head(name):
+            scales[name] = 1.0
+            continue
+        top = deepest.get(_tower_of(name), 0) + 1
+        index = layer_index(name)
+        if index is None:  # before the blocks (stems, embeddings) or after them (final norms, conv heads)
+            after = any(k in name for k in ("conv_head", "bn2", "ln_final", "ln_post", "norm.", "pooler"))
+            index = top if after else -1
+        scales[name] = tower_lr_scale * layer_decay ** (top - index) if index < top else tower_lr_scale
+    return scales
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None, tower_lr_scale: float = 1.0,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """Decay matrices only: gains, biases, embeddings' scalars and the temperature are exempt (CLIP's recipe).
+    With `lr`, parameters are also grouped by their LR multiplier (`lr_scales`: lower LRs for pretrained towers
+    than for the new heads, and layer-wise decay), each group carrying its own `lr`."""
+    scales = lr_scales(model, tower_lr_scale, layer_decay) if lr is not None else {}
+    groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim < 2 or "logit_scale" in name or "bn" in name or "ln" in name or "bias" in name
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((exempt, scales.get(name, 1.0)), []).append(param)
+    out = []
+    for (exempt, scale), params in sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1])):
+        group = {"params": params, "weight_decay": 0.0 if exempt else weight_decay}
+        if lr is not None:
+            group["lr"] = lr * scale
+        out.append(group)
+    if lr is None and len(out) == 1:  # callers expect a decay and a no-decay group
+        out.append({"params": [], "weight_decay": weight_decay if out[0]["weight_decay"] == 0.0 else 0.0})
+    return out

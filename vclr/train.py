@@ -125,7 +125,8 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
         model = model.to(memory_format=torch.channels_last)
     preprocess = image_preprocess_cfg(model)
     source = open_training_source(cfg, accelerator, get_tokenizer(cfg.model), preprocess["size"])
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.tower_lr_scale, cfg.optim.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                   fused=accelerator.device.type == "cuda")
     state = TrainState(max_steps=cfg.optim.max_steps)
@@ -371,37 +372,41 @@ def batches(trainer: Trainer):
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
 
-# steps timed before a time budget is fitted; the first step (graph warm-up, caches) is left out of the timing
+# steps timed before a time budget is fitted (the first step, with its warm-up costs, is left out), and how often it
+# is refitted after that, from the time of the last BUDGET_WINDOW steps (later steps may be slower: a loss term
+# phased in, a busier machine)
 BUDGET_TIMING_STEPS = 10
+BUDGET_WINDOW = 50
+BUDGET_MARGIN = 0.98  # fit to this share of the time left: the final checkpoint and weights need a moment too
 
 
 class BudgetClock:
-    """Fits the schedule (state.max_steps) to train.max_minutes: after BUDGET_TIMING_STEPS steps, and again after
-    each validation (whose cost then counts), from the mean time per step since step 1."""
+    """Fits the schedule (state.max_steps) to train.max_minutes: after BUDGET_TIMING_STEPS steps, then every
+    BUDGET_TIMING_STEPS steps and after each validation (whose cost then counts), never above optim.max_steps."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.budget_s = trainer.cfg.train.max_minutes * 60
-        self.origin: tuple[int, float] | None = None  # (step, elapsed_s) where the timing starts
+        self.history: list[tuple[int, float]] = []  # (step, elapsed_s) since the first step of this process
 
     def tick(self, validated: bool) -> None:
         state = self.trainer.state
         if not self.budget_s:
             return
-        if self.origin is None:
-            self.origin = (state.step, state.elapsed_s)
-            return
-        steps = state.step - self.origin[0]
-        if steps == BUDGET_TIMING_STEPS or (validated and steps > BUDGET_TIMING_STEPS):
-            self.fit((state.elapsed_s - self.origin[1]) / steps)
+        self.history = [*self.history[-BUDGET_WINDOW:], (state.step, state.elapsed_s)]
+        timed = len(self.history) - 1
+        if timed >= BUDGET_TIMING_STEPS and (timed % BUDGET_TIMING_STEPS == 0 or validated):
+            (first_step, first_s), (step, elapsed_s) = self.history[0], self.history[-1]
+            self.fit((elapsed_s - first_s) / (step - first_step))
 
     def fit(self, seconds_per_step: float) -> None:
         state, cfg = self.trainer.state, self.trainer.cfg
-        affordable = state.step + int((self.budget_s - state.elapsed_s) / seconds_per_step)
+        affordable = state.step + int(BUDGET_MARGIN * (self.budget_s - state.elapsed_s) / seconds_per_step)
         fitted = max(state.step + 1, min(cfg.optim.max_steps, affordable))
-        if fitted != state.max_steps:
-            logger.info("train.max_minutes=%s at %.2f s/step: schedule fitted to %d steps (optim.max_steps=%d)",
-                        cfg.train.max_minutes, seconds_per_step, fitted, cfg.optim.max_steps)
+        if fitted != state.max_steps:  # said once at INFO; the later small refits at DEBUG
+            log = logger.info if state.max_steps == cfg.optim.max_steps else logger.debug
+            log("train.max_minutes=%s at %.3f s/step: schedule fitted to %d steps (optim.max_steps=%d)",
+                cfg.train.max_minutes, seconds_per_step, fitted, cfg.optim.max_steps)
             if fitted < cfg.optim.warmup_steps:
                 logger.warning("the fitted schedule (%d steps) ends inside optim.warmup_steps=%d: the LR never "
                                "decays; give train.max_minutes more time or lower the warm-up", fitted,

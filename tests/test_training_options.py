@@ -12,7 +12,7 @@ import vclr.train as train_mod
 from conftest import StopAfterCheckpoint, die_after_checkpoint, train_overrides
 from vclr.config import ModelConfig, load_config
 from vclr.data.dataset import ImageTextDataset, load_caption_table, normalize_images
-from vclr.loss import CombinedLoss
+from vclr.loss import CombinedLoss, text_ids
 from vclr.model import build_model, get_tokenizer, image_preprocess_cfg, param_groups
 
 ACCUMULATION = {"optim.max_steps": 2, "optim.warmup_steps": 1, "data.batch_size": 8, "train.log_every": 1,
@@ -49,7 +49,8 @@ def _reference_weights(cfg, micro_batches: list[dict], accumulation: int, concat
             group = [{k: torch.cat([b[k] for b in group]) for k in group[0]}]
         for batch in group:
             out = model(normalize_images(batch["images"], preprocess["mean"], preprocess["std"]), batch["tokens"])
-            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step=step)
+            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step=step,
+                             image_ids=batch["image_ids"], caption_ids=text_ids(batch["tokens"]))
             (losses["loss"] / len(group)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
         optimizer.step()

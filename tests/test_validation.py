@@ -55,6 +55,20 @@ def test_validation_rows_best_checkpoint_and_tensorboard(small_shapes, tmp_path)
     assert scalars["val_rsum"][-1][1] == pytest.approx(rows[-1]["val_rsum"], rel=1e-5)
     assert [step for step, _ in scalars["loss"]] == [row["step"] for row in losses]
 
+    from vclr import plots
+
+    # the training-curve plot draws the validation points in a third panel (it used to fail on validation rows)
+    figures = []
+    real_save = plots._save
+    plots._save = lambda fig, path: figures.append(fig) or real_save(fig, path)
+    try:
+        assert plots.training_curves(read_metrics(run), tmp_path / "curves.png").is_file()
+    finally:
+        plots._save = real_save
+    val_panel = figures[0].axes[2]
+    assert val_panel.get_title() == "Validation"
+    assert list(val_panel.lines[0].get_xdata()) == [5, 10]
+
 
 def test_validation_held_out_images_never_train(small_shapes):
     from vclr.data.dataset import load_caption_table, split_held_out

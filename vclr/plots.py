@@ -49,21 +49,40 @@ def recall_curves(image_to_text_ranks: np.ndarray, text_to_image_ranks: np.ndarr
 
 
 def training_curves(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Loss terms and the temperature against the optimizer step, from a run's metrics.jsonl rows."""
-    steps = [r["step"] for r in rows]
-    fig, (loss_ax, temp_ax) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"wspace": 0.35})
-    for key in sorted({k for r in rows for k in r if k.endswith("loss")}):
-        loss_ax.plot(steps, [r.get(key, np.nan) for r in rows], label=key)
+    """Loss terms and the temperature against the optimizer step, from a run's metrics.jsonl rows; with validation
+    rows (train.eval_every), a third panel of validation recall@1 both ways at their steps."""
+    train_rows = [r for r in rows if "temperature" in r]
+    val_rows = [r for r in rows if "val_rsum" in r]
+    panels = 3 if val_rows else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), gridspec_kw={"wspace": 0.35})
+    loss_ax, temp_ax = axes[0], axes[1]
+    steps = [r["step"] for r in train_rows]
+    for key in sorted({k for r in train_rows for k in r if k.endswith("loss")}):
+        loss_ax.plot(steps, [r.get(key, np.nan) for r in train_rows], label=key)
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss")
     loss_ax.set_title("Training loss")
     loss_ax.grid(True, alpha=0.3)
     loss_ax.legend()
-    temp_ax.plot(steps, [r["temperature"] for r in rows], color="tab:red")
+    temperatures = [r["temperature"] for r in train_rows]
+    temp_ax.plot(steps, temperatures, color="tab:red")
+    if temperatures:  # a flat temperature stays flat: at least +-5% of its value on the axis
+        middle, spread = float(np.mean(temperatures)), float(np.ptp(temperatures))
+        half = max(spread / 2 * 1.1, 0.05 * middle)
+        temp_ax.set_ylim(middle - half, middle + half)
     temp_ax.set_xlabel("step")
     temp_ax.set_ylabel("temperature (1 / logit scale)")
     temp_ax.set_title("Learned temperature")
     temp_ax.grid(True, alpha=0.3)
+    if val_rows:
+        val_ax, val_steps = axes[2], [r["step"] for r in val_rows]
+        for key, label in (("val_image_to_text_R@1", "image→text R@1"), ("val_text_to_image_R@1", "text→image R@1")):
+            val_ax.plot(val_steps, [r.get(key, np.nan) for r in val_rows], marker="o", label=label)
+        val_ax.set_xlabel("step")
+        val_ax.set_ylabel("recall@1 (%)")
+        val_ax.set_title("Validation")
+        val_ax.grid(True, alpha=0.3)
+        val_ax.legend()
     return _save(fig, path)
 
 

@@ -111,3 +111,46 @@ def test_training_on_the_cache_equals_uncached_training_and_reuses_it(lit_files,
     _, log = run("changed")
     assert "computing the locked image tower's outputs once" in log
     assert "reusing the locked text tower's outputs" in log  # the captions did not change
+
+
+@pytest.mark.parametrize("unlocked_groups", [1, 3])
+def test_partly_unlocked_trunk_caches_its_frozen_blocks_with_equal_loss_and_gradients(lit_files, unlocked_groups):
+    cfg = _locked(lit_files, lock_image_unlocked_groups=unlocked_groups)
+    model = build_model(cfg).train()
+    prefix = model.frozen_image_part()
+    assert isinstance(prefix, torch.nn.Sequential)
+    assert not any(p.requires_grad for p in prefix.parameters())
+    assert any(p.requires_grad for p in model.clip.visual.trunk.parameters())  # the later blocks train
+    tokens = get_tokenizer(cfg)(CAPTIONS)
+    images = torch.randn(6, 3, 64, 64)
+    torch.manual_seed(1)
+    expected_loss, expected_grads = _loss_and_grads(model, images, tokens)
+    with torch.no_grad():
+        maps = prefix(images)  # (6, C, h, w) feature maps of the frozen blocks
+    assert maps.ndim == 4
+    model.use_cached_inputs(image=True, text=False)
+    torch.manual_seed(1)
+    loss, grads = _loss_and_grads(model, maps, tokens)
+    torch.testing.assert_close(loss, expected_loss)
+    assert any(name.startswith("clip.visual.trunk.") for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_validation_on_cached_locked_towers_equals_the_full_towers(lit_files, tmp_path):
+    from types import SimpleNamespace
+
+    from vclr.data.dataset import load_caption_table
+    from vclr.validate import Validator
+
+    data = make_synthetic(tmp_path / "data", num_train=8, num_test=24, seed=3)
+    cfg = _locked(lit_files, lock_image_unlocked_groups=1)
+    model = build_model(cfg).eval()
+    one_process = SimpleNamespace(num_processes=1, process_index=0,
+                                  gather_for_metrics=lambda parts, use_gather_object: parts)
+    full = Validator(load_caption_table(data / "test"), model, get_tokenizer(cfg), one_process, batch_size=10)(model)
+    model.use_cached_inputs(image=True, text=True)
+    validator = Validator(load_caption_table(data / "test"), model, get_tokenizer(cfg), one_process, batch_size=10)
+    cached = validator(model)
+    assert validator._frozen_cache[0] is not None and validator._frozen_cache[1] is not None
+    assert {k: v for k, v in cached.items() if k != "val_s"} == {k: v for k, v in full.items() if k != "val_s"}

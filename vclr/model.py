@@ -108,15 +108,26 @@ class DualEncoder(nn.Module):
     # output is cached per image / caption, and the part that trains (its projection; identity when nothing trains)
 
     def frozen_image_part(self) -> nn.Module | None:
-        """The image tower's frozen part when the rest trains on its output alone: the whole tower, or a timm
-        trunk whose head (pool + projection) trains. None when the frozen part is not a cacheable prefix."""
+        """The image tower's frozen part when the rest trains on its output alone: the whole tower; a timm trunk
+        whose head (pool + projection) trains; or, for a partly unlocked EfficientNet-style trunk, its stem and the
+        blocks before the first trainable one. None when the frozen part is not a cacheable prefix."""
+        split = self._image_split()
+        return split[0] if split is not None else None
+
+    def _image_split(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """(frozen prefix, the rest of the tower after it, up to the tower's output)."""
         visual = self.clip.visual
         if not any(p.requires_grad for p in visual.parameters()):
-            return visual
+            return visual, nn.Identity()
         trunk = getattr(visual, "trunk", None)
-        if trunk is not None and not any(p.requires_grad for p in trunk.parameters()):
-            return trunk
-        return None
+        if trunk is None:
+            return None
+        if not any(p.requires_grad for p in trunk.parameters()):
+            return trunk, visual.head
+        return _timm_block_split(trunk, visual.head)
+
+    def _image_rest(self, frozen: torch.Tensor) -> torch.Tensor:
+        return self._image_split()[1](frozen)
 
     def frozen_text_part(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """tokens (B, L) -> the frozen text part's output: the whole tower, or an HF transformer and its
@@ -138,9 +149,7 @@ class DualEncoder(nn.Module):
 
     def image_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
         """The trainable rest of the image tower on cached frozen outputs; equals encode_image's features."""
-        visual = self.clip.visual
-        rest = visual.head if self.frozen_image_part() is getattr(visual, "trunk", None) else nn.Identity()
-        return self.image_projector(rest(frozen))
+        return self.image_projector(self._image_rest(frozen))
 
     def text_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
         text = getattr(self.clip, "text", None)
@@ -185,6 +194,29 @@ class DualEncoder(nn.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
+
+
+EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
+
+
+def _timm_block_split(trunk: nn.Module, head: nn.Module):
+    """A partly unlocked EfficientNet-style timm trunk (conv_stem, bn1, blocks, conv_head, bn2, forward_head):
+    (stem + the blocks before the first trainable one, the rest). None for other trunks or a trainable stem."""
+    if not all(hasattr(trunk, part) for part in EFFICIENTNET_PARTS):
+        return None
+    if any(p.requires_grad for m in (trunk.conv_stem, trunk.bn1) for p in m.parameters()):
+        return None
+    stages = list(trunk.blocks)
+    first = next((i for i, stage in enumerate(stages) if any(p.requires_grad for p in stage.parameters())),
+                 len(stages))
+    prefix = nn.Sequential(trunk.conv_stem, trunk.bn1, *stages[:first])  # (B, C, h, w) feature maps
+
+    def rest(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages[first:]:
+            x = stage(x)
+        return head(trunk.forward_head(trunk.bn2(trunk.conv_head(x))))  # timm's own head: pool, dropout, flatten
+
+    return prefix, rest
 
 
 def _open_clip_config(name: str) -> dict:

@@ -16,11 +16,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from vclr.data.dataset import CaptionTable, read_image, tokenize_all
+from vclr.data.dataset import CaptionTable, normalize_images, read_image, tokenize_all
 from vclr.embed import encode_image_batch, embed_tokens
 from vclr.metrics import retrieval_metrics
-from vclr.model import DualEncoder, inference_transform
+from vclr.model import DualEncoder, image_preprocess_cfg, inference_transform
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Validator:
         captions = [table.captions[i] for i in kept]
         self.tokens = tokenize_all(tokenizer, [c for caps in captions for c in caps])  # (C, L)
         self.caption_image = np.repeat(np.arange(len(kept)), [len(c) for c in captions])  # (C,)
+        self._frozen_cache: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
         logger.info("validation set %s: %d images, %d captions", table.source, len(kept), len(self.tokens))
 
     def _share(self, rows: int) -> slice:
@@ -58,17 +60,49 @@ class Validator:
         parts = self.accelerator.gather_for_metrics([local], use_gather_object=True)  # one array per process
         return np.concatenate(parts)
 
+    def _batches(self, rows: torch.Tensor):
+        return (rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size))
+
+    def _frozen(self, model: DualEncoder) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This process's share of the validation set through the model's locked parts, computed at the first
+        validation and kept: when training runs on cached locked towers, validating costs only the parts that
+        train, as a training step does."""
+        cached = getattr(model, "cached_inputs", set())
+        if self._frozen_cache is None:
+            device, preprocess = next(model.parameters()).device, image_preprocess_cfg(model)
+            images = texts = None
+            if "image" in cached:
+                part = model.frozen_image_part()
+                images = torch.cat([part(normalize_images(b.to(device), preprocess["mean"], preprocess["std"]))
+                                    for b in self._batches(self.images[self._share(len(self.images))])])
+            if "text" in cached:
+                part = model.frozen_text_part()
+                texts = torch.cat([part(model.trim_padding(b).to(device))
+                                   for b in self._batches(self.tokens[self._share(len(self.tokens))])])
+            self._frozen_cache = (images, texts)
+        return self._frozen_cache
+
+    def _embed(self, model: DualEncoder) -> tuple[np.ndarray, np.ndarray]:
+        frozen_images, frozen_texts = self._frozen(model)
+        if frozen_images is not None:
+            images = torch.cat([F.normalize(model.image_from_frozen(b), dim=-1).float().cpu()
+                                for b in self._batches(frozen_images)]).numpy()
+        else:
+            parts = [encode_image_batch(model, b) for b in self._batches(self.images[self._share(len(self.images))])]
+            images = torch.cat(parts).numpy() if parts else np.zeros((0, model.embed_dim), np.float32)
+        if frozen_texts is not None:
+            texts = torch.cat([F.normalize(model.text_from_frozen(b), dim=-1).float().cpu()
+                               for b in self._batches(frozen_texts)]).numpy()
+        else:
+            texts = embed_tokens(model, self.tokens[self._share(len(self.tokens))], self.batch_size)
+        return images, texts
+
     @torch.no_grad()
     def __call__(self, model: DualEncoder) -> dict[str, float]:
         start, was_training = time.perf_counter(), model.training
         model.eval()
         try:
-            images = self.images[self._share(len(self.images))]
-            image_embeddings = [encode_image_batch(model, images[i:i + self.batch_size])
-                                for i in range(0, len(images), self.batch_size)]
-            local_images = torch.cat(image_embeddings).numpy() if image_embeddings else np.zeros((0, model.embed_dim),
-                                                                                                   np.float32)
-            local_texts = embed_tokens(model, self.tokens[self._share(len(self.tokens))], self.batch_size)
+            local_images, local_texts = self._embed(model)
         finally:
             model.train(was_training)
         metrics = retrieval_metrics(self._gathered(local_images), self._gathered(local_texts), self.caption_image,

@@ -29,7 +29,8 @@ from pathlib import Path
 from vclr.config import load_config
 from vclr.data.prepare import cache_dir, prepare_openmoji
 from vclr.evaluate import evaluate_run
-from vclr.rundir import read_metrics
+from vclr.model_source import RunSource
+from vclr.rundir import read_best, read_metrics
 from vclr.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,13 +73,17 @@ def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Pa
     wall_s = time.perf_counter() - start
     rows = read_metrics(result.run_dir)
     validation = [r for r in rows if "val_rsum" in r]
-    test = evaluate_run(result.run_dir, str(data / "test"))["metrics"]  # scored once, at the end
-    last_val = validation[-1] if validation else {}
+    # the test concepts are scored once, at the end, with the checkpoint the validation split chose
+    best = read_best(result.run_dir)
+    source = RunSource(str(result.run_dir), "best" if best else "")
+    test = evaluate_run(source, str(data / "test"))["metrics"]
+    chosen = best["validation"] if best else (validation[-1] if validation else {})
     return {"bench": "emoji", "variant": variant, "config": config, "steps": result.step,
             "train_s": round(result.elapsed_s, 1), "wall_s": round(wall_s, 1),
             "steps_per_min": round(result.step / (result.elapsed_s / 60), 1), "minutes_budget": minutes,
-            "val_i2t_R@1": last_val.get("val_image_to_text_R@1"), "val_t2i_R@1": last_val.get("val_text_to_image_R@1"),
-            "val_rsum": last_val.get("val_rsum"),
+            "checkpoint": f"best (step {best['step']})" if best else "final",
+            "val_i2t_R@1": chosen.get("val_image_to_text_R@1"), "val_t2i_R@1": chosen.get("val_text_to_image_R@1"),
+            "val_rsum": chosen.get("val_rsum"),
             **{f"test_{k}": round(v, 2) for k, v in test.items() if "_R@" in k or k in ("rsum", "num_images")}}
 
 

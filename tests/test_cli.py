@@ -1,9 +1,11 @@
 """The CLI through main(argv): user errors are one clear line on stderr, a non-zero exit, and no traceback."""
 
+import os
 
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from vclr.cli import main
 from vclr.config import BUILTIN_CONFIGS, ModelConfig, config_hash
 from vclr.index import RetrievalIndex
@@ -142,3 +144,28 @@ def test_builtin_configs_resolve_by_name_from_any_directory():
     from vclr.config import load_config
 
     assert load_config("demo").model.name == load_config("configs/demo.yaml").model.name == "vclr-tiny-rn"
+
+
+LOAD_SCRIPT = """
+import sys
+from vclr.cli import _setup_logging
+_setup_logging(quiet=False, verbose=sys.argv[2] == "verbose")
+from transformers import BertModel
+BertModel.from_pretrained(sys.argv[1])  # the tiny BERT dir has a pooler the model does not use: a LOAD REPORT
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "verbose"])
+def test_library_chatter_is_hidden_unless_verbose(tiny_hf_text_dir, mode):
+    import subprocess
+    import sys
+
+    from transformers import BertForMaskedLM
+
+    folder = tiny_hf_text_dir.parent / "bert_with_extra_head"
+    if not folder.exists():  # a checkpoint with tensors BertModel does not have: transformers reports them
+        BertForMaskedLM.from_pretrained(str(tiny_hf_text_dir)).save_pretrained(folder)
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(folder), mode], capture_output=True, text=True,
+                         env={**env, "PYTHONPATH": str(REPO_ROOT)}, check=True)
+    assert ("LOAD REPORT" in out.stderr + out.stdout) == (mode == "verbose")

@@ -47,7 +47,7 @@ def test_eval_writes_report_and_plots(trained_run, small_shapes, tmp_path):
     assert ann["text_to_image_R@1"]["index"] == pytest.approx(100 * np.mean(hits[:, 0] == loaded.caption_image))
     assert report["dataset_fingerprint"] and report["model_config_hash"]
     for name in ("recall_curves", "training_curves", "examples"):
-        path = tmp_path / "report" / "plots" / f"{name}.png"
+        path = tmp_path / "report" / "eval-plots" / f"{name}.png"
         assert path == type(path)(report["plots"][name])
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("L"))
@@ -126,3 +126,19 @@ def test_sweep_trains_each_point_and_writes_table_and_plot(small_shapes, tmp_pat
 def test_bad_grid_is_one_clear_error(capsys):
     assert main(["sweep", "--grid", "loss.triplet_margin", "--out", "/tmp/x"]) == 2
     assert "bad --grid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_on_another_dataset_keeps_the_earlier_report(trained_run, small_shapes, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["eval", "--run", str(run), "--no-plots"]) == 0  # the run's data.test
+    first = capsys.readouterr().out
+    assert main(["eval", "--run", str(run), "--data", str(small_shapes / "train"), "--no-plots"]) == 0
+    second = capsys.readouterr().out
+    test_name, train_name = f"eval-{small_shapes.name}-test.json", f"eval-{small_shapes.name}-train.json"
+    assert f"report: {run / test_name}" in first and f"report: {run / train_name}" in second  # says where
+    assert json.loads((run / test_name).read_text())["metrics"]["num_images"] == 200
+    assert json.loads((run / train_name).read_text())["metrics"]["num_images"] == 1500

@@ -40,6 +40,16 @@ def test_validation_rows_best_checkpoint_and_tensorboard(small_shapes, tmp_path)
     assert best["step"] == expected["step"] and best["value"] == expected["val_rsum"]
     assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step_0000010"]
+    from vclr.cli import main
+    from vclr.model_source import RunSource
+
+    best_weights = load_file(run / "checkpoints" / "best" / "model.safetensors")
+    model, _ = RunSource(str(run), "best").load()
+    for name, value in model.state_dict().items():  # --checkpoint best loads exactly the best state
+        assert np.array_equal(value.cpu().numpy(), best_weights[name].numpy()), name
+    assert main(["eval", "--run", str(run), "--checkpoint", "best", "--out", str(tmp_path / "best.json"),
+                 "--no-plots"]) == 0
+    assert json.loads((tmp_path / "best.json").read_text())["model_source"]["checkpoint"] == "best"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -65,7 +75,10 @@ def test_validation_rows_best_checkpoint_and_tensorboard(small_shapes, tmp_path)
         assert plots.training_curves(read_metrics(run), tmp_path / "curves.png").is_file()
     finally:
         plots._save = real_save
-    val_panel = figures[0].axes[2]
+    loss_panel, temperature_panel, val_panel = figures[0].axes
+    assert [line.get_label() for line in loss_panel.lines] == ["loss = infonce_loss"]  # one term: one named line
+    low, high = temperature_panel.get_ylim()
+    assert high - low >= 0.09 * 0.07  # a barely moving temperature is not drawn as a dramatic swing
     assert val_panel.get_title() == "Validation"
     assert list(val_panel.lines[0].get_xdata()) == [5, 10]
 

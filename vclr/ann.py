@@ -214,8 +214,11 @@ def choose_index(xb: np.ndarray, queries: np.ndarray, k: int = 10, target: float
         else:
             tuning = tune(index, spec, queries, exact, k, target)
             tuning.build_s = build_s
-        logger.info("%s: recall@%d %.3f at %s=%s, %.0f queries/s", spec.factory, k, tuning.recall, tuning.param,
-                    tuning.value, tuning.qps)
+        if tuning.param is None:  # exact search: nothing was tuned
+            logger.info("%s: exact, %.0f queries/s", spec.factory, tuning.qps)
+        else:
+            logger.info("%s: recall@%d %.3f at %s=%s, %.0f queries/s", spec.factory, k, tuning.recall,
+                        tuning.param, tuning.value, tuning.qps)
         tried.append((index, tuning))
     return pick(tried, k, target)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -43,6 +44,8 @@ def add_model_arguments(p, required: bool = True) -> None:
                                    "(`vclr models` lists them)")
     p.add_argument("--pretrained", help="with --model: an open_clip pretrained tag (downloads), or a local checkpoint "
                                         "(.pt/.bin/.safetensors, open_clip's or a vclr model.safetensors)")
+    p.add_argument("--checkpoint", choices=["final", "best"], default="final",
+                   help="with --run: the final weights, or those at the best validation figure (checkpoints/best)")
 
 
 def _model_source(args, required: bool = True):
@@ -51,7 +54,8 @@ def _model_source(args, required: bool = True):
 
     if not required and not (args.run or args.model or args.pretrained):
         return None
-    return model_source(args.run, args.model, args.pretrained)
+    best = "best" if getattr(args, "checkpoint", "final") == "best" else ""
+    return model_source(args.run, args.model, args.pretrained, checkpoint=best)
 
 
 # ---------------------------------------------------------------------------------------------------- subcommands
@@ -323,8 +327,9 @@ def add_eval_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--data", help="test dataset (default: the run's data.test)")
     p.add_argument("--ks", help="comma-separated k values (default: the run's eval.ks)")
-    p.add_argument("--out", help="report path (default: RUN/eval.json, or eval-MODEL.json here with --model)")
-    p.add_argument("--plots", help="folder for the PNG plots (default: plots/ beside the report)")
+    p.add_argument("--out", help="report path (default: RUN/eval-DATASET.json, or eval-DATASET-MODEL.json here with "
+                                 "--model; plots beside it in a -plots folder)")
+    p.add_argument("--plots", help="folder for the PNG plots (default: REPORT-plots/ beside the report)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--index", help="also score retrieval through this index: what the ANN index costs vs exact")
     p.add_argument("--label-column", help="class labels in the data: adds kNN classification and clustering")
@@ -336,8 +341,9 @@ def cmd_eval(args) -> int:
 
     ks = _parse_ks(args.ks) if args.ks else None
     source = _model_source(args)
-    out = args.out or _default_report(args, "eval")
-    plots = None if args.no_plots else (args.plots or Path(out).parent / "plots")
+    # one report per dataset: evaluating on another dataset must not replace an earlier report
+    out = Path(args.out or _default_report(args, f"eval-{_dataset_slug(args)}"))
+    plots = None if args.no_plots else (args.plots or out.with_name(f"{out.stem}-plots"))
     report = evaluate_run(source, args.data, ks, out, plots, args.index, args.label_column, args.knn_train)
     print(format_metrics_table(report["metrics"], report["ks"]))
     if report.get("verification"):
@@ -354,6 +360,19 @@ def cmd_eval(args) -> int:
                                               if isinstance(v, float)))
     print(f"report: {out}" + (f"; plots: {', '.join(report['plots'].values())}" if report.get("plots") else ""))
     return 0
+
+
+def _dataset_slug(args) -> str:
+    """A file-name-safe name of the dataset evaluated: its folder and split (`openmoji-test`), or table name."""
+    data = args.data
+    if not data and args.run:
+        from vclr.rundir import load_run_config
+
+        data = load_run_config(args.run).data.test
+    path = Path(data or "test")
+    parts = [path.parent.name, path.stem] if path.suffix or path.name in ("test", "val", "train", "validation") \
+        else [path.name]
+    return "-".join(p for p in parts if p).replace(" ", "_") or "test"
 
 
 def _default_report(args, kind: str) -> Path:
@@ -522,25 +541,36 @@ COMMANDS = [  # name, function, argument adder, help, example (aliases)
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vclr", description="Train, index, search and evaluate image-text retrieval models.",
                      epilog="example:\n  vclr demo", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors (and library logs)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' own logs (transformers, accelerate, datasets, open_clip)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func, add_arguments, help_text, example, *aliases in COMMANDS:
         add_arguments(_add(sub, name, func, help_text, example, *aliases))
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
+LIBRARY_LOGGERS = ("transformers", "accelerate", "datasets", "httpx", "open_clip", "timm", "torch")
+
+
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
+    """vclr's own log at INFO (-q: warnings only). The libraries' chatter (transformers' weight LOAD REPORT tables,
+    accelerate's notices) is hidden unless -v/--debug: vclr reports what matters in its own words."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vclr").setLevel(logging.WARNING if quiet else logging.INFO)
-    for noisy in ("accelerate", "datasets", "httpx"):  # library chatter at INFO is not for users
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)  # open_clip logs through the root logger
+    library_level = logging.INFO if verbose else logging.ERROR
+    if not verbose:
+        # transformers sets its own level from this variable when it is first imported, which comes later
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for library in LIBRARY_LOGGERS:
+        logging.getLogger(library).setLevel(library_level)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)  # open_clip logs through the root
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, args.verbose or args.debug)
     try:
         return args.func(args)
     except VclrError as e:

@@ -22,7 +22,7 @@ import torch
 
 from vclr.config import Config, ModelConfig, VclrError, config_hash
 from vclr.model import DualEncoder, build_model, list_models
-from vclr.rundir import CONFIG_FILE, load_run_config, weights_file
+from vclr.rundir import CONFIG_FILE, MODEL_FILE, best_checkpoint, load_run_config, weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +54,32 @@ def _load_state(path: Path) -> dict:
 
 @dataclass(frozen=True)
 class RunSource:
-    """A vclr training run directory: its resolved config and its final (or newest checkpoint's) weights."""
+    """A vclr training run directory: its resolved config and its final (or newest checkpoint's) weights; with
+    checkpoint="best", the weights at its best validation figure (checkpoints/best, train.eval_every)."""
 
     run_dir: str
+    checkpoint: str = ""  # "" (final) or "best"
 
     def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
         cfg = load_run_config(self.run_dir)
         # the weights come from the run: no pretrained files to load, no locking needed for inference
         model = build_model(replace(cfg.model, pretrained="", image_tower_weights=""),
                             logit_bias=cfg.loss.siglip_weight > 0)
-        model.load_state_dict(_load_state(weights_file(self.run_dir)))
+        model.load_state_dict(_load_state(self._weights()))
         return model.to(device or default_device()).eval(), cfg
 
+    def _weights(self) -> Path:
+        if self.checkpoint != "best":
+            return weights_file(self.run_dir)
+        path = best_checkpoint(self.run_dir) / MODEL_FILE
+        if not path.is_file():
+            raise ModelSourceError(f"--checkpoint best: {self.run_dir} has no checkpoints/best (it is kept when "
+                                   "training validates: train.eval_every)")
+        return path
+
     def describe(self) -> dict:
-        return {"kind": "run", "run_dir": str(Path(self.run_dir).resolve())}
+        described = {"kind": "run", "run_dir": str(Path(self.run_dir).resolve())}
+        return {**described, "checkpoint": self.checkpoint} if self.checkpoint else described
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,7 @@ def _build_or_explain(cfg: ModelConfig) -> DualEncoder:
 
 
 def model_source(run: str | None = None, model: str | None = None, pretrained: str | None = None,
-                 default: ModelSource | None = None) -> ModelSource:
+                 default: ModelSource | None = None, checkpoint: str = "") -> ModelSource:
     """The source the command-line flags name; `default` (an index's own) when they name none."""
     if run and model:
         raise ModelSourceError("give either --run DIR or --model NAME [--pretrained TAG|FILE], not both")
@@ -143,7 +155,7 @@ def model_source(run: str | None = None, model: str | None = None, pretrained: s
     if run:
         if not (Path(run) / CONFIG_FILE).is_file():
             raise ModelSourceError(f"--run {run} has no {CONFIG_FILE}: pass a `vclr train` output dir")
-        return RunSource(str(run))
+        return RunSource(str(run), checkpoint or "")
     if model:
         return OpenClipSource(model, pretrained or "")
     if default is None:
@@ -169,7 +181,7 @@ def source_from_manifest(manifest: dict) -> ModelSource | None:
     if described is None:
         return None
     if described["kind"] == "run":
-        return RunSource(described["run_dir"])
+        return RunSource(described["run_dir"], described.get("checkpoint", ""))
     return OpenClipSource(described["model"], described.get("pretrained", ""))
 
 

@@ -57,8 +57,14 @@ def training_curves(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), gridspec_kw={"wspace": 0.35})
     loss_ax, temp_ax = axes[0], axes[1]
     steps = [r["step"] for r in train_rows]
-    for key in sorted({k for r in train_rows for k in r if k.endswith("loss")}):
-        loss_ax.plot(steps, [r.get(key, np.nan) for r in train_rows], label=key)
+    terms = sorted({k for r in train_rows for k in r if k.endswith("_loss")})
+    if len(terms) == 1 and all(r.get(terms[0]) == r.get("loss") for r in train_rows):
+        # one term: the total is that term; one line, named both ways, rather than one hiding the other
+        loss_ax.plot(steps, [r.get("loss", np.nan) for r in train_rows], label=f"loss = {terms[0]}")
+    else:
+        for key in ["loss", *terms]:
+            loss_ax.plot(steps, [r.get(key, np.nan) for r in train_rows], label=key,
+                         linewidth=2.2 if key == "loss" else 1.2, linestyle="-" if key == "loss" else "--")
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss")
     loss_ax.set_title("Training loss")

@@ -466,7 +466,9 @@ def run_loop(trainer: Trainer) -> TrainResult:
                 row = _log_row(trainer, losses, rate, state.epoch)
                 first_loss = row["loss"] if math.isnan(first_loss) else first_loss
                 last_loss = row["loss"]
-                bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}", samples_s=f"{rate:.0f}")
+                # the loss is read at logged steps only (reading it every step would sync the GPU): say which step
+                bar.set_postfix_str(f"loss {row['loss']:.3f} @ step {state.step}, T {row['temperature']:.3f}, "
+                                    f"{rate:.0f} samples/s")
                 window_start, window_samples = time.perf_counter(), 0
             if validated and validate(trainer) and not last:
                 stop_reason = (f"train.early_stop_patience={cfg.train.early_stop_patience}: no better validation "

@@ -44,6 +44,7 @@ class ModelConfig:
     max_logit_scale: float = 100.0  # clamp 1/T as CLIP does, so the learned temperature cannot blow up the logits
     projector: bool = False  # FC-BN-ReLU-FC head after each tower (SimCLR-style); off: towers project themselves
     projector_hidden_dim: int = 512
+    projector_dropout: float = 0.0  # dropout before each projector layer (small data, many steps on frozen features)
     # LiT-style pretrained towers from local files (no hub access): see configs/lit_*.yaml
     image_tower_weights: str = ""  # state dict for a timm image tower's trunk (scripts/convert_efficientnet_lite0.py)
     text_tower_dir: str = ""  # local Hugging Face model dir (weights + tokenizer) for an hf_model_name text tower
@@ -57,6 +58,7 @@ class ModelConfig:
         _check(self.init_temperature > 0, "model.init_temperature", self.init_temperature, "> 0")
         _check(self.max_logit_scale > 1, "model.max_logit_scale", self.max_logit_scale, "> 1")
         _check(self.projector_hidden_dim > 0, "model.projector_hidden_dim", self.projector_hidden_dim, "> 0")
+        _check(0 <= self.projector_dropout < 1, "model.projector_dropout", self.projector_dropout, "[0, 1)")
         _check(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups",
                self.lock_image_unlocked_groups, ">= 0")
         _check(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", self.lock_text_unlocked_layers,
@@ -351,7 +353,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 # fields added after index manifests began recording config hashes: at their default they are left out of the hash,
 # so an index built before they existed still matches the run that built it
-_NEWER_FIELDS = {"init_logit_bias"}
+_NEWER_FIELDS = {"init_logit_bias", "projector_dropout"}
 
 
 def config_hash(section: Any) -> str:

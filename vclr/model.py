@@ -40,15 +40,19 @@ def list_models() -> list[str]:
 class ProjectorMLP(nn.Module):
     """FC-BN-ReLU-FC head (SimCLR): a non-linear projection that the contrastive loss shapes instead of the tower."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, dim),
         )
+        # dropout (model.projector_dropout) regularises heads trained for thousands of steps on a small set of
+        # cached, fixed tower features; it has no state, so saved projectors load whatever its rate
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D)
-        return self.net(x)
+        first, norm, relu, last = self.net
+        return last(self.dropout(relu(norm(first(self.dropout(x))))))
 
 
 class DualEncoder(nn.Module):
@@ -59,8 +63,10 @@ class DualEncoder(nn.Module):
         self.cfg = cfg
         self.clip = clip
         self.embed_dim = embed_dim
-        self.image_projector = ProjectorMLP(embed_dim, cfg.projector_hidden_dim) if cfg.projector else nn.Identity()
-        self.text_projector = ProjectorMLP(embed_dim, cfg.projector_hidden_dim) if cfg.projector else nn.Identity()
+        self.image_projector = (ProjectorMLP(embed_dim, cfg.projector_hidden_dim, cfg.projector_dropout)
+                                if cfg.projector else nn.Identity())
+        self.text_projector = (ProjectorMLP(embed_dim, cfg.projector_hidden_dim, cfg.projector_dropout)
+                               if cfg.projector else nn.Identity())
         # The temperature lives as log(1/T) (open_clip's logit_scale): gradient steps act on a scale-free quantity.
         # Pretrained weights keep their learned temperature; fresh towers start at init_temperature.
         if reset_temperature:

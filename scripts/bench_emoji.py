@@ -34,7 +34,7 @@ from vclr.rundir import read_best, read_metrics
 from vclr.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-LIT = ["model.name=vclr-lit-effl0-minilm-128"]
+LIT: list[str] = []  # the recipes name their model (lit_frozen: 224 px, chosen on the validation split)
 VARIANTS = {
     "scratch": ("openmoji_scratch", ["optim.max_steps=100000"]),
     "lit_uncached": ("lit_frozen_minilm_effl0", ["train.cache_locked_towers=false", "optim.max_steps=100000"]),

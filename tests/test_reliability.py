@@ -247,7 +247,7 @@ def test_same_seed_same_data_model_and_metrics(tmp_path):
         assert main(["-q", "train", *overrides]) == 0
         assert main(["-q", "eval", "--run", str(folder / "run"), "--no-plots"]) == 0
         losses = [json.loads(line)["loss"] for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
-        report = json.loads((folder / "run" / "eval.json").read_text())
+        report = json.loads((folder / "run" / "eval-data-test.json").read_text())  # named by the dataset
         return losses, report["metrics"], report["dataset_fingerprint"], report["verification"]
 
     first, second, other = pipeline(tmp_path / "a", 5), pipeline(tmp_path / "b", 5), pipeline(tmp_path / "c", 6)

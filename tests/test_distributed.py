@@ -32,6 +32,8 @@ CASES = {
     # the sigmoid loss over global negatives, its columns scored 5 at a time, and its bias through GradCache
     "siglip": {"loss.infonce_weight": 0, "loss.siglip_weight": 1.0, "loss.siglip_chunk": 5},
     "siglip_gradcache": {"loss.siglip_weight": 1.0, "train.grad_cache_chunk": 4},
+    # validation during training: each process embeds its share of the validation set, gathered for the metrics
+    "validation": {"train.eval_every": 2, "data.val": "{data}/test"},
 }
 
 
@@ -41,11 +43,16 @@ def _overrides(data: Path, run: Path, batch: int, case: dict) -> list[str]:
               "train.log_every": 1, "train.checkpoint_every": 100, "train.seed": 3, "train.threads": 1,
               "loss.triplet_warmup_steps": 0}
     values.update(case)
-    return [f"{k}={v}" for k, v in values.items()]
+    return [f"{k}={str(v).replace('{data}', str(data))}" for k, v in values.items()]
 
 
 def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _val_rows(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_rsum" in r]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +87,13 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(two_process_r
     reference = root / f"single_{name}"
     train_mod.train(load_config(None, _overrides(data, reference, 2 * PER_PROCESS_BATCH, case)))
 
+    dist_rows, single_rows = _val_rows(root / f"dist_{name}"), _val_rows(reference)
+    assert len(dist_rows) == len(single_rows) == (2 if "train.eval_every" in case else 0)  # steps 2 and 3 (last)
+    for got, want in zip(dist_rows, single_rows):
+        assert got.keys() == want.keys()
+        for key in want:
+            if key != "val_s":  # the gathered embeddings score as one process's do
+                assert got[key] == pytest.approx(want[key], abs=1e-6), (key, got, want)
     dist_losses, single_losses = _losses(root / f"dist_{name}"), _losses(reference)
     assert sorted(dist_losses) == sorted(single_losses) == list(range(1, STEPS + 1))
     for step in single_losses:

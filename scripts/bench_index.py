@@ -20,7 +20,6 @@ import resource
 import time
 
 import faiss
-import numpy as np
 
 from structured_vectors import structured_pairs
 from vclr.ann import (build, candidate_kinds, memory_bytes, pick, recall_at_k, spec_for,

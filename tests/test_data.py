@@ -3,7 +3,6 @@
 import json
 
 import datasets
-import numpy as np
 import pytest
 import torch
 

@@ -6,7 +6,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from vclr.config import load_config
 from vclr.data.dataset import DataError, load_caption_table

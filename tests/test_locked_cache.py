@@ -86,13 +86,13 @@ def test_training_on_the_cache_equals_uncached_training_and_reuses_it(lit_files,
     name, text_dir, weights = lit_files
     data = make_synthetic(tmp_path / "data", num_train=64, num_test=8, seed=2)
 
-    def run(folder, cached=True):
+    def run(folder, cached=True, seed=0):
         cfg = load_config(None, [f"data.train={data / 'train'}", f"train.output_dir={tmp_path / folder}",
                                  f"model.name={name}", f"model.text_tower_dir={text_dir}",
                                  f"model.image_tower_weights={weights}", "model.lock_image=true",
                                  "model.lock_text=true", "data.batch_size=16", "optim.max_steps=4",
                                  "optim.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100",
-                                 f"train.cache_locked_towers={str(cached).lower()}"])
+                                 f"train.cache_locked_towers={str(cached).lower()}", f"train.seed={seed}"])
         with caplog.at_level(logging.INFO):
             caplog.clear()
             train_mod.train(cfg)
@@ -104,6 +104,8 @@ def test_training_on_the_cache_equals_uncached_training_and_reuses_it(lit_files,
     for key, value in uncached.items():
         torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-6, msg=key)
     _, log = run("again")
+    assert "reusing the locked image tower's outputs" in log and "reusing the locked text tower's outputs" in log
+    _, log = run("other_seed", seed=7)  # other random projections: the frozen parts, and so the cache, are the same
     assert "reusing the locked image tower's outputs" in log and "reusing the locked text tower's outputs" in log
 
     image = next((data / "train").glob("*.png"))

@@ -1,5 +1,5 @@
 """Locked towers computed once (LiT on small data): when a tower's frozen part is a prefix that the trainable rest
-only reads the output of (`DualEncoder.frozen_image_part` / `frozen_text_part`) and its input is deterministic (no
+only reads the output of (`DualEncoder.image_split` / `text_split`) and its input is deterministic (no
 augmentation), its outputs for every training image and caption are computed once, kept on disk as memory-mapped
 .npy files, and training runs only the trainable rest.
 
@@ -17,17 +17,17 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from vclr.data.dataset import DataError, ImageTextDataset, normalize_images
 from vclr.data.prepare import cache_dir
-from vclr.model import DualEncoder
+from vclr.model import DualEncoder, TowerSplit, image_preprocess_cfg
 from vclr.storage import write_directory
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,8 @@ class LockedFeatures:
     texts: torch.Tensor | None = None  # (C, ...) per caption row
 
 
-def _digest_module(module: nn.Module | None, digest) -> None:
-    if module is None:
-        return
-    for name, tensor in sorted(module.state_dict().items()):
+def _digest_state(state: dict[str, torch.Tensor], digest) -> None:
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
@@ -60,10 +58,12 @@ def _data_digest(dataset: ImageTextDataset, digest) -> None:
         digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
 
 
-def cache_key(kind: str, module: nn.Module | None, dataset: ImageTextDataset, preprocessing: dict) -> str:
+def cache_key(kind: str, split: TowerSplit, dataset: ImageTextDataset, preprocessing: dict) -> str:
+    """Hashes exactly what the frozen outputs depend on: the frozen part's tensors (not the trainable rest, so
+    runs with other seeds or heads share the cache), the data and the preprocessing."""
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "kind": kind, **preprocessing},
                                        sort_keys=True, default=str).encode())
-    _digest_module(module, digest)
+    _digest_state(split.state, digest)
     if kind == "images":
         _data_digest(dataset, digest)
     else:
@@ -96,8 +96,6 @@ def _mapped(folder: Path, name: str) -> torch.Tensor:
 
 def _image_batches(model: DualEncoder, dataset: ImageTextDataset, device: torch.device):
     """Normalised (b, 3, S, S) batches of the dataset's images in row order (from its RAM cache when it has one)."""
-    from vclr.model import image_preprocess_cfg
-
     preprocess = image_preprocess_cfg(model)
     for start in range(0, len(dataset), BATCH):
         rows = range(start, min(start + BATCH, len(dataset)))
@@ -110,16 +108,14 @@ def _image_batches(model: DualEncoder, dataset: ImageTextDataset, device: torch.
 
 def _image_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device) -> torch.Tensor:
     """Per-row outputs of the frozen image part; afterwards the dataset serves row numbers instead of pixels."""
-    from vclr.model import image_preprocess_cfg
-
-    frozen = model.frozen_image_part()
-    key = cache_key("images", frozen, dataset, image_preprocess_cfg(model))
+    split = model.image_split()
+    key = cache_key("images", split, dataset, image_preprocess_cfg(model))
     folder = _cached("images", key)
     if folder is None:
         logger.info("computing the locked image tower's outputs once for %d images", len(dataset))
         original = {path: i for i, path in enumerate(dataset.table.image_paths)}
         dataset.prepare_images()  # decodes with threads (when it fits data.cache_max_gb), drops unreadable rows
-        values = _compute(frozen, _image_batches(model, dataset, device), -(-len(dataset) // BATCH),
+        values = _compute(split.frozen, _image_batches(model, dataset, device), -(-len(dataset) // BATCH),
                           "locked image tower")
         kept = np.asarray([original[path] for path in dataset.table.image_paths], dtype=np.int64)
         folder = _save("images", key, {"images": values, "rows": kept})
@@ -128,20 +124,20 @@ def _image_features(model: DualEncoder, dataset: ImageTextDataset, device: torch
         kept = set(np.load(folder / "rows.npy").tolist())
         unreadable = set(range(len(dataset))) - kept
         if unreadable:
-            dataset._drop_rows(unreadable)
+            dataset.drop_rows(unreadable)
     dataset.cache = None  # the pixels are no longer needed
     dataset.rows_only = True
     return _mapped(folder, "images")
 
 
 def _text_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device) -> torch.Tensor:
-    frozen = model.frozen_text_part()
-    key = cache_key("texts", getattr(model.clip, "text", model.clip), dataset, {"model": model.cfg.name})
+    split = model.text_split()
+    key = cache_key("texts", split, dataset, {"model": model.cfg.name})
     folder = _cached("texts", key)
     if folder is None:
         tokens = dataset.tokens
         batches = (model.trim_padding(tokens[i:i + BATCH]).to(device) for i in range(0, len(tokens), BATCH))
-        values = _compute(frozen, batches, -(-len(tokens) // BATCH), "locked text tower")
+        values = _compute(split.frozen, batches, -(-len(tokens) // BATCH), "locked text tower")
         folder = _save("texts", key, {"texts": values})
     else:
         logger.info("reusing the locked text tower's outputs from %s", folder)
@@ -152,8 +148,6 @@ def locked_features(model: DualEncoder, dataset: ImageTextDataset, device: torch
                     accelerator=None) -> LockedFeatures:
     """The cached outputs of the towers asked for; the main process computes them first, the others then read
     them. Without a cached image tower the dataset decodes its images as usual."""
-    from contextlib import nullcontext
-
     features = LockedFeatures()
     with accelerator.main_process_first() if accelerator is not None else nullcontext():
         if image:

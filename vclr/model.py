@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import open_clip
 from open_clip.hf_configs import arch_dict
@@ -55,6 +55,14 @@ class ProjectorMLP(nn.Module):
         return last(self.dropout(relu(norm(first(self.dropout(x))))))
 
 
+class TowerSplit(NamedTuple):
+    """A tower as its frozen prefix and the part after it (vclr.locked_cache caches the prefix's outputs)."""
+
+    frozen: Callable[[torch.Tensor], torch.Tensor]  # input -> frozen output (the prefix module where there is one)
+    state: dict[str, torch.Tensor]  # the tensors the frozen output depends on: the cache key hashes them
+    rest: Callable[[torch.Tensor], torch.Tensor]  # frozen output -> the tower's output, before the projector
+
+
 class DualEncoder(nn.Module):
     """Image and text towers into one joint space. API as open_clip's CLIP: encode_image, encode_text, forward->dict."""
 
@@ -87,14 +95,14 @@ class DualEncoder(nn.Module):
 
     def _frozen_modules(self) -> list[nn.Module]:
         frozen = []
-        image = self.frozen_image_part()
+        image = self.image_split()
         if image is not None:
-            frozen.append(image)
+            frozen.append(image.frozen)
         text = getattr(self.clip, "text", None)
         if text is not None and hasattr(text, "transformer"):
             if not any(p.requires_grad for p in text.transformer.parameters()):
                 frozen.append(text.transformer)
-        elif text is None and self.frozen_text_part() is not None:
+        elif text is None and self.text_split() is not None:
             frozen.append(self.clip.transformer)
         return frozen
 
@@ -110,62 +118,74 @@ class DualEncoder(nn.Module):
         features = self.text_projector(self.clip.encode_text(tokens))  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
-    # ---- locked towers computed once (vclr.locked_cache): a fully locked tower splits into a frozen part, whose
-    # output is cached per image / caption, and the part that trains (its projection; identity when nothing trains)
+    # ---- locked towers computed once (vclr.locked_cache): a tower whose frozen part is a prefix splits into that
+    # prefix, whose output is cached per image / caption, and the rest of the tower that trains on it
 
-    def frozen_image_part(self) -> nn.Module | None:
-        """The image tower's frozen part when the rest trains on its output alone: the whole tower; a timm trunk
-        whose head (pool + projection) trains; or, for a partly unlocked EfficientNet-style trunk, its stem and the
-        blocks before the first trainable one. None when the frozen part is not a cacheable prefix."""
-        split = self._image_split()
-        return split[0] if split is not None else None
-
-    def _image_split(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]] | None:
-        """(frozen prefix, the rest of the tower after it, up to the tower's output)."""
+    def image_split(self) -> TowerSplit | None:
+        """The image tower's frozen prefix and the rest: the whole tower (nothing after it); a timm trunk whose head
+        (pool + projection) trains; or, for a partly unlocked EfficientNet-style trunk, its stem and the blocks
+        before the first trainable one. None when the frozen part is not a cacheable prefix."""
         visual = self.clip.visual
         if not any(p.requires_grad for p in visual.parameters()):
-            return visual, nn.Identity()
+            return TowerSplit(visual, visual.state_dict(), nn.Identity())
         trunk = getattr(visual, "trunk", None)
         if trunk is None:
             return None
         if not any(p.requires_grad for p in trunk.parameters()):
-            return trunk, visual.head
+            return TowerSplit(trunk, trunk.state_dict(), visual.head)
         return _timm_block_split(trunk, visual.head)
 
-    def _image_rest(self, frozen: torch.Tensor) -> torch.Tensor:
-        return self._image_split()[1](frozen)
-
-    def frozen_text_part(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """tokens (B, L) -> the frozen text part's output: the whole tower, or an HF transformer and its
-        parameter-free pooler when only the projection trains. None when not cacheable."""
+    def text_split(self) -> TowerSplit | None:
+        """tokens (B, L) -> the frozen text part's output, and the rest: the whole tower, or an HF transformer and
+        its parameter-free pooler when only the projection trains. None when not cacheable."""
         text = getattr(self.clip, "text", None)
         if text is None:  # open_clip's built-in text transformer lives on the CLIP module itself
+            state = {n: t for n, t in self.clip.state_dict().items() if not n.startswith(("visual.", "logit_"))}
             text_params = [p for n, p in self.clip.named_parameters() if not n.startswith(("visual.", "logit_"))]
-            return self.clip.encode_text if not any(p.requires_grad for p in text_params) else None
+            frozen = not any(p.requires_grad for p in text_params)
+            return TowerSplit(self.clip.encode_text, state, nn.Identity()) if frozen else None
         if not any(p.requires_grad for p in text.parameters()):
-            return text
+            return TowerSplit(text, text.state_dict(), nn.Identity())
         pooler_trains = any(p.requires_grad for p in text.pooler.parameters()) if hasattr(text, "pooler") else True
         if hasattr(text, "transformer") and not any(p.requires_grad for p in text.transformer.parameters()) \
                 and not pooler_trains:
             def pooled(tokens: torch.Tensor) -> torch.Tensor:
                 mask = (tokens != text.config.pad_token_id).long()
                 return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)  # (B, H)
-            return pooled
+            return TowerSplit(pooled, text.transformer.state_dict(), text.proj)
         return None
+
+    def frozen_image_part(self) -> nn.Module | None:
+        split = self.image_split()
+        return split.frozen if split is not None else None
+
+    def frozen_text_part(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        split = self.text_split()
+        return split.frozen if split is not None else None
 
     def image_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
         """The trainable rest of the image tower on cached frozen outputs; equals encode_image's features."""
-        return self.image_projector(self._image_rest(frozen))
+        return self.image_projector(self._rest("image")(frozen))
 
     def text_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
-        text = getattr(self.clip, "text", None)
-        whole = text is None or not any(p.requires_grad for p in text.parameters())
-        return self.text_projector(frozen if whole else text.proj(frozen))
+        return self.text_projector(self._rest("text")(frozen))
+
+    def _rest(self, tower: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        rests = getattr(self, "_cached_rests", {})
+        return rests[tower] if tower in rests else getattr(self, f"{tower}_split")().rest
 
     def use_cached_inputs(self, image: bool, text: bool) -> None:
         """From now on forward() takes frozen-part outputs instead of images (and/or tokens): training on cached
-        features goes through forward, as DDP and GradCache need."""
-        self.cached_inputs = {name for name, on in (("image", image), ("text", text)) if on}
+        features goes through forward, as DDP and GradCache need. The splits are taken once, here: which parts
+        are frozen does not change while training, and forward should not search the towers every step."""
+        splits = {"image": self.image_split() if image else None, "text": self.text_split() if text else None}
+        # a plain dict, not module attributes: the rests are parts of the towers, already registered there
+        self._cached_rests = {tower: split.rest for tower, split in splits.items() if split is not None}
+
+    @property
+    def cached_inputs(self) -> set[str]:
+        """The towers whose forward input is their frozen part's cached output (use_cached_inputs)."""
+        return set(getattr(self, "_cached_rests", {}))
 
     def trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L'): drop the padding columns after the batch's longest caption where the text tower reads
@@ -183,14 +203,14 @@ class DualEncoder(nn.Module):
         return getattr(self.clip, "logit_bias", None)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        cached = getattr(self, "cached_inputs", ())
+        cached = self.cached_inputs
         image_features = self.image_from_frozen(images) if "image" in cached else self.encode_image(images)
         text_features = self.text_from_frozen(tokens) if "text" in cached else self.encode_text(tokens)
         return self.score_features(F.normalize(image_features, dim=-1),  # (B, D)
                                    F.normalize(text_features, dim=-1))  # (B, D)
 
     def score_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """forward's output for features computed elsewhere (cached locked towers): features + scale (+ bias)."""
+        """forward's output dict for unit features: the features, the scale and (SigLIP) the bias."""
         out = {
             "image_features": image_features,
             "text_features": text_features,
@@ -205,7 +225,7 @@ class DualEncoder(nn.Module):
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
 
 
-def _timm_block_split(trunk: nn.Module, head: nn.Module):
+def _timm_block_split(trunk: nn.Module, head: nn.Module) -> "TowerSplit | None":
     """A partly unlocked EfficientNet-style timm trunk (conv_stem, bn1, blocks, conv_head, bn2, forward_head):
     (stem + the blocks before the first trainable one, the rest). None for other trunks or a trainable stem."""
     if not all(hasattr(trunk, part) for part in EFFICIENTNET_PARTS):
@@ -222,7 +242,7 @@ def _timm_block_split(trunk: nn.Module, head: nn.Module):
             x = stage(x)
         return head(trunk.forward_head(trunk.bn2(trunk.conv_head(x))))  # timm's own head: pool, dropout, flatten
 
-    return prefix, rest
+    return TowerSplit(prefix, prefix.state_dict(), rest)
 
 
 def _open_clip_config(name: str) -> dict:
@@ -403,7 +423,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
     With `lr`, parameters are also grouped by their LR multiplier (`lr_scales`: lower LRs for pretrained towers
     than for the new heads, and layer-wise decay), each group carrying its own `lr`."""
     scales = lr_scales(model, tower_lr_scale, layer_decay) if lr is not None else {}
-    groups: dict[tuple[bool, float], list] = {}
+    # (exempt from decay, LR multiplier) -> parameters; the two groups at the full LR always exist, in this order
+    groups: dict[tuple[bool, float], list] = {(False, 1.0): [], (True, 1.0): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -415,6 +436,4 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         if lr is not None:
             group["lr"] = lr * scale
         out.append(group)
-    if lr is None and len(out) == 1:  # callers expect a decay and a no-decay group
-        out.append({"params": [], "weight_decay": weight_decay if out[0]["weight_decay"] == 0.0 else 0.0})
     return out

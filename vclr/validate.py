@@ -9,16 +9,14 @@ so an evaluation costs only the two towers' forward passes.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vclr.data.dataset import CaptionTable, normalize_images, read_image, tokenize_all
+from vclr.data.dataset import CaptionTable, decode_images, normalize_images, tokenize_all
 from vclr.embed import encode_image_batch, embed_tokens
 from vclr.metrics import retrieval_metrics
 from vclr.model import DualEncoder, image_preprocess_cfg, inference_transform
@@ -32,14 +30,7 @@ class Validator:
     def __init__(self, table: CaptionTable, model: DualEncoder, tokenizer, accelerator, batch_size: int = 256,
                  ks: Sequence[int] = (1, 5, 10)):
         self.accelerator, self.batch_size, self.ks = accelerator, batch_size, tuple(ks)
-        transform = inference_transform(model)
-
-        def decode(path: str) -> torch.Tensor | None:
-            image = read_image(path)
-            return None if image is None else transform(image)
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes outside the GIL
-            images = list(pool.map(decode, table.image_paths, chunksize=64))
+        images = decode_images(table.image_paths, inference_transform(model))
         kept = [i for i, image in enumerate(images) if image is not None]
         if len(kept) < len(images):
             logger.warning("validation set %s: %d unreadable images left out", table.source, len(images) - len(kept))
@@ -67,7 +58,7 @@ class Validator:
         """This process's share of the validation set through the model's locked parts, computed at the first
         validation and kept: when training runs on cached locked towers, validating costs only the parts that
         train, as a training step does."""
-        cached = getattr(model, "cached_inputs", set())
+        cached = model.cached_inputs
         if self._frozen_cache is None:
             device, preprocess = next(model.parameters()).device, image_preprocess_cfg(model)
             images = texts = None

@@ -281,6 +281,17 @@ def read_bytes(path: str) -> bytes | None:
     return data or None
 
 
+def decode_images(paths: Sequence[str], transform) -> list[torch.Tensor | None]:
+    """Every image through `transform` (PIL -> uint8 tensor), decoded on threads; None where unreadable."""
+    def decode(path: str) -> torch.Tensor | None:
+        image = read_image(path)
+        return None if image is None else transform(image)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes outside the GIL
+        return list(tqdm(pool.map(decode, paths, chunksize=64), total=len(paths), desc="decoding images",
+                         unit="img", leave=False))
+
+
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float (B, 3, H, W) normalised; runs on whatever device the batch is on."""
     mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
@@ -345,17 +356,11 @@ class ImageTextDataset(Dataset):
             logger.info("not caching images: %.1f GB > data.cache_max_gb=%.1f", cache_gb, self.cache_max_gb)
 
     def _fill_cache(self) -> None:
-        def decode(path: str) -> torch.Tensor | None:
-            image = read_image(path)
-            return None if image is None else self.transform(image)
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes outside the GIL
-            images = list(tqdm(pool.map(decode, self.table.image_paths, chunksize=64), total=len(self.table),
-                               desc="decoding images", unit="img", leave=False))
+        images = decode_images(self.table.image_paths, self.transform)
         bad = [i for i, image in enumerate(images) if image is None]
         if bad:
             logger.warning("%s: skipped %d unreadable images", self.table.source, len(bad))
-            self._drop_rows(set(bad))
+            self.drop_rows(set(bad))
             images = [image for image in images if image is not None]
         self.cache = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size,
                                                                     dtype=torch.uint8)  # (N, 3, S, S)
@@ -369,7 +374,8 @@ class ImageTextDataset(Dataset):
             self.encoded_cache = list(tqdm(pool.map(read_bytes, self.table.image_paths, chunksize=256),
                                            total=len(self.table), desc="reading images", unit="img", leave=False))
 
-    def _drop_rows(self, bad: set[int]) -> None:
+    def drop_rows(self, bad: set[int]) -> None:
+        """Forget rows `bad` (unreadable images): their captions, tokens and ids go with them."""
         keep = [i for i in range(len(self.table)) if i not in bad]
         caption_rows = np.concatenate([np.arange(self.caption_start[i], self.caption_start[i + 1]) for i in keep])
         self.tokens = self.tokens[torch.from_numpy(caption_rows)]

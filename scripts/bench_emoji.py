@@ -75,7 +75,7 @@ def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Pa
     validation = [r for r in rows if "val_rsum" in r]
     # the test concepts are scored once, at the end, with the checkpoint the validation split chose
     best = read_best(result.run_dir)
-    source = RunSource(str(result.run_dir), "best" if best else "")
+    source = RunSource(str(result.run_dir), "best" if best else "final")
     test = evaluate_run(source, str(data / "test"))["metrics"]
     chosen = best["validation"] if best else (validation[-1] if validation else {})
     return {"bench": "emoji", "variant": variant, "config": config, "steps": result.step,

@@ -54,8 +54,7 @@ def _model_source(args, required: bool = True):
 
     if not required and not (args.run or args.model or args.pretrained):
         return None
-    best = "best" if getattr(args, "checkpoint", "final") == "best" else ""
-    return model_source(args.run, args.model, args.pretrained, checkpoint=best)
+    return model_source(args.run, args.model, args.pretrained, checkpoint=getattr(args, "checkpoint", "final"))
 
 
 # ---------------------------------------------------------------------------------------------------- subcommands

@@ -58,7 +58,7 @@ class RunSource:
     checkpoint="best", the weights at its best validation figure (checkpoints/best, train.eval_every)."""
 
     run_dir: str
-    checkpoint: str = ""  # "" (final) or "best"
+    checkpoint: str = "final"  # or "best"
 
     def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
         cfg = load_run_config(self.run_dir)
@@ -79,7 +79,7 @@ class RunSource:
 
     def describe(self) -> dict:
         described = {"kind": "run", "run_dir": str(Path(self.run_dir).resolve())}
-        return {**described, "checkpoint": self.checkpoint} if self.checkpoint else described
+        return {**described, "checkpoint": self.checkpoint} if self.checkpoint != "final" else described
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _build_or_explain(cfg: ModelConfig) -> DualEncoder:
 
 
 def model_source(run: str | None = None, model: str | None = None, pretrained: str | None = None,
-                 default: ModelSource | None = None, checkpoint: str = "") -> ModelSource:
+                 default: ModelSource | None = None, checkpoint: str = "final") -> ModelSource:
     """The source the command-line flags name; `default` (an index's own) when they name none."""
     if run and model:
         raise ModelSourceError("give either --run DIR or --model NAME [--pretrained TAG|FILE], not both")
@@ -155,7 +155,7 @@ def model_source(run: str | None = None, model: str | None = None, pretrained: s
     if run:
         if not (Path(run) / CONFIG_FILE).is_file():
             raise ModelSourceError(f"--run {run} has no {CONFIG_FILE}: pass a `vclr train` output dir")
-        return RunSource(str(run), checkpoint or "")
+        return RunSource(str(run), checkpoint)
     if model:
         return OpenClipSource(model, pretrained or "")
     if default is None:
@@ -181,7 +181,7 @@ def source_from_manifest(manifest: dict) -> ModelSource | None:
     if described is None:
         return None
     if described["kind"] == "run":
-        return RunSource(described["run_dir"], described.get("checkpoint", ""))
+        return RunSource(described["run_dir"], described.get("checkpoint", "final"))
     return OpenClipSource(described["model"], described.get("pretrained", ""))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -182,7 +183,7 @@ def make_validator(cfg: Config, source: TrainingSource, model: DualEncoder, acce
 
 def start_trackers(trainer: Trainer) -> None:
     """Accelerate's trackers (train.log_with), with the resolved config as their hyperparameters."""
-    if trainer.cfg.train.log_with == "none":
+    if not trainer.accelerator.log_with:  # train.log_with=none
         return
     flat = {}
     for section, values in config_to_dict(trainer.cfg).items():
@@ -195,7 +196,7 @@ def _log(trainer: Trainer, row: dict) -> None:
     """One row to metrics.jsonl (main process) and to the trackers."""
     if trainer.accelerator.is_main_process:
         rundir.append_metrics(trainer.run_dir, row)
-    if trainer.cfg.train.log_with != "none":
+    if trainer.accelerator.trackers:
         trainer.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
@@ -381,19 +382,21 @@ BUDGET_MARGIN = 0.98  # fit to this share of the time left: the final checkpoint
 
 
 class BudgetClock:
-    """Fits the schedule (state.max_steps) to train.max_minutes: after BUDGET_TIMING_STEPS steps, then every
-    BUDGET_TIMING_STEPS steps and after each validation (whose cost then counts), never above optim.max_steps."""
+    """Fits the schedule (state.max_steps) to train.max_minutes, never above optim.max_steps: after
+    BUDGET_TIMING_STEPS timed steps; then every BUDGET_TIMING_STEPS steps while the window of the last BUDGET_WINDOW
+    steps fills, at every step once it is full, and after each validation (whose cost then counts)."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.budget_s = trainer.cfg.train.max_minutes * 60
-        self.history: list[tuple[int, float]] = []  # (step, elapsed_s) since the first step of this process
+        # (step, elapsed_s) of the latest steps of this process: the oldest is where the timing window starts
+        self.history: deque[tuple[int, float]] = deque(maxlen=BUDGET_WINDOW + 1)
 
     def tick(self, validated: bool) -> None:
         state = self.trainer.state
         if not self.budget_s:
             return
-        self.history = [*self.history[-BUDGET_WINDOW:], (state.step, state.elapsed_s)]
+        self.history.append((state.step, state.elapsed_s))
         timed = len(self.history) - 1
         if timed >= BUDGET_TIMING_STEPS and (timed % BUDGET_TIMING_STEPS == 0 or validated):
             (first_step, first_s), (step, elapsed_s) = self.history[0], self.history[-1]

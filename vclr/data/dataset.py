@@ -213,9 +213,10 @@ def load_caption_table(source: str | os.PathLike, image_column: str = "file_name
 
 
 def split_held_out(table: CaptionTable, fraction: float) -> tuple[CaptionTable, CaptionTable]:
-    """(train, held out): about `fraction` of the images, picked by a hash of their path (stable across runs and
-    machines), with all their captions."""
-    held = [stable_id(path) % 10_000 < fraction * 10_000 for path in table.image_paths]
+    """(train, held out): about `fraction` of the images, picked by a hash of their path relative to the table's
+    folder (so the same images wherever the dataset lies, across runs and machines), with all their captions."""
+    folder = Path(table.source).resolve().parent
+    held = [stable_id(os.path.relpath(path, folder)) % 10_000 < fraction * 10_000 for path in table.image_paths]
 
     def part(keep: bool) -> CaptionTable:
         rows = [i for i, h in enumerate(held) if h == keep]

@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vclr demo $(DEMO_ARGS)
 
 test: $(STAMP) browser
-	$(VENV)/bin/python -m pytest -q
+	VCLR_TEST_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"

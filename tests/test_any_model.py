@@ -208,7 +208,7 @@ def test_a_photo_folder_without_captions(checkpoint, reference, photos, capsys):
 
     assert main(["search", "--index", str(out), "--text", "a red square", "-k", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [sorted(r) for r in rows] == [["id", "path", "rank", "score"]] * 3
+    assert [sorted(r) for r in rows] == [["id", "path", "rank", "score", "weak"]] * 3
     assert main(["search", "--index", str(out), "--like", str(hits[0].id), "-k", "2", "--json"]) == 0
     assert [r["path"] for r in json.loads(capsys.readouterr().out)] == expected_paths[1:3]
 
@@ -326,18 +326,36 @@ def test_sidecar_captions_make_image_queries_return_captions(checkpoint, tmp_pat
     assert all(h.path for h in searcher.by_image_file(paths[0], 2, images=True))  # images on request
 
 
-def test_pretrained_tag_without_network_is_one_line(monkeypatch):
-    """An open_clip tag needs a download; without one the error is a line, not a traceback of retries."""
+def test_pretrained_tag_without_network_is_one_line_at_once(monkeypatch, tmp_path, capsys):
+    """An open_clip tag needs a download; without a network the error is one line, exit 2, and open_clip is never
+    asked (it retries for a minute): offline by HF_HUB_OFFLINE, or because the hub cannot be reached."""
+    import socket
+
     import vclr.model as model_mod
+    from vclr.cli import main
     from vclr.model_source import ModelSourceError
 
-    def no_network(*args, **kwargs):
-        raise OSError("Could not connect to the hub")
+    def never(*args, **kwargs):
+        raise AssertionError("open_clip was asked to download")
 
-    monkeypatch.setattr(model_mod.open_clip, "create_model", no_network)
-    with pytest.raises(ModelSourceError, match="cannot load pretrained weights 'laion2b_s34b_b79k' for ViT-B-32"):
-        OpenClipSource("ViT-B-32", "laion2b_s34b_b79k").load()
+    monkeypatch.setattr(model_mod.open_clip, "create_model", never)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (32, 32)).save(photos / "a.png")
+    argv = ["index", "--model", "ViT-B-32", "--pretrained", "openai", "--data", str(photos), "--out", "idx"]
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the suite never reaches a hub
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vclr: error: cannot download pretrained weights 'openai' for "
+                                                     "ViT-B-32: HF_HUB_OFFLINE is set; pass a local checkpoint file")
+
+    def no_route(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    with pytest.raises(ModelSourceError, match=r"'laion2b_s34b_b79k' for ViT-B-32: no network \(huggingface.co "):
+        OpenClipSource("ViT-B-32", "laion2b_s34b_b79k").load()
 
 
 def test_embeddings_larger_than_ram_stream_to_disk_and_fill_the_index_in_chunks(checkpoint, photos, tmp_path,

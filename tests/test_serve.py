@@ -168,41 +168,128 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
+def _all_weak_query(client) -> str:
+    """A query about nothing the collection holds, as the API judges it (the first of a few that is all weak)."""
+    for text in ("pizza", "a violin on a piano", "zebra", "the eiffel tower", "a bowl of soup", "a rocket"):
+        hits = client.get("/api/search", params={"text": text, "k": 6}).json()["hits"]
+        if all(hit["weak"] for hit in hits):
+            return text
+    pytest.fail("every candidate query has a hit stronger than unrelated pairs")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium + chromedriver (Debian: apt-get install "
                     "chromium chromium-driver; `make test` installs them when it can)")
-def test_search_page_in_headless_chromium(server, tmp_path):
+def test_search_page_in_headless_chromium(server, client, searcher, tmp_path):
+    """Each state a user meets, with a screenshot of it: the empty page, a deep link, a keyboard search and the back
+    button, a query about nothing in the collection, an empty query, a file-picker upload, a drag-and-drop upload
+    for captions, "more like this"; labels and alt text throughout."""
+    from urllib.parse import quote_plus
+
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,900"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    wait = WebDriverWait(driver, 20)
+    # screenshots go to $VCLR_TEST_ARTIFACTS when set (`make test`: test-artifacts/), else into the test's temp dir
+    artifacts = Path(os.environ.get("VCLR_TEST_ARTIFACTS") or tmp_path) / "search-page"
+    artifacts.mkdir(parents=True, exist_ok=True)
+
+    def shot(name):
+        driver.save_screenshot(str(artifacts / f"{name}.png"))
+        assert (artifacts / f"{name}.png").stat().st_size > 5000
+
+    def status():
+        return driver.find_element(By.ID, "status").text
+
+    def hits():
+        return driver.find_elements(By.CSS_SELECTOR, "#results li.hit")
+
+    def loaded(count):
+        wait.until(lambda d: len(hits()) == count and d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+    caption = searcher.index.store.texts([0])[0]
+    paths = searcher.index.store.image_paths()
     try:
-        driver.get(server)
+        driver.get(server)  # 1. the empty page: an example query from the collection, every input labelled
         assert driver.title == "vclr search"
         box = driver.find_element(By.ID, "query")
-        box.send_keys("a large red circle on the left")
-        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        wait = WebDriverWait(driver, 20)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.hit img")) == 12)
-        # every result image really loaded (decoded, non-zero size), and shows its rank and score
-        wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('figure.hit img')].every(i => i.complete && i.naturalWidth > 0)"))
-        captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "figure.hit figcaption")]
-        assert captions[0].startswith("#1 ·") and captions[-1].startswith("#12 ·")
-        # the screenshot goes to $VCLR_TEST_ARTIFACTS when set (to look at), else into the test's temp dir
-        artifacts = Path(os.environ.get("VCLR_TEST_ARTIFACTS") or tmp_path)
-        artifacts.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(artifacts / "search_page.png"))
-        assert (artifacts / "search_page.png").stat().st_size > 5000
+        assert box.get_attribute("placeholder") == f"e.g. {searcher.index.store.first_captions([0])[0]}"
+        assert driver.execute_script("return [...document.querySelectorAll('input')].every(i => i.labels.length)")
+        assert driver.find_element(By.ID, "status").get_attribute("aria-live") == "polite"
+        shot("1-empty")
 
+        driver.get(f"{server}?q={quote_plus(caption)}&k=12")  # 2. a deep link searches at once
+        loaded(12)
+        first = hits()[0]
+        api = client.get("/api/search", params={"text": caption, "k": 12}).json()["hits"]
+        assert first.find_element(By.CLASS_NAME, "name").text == api[0]["value"]  # file name, caption, score
+        assert first.find_element(By.CLASS_NAME, "caption").text == api[0]["caption"]
+        assert first.find_element(By.CLASS_NAME, "score").text.startswith("#1 · score ")
+        assert driver.find_element(By.ID, "query").get_attribute("value") == caption
+        assert all(img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#results img"))
+        assert [len(h.find_elements(By.CLASS_NAME, "badge")) for h in hits()] == [int(h["weak"]) for h in api]
+        shot("2-deep-link")
+
+        unrelated = _all_weak_query(client)  # 3. typed and sent with Enter: the address follows the query
+        box = driver.find_element(By.ID, "query")
         box.clear()
-        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()  # empty query: the API's error shows
-        wait.until(lambda d: "empty" in d.find_element(By.ID, "status").text)
+        box.send_keys(unrelated, Keys.ENTER)
+        wait.until(lambda d: "No strong match" in status())
+        assert driver.current_url.endswith(f"?q={quote_plus(unrelated)}")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#results .badge")) == len(hits()) > 0
+        shot("3-weak-matches")
+        driver.back()  # the browser's back button returns to the previous search
+        wait.until(lambda d: d.find_element(By.ID, "query").get_attribute("value") == caption)
+        loaded(12)
+
+        box = driver.find_element(By.ID, "query")  # 4. an empty query, in the page's words
+        box.clear()
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: "Type what you are looking for" in status())
+        assert not hits()
+        shot("4-empty-query")
+
+        query_image = Path(paths[5])  # 5. an image from the file picker: similar images, itself first
+        driver.find_element(By.ID, "upload").send_keys(str(query_image))
+        loaded(12)
+        top = hits()[0]
+        assert top.find_element(By.CLASS_NAME, "name").text == query_image.name
+        with open(query_image, "rb") as f:  # the page marks weak matches as the API judges them
+            api_image = client.post("/api/search/image?k=12&images=true", files={"file": f}).json()["hits"]
+        assert [len(h.find_elements(By.CLASS_NAME, "badge")) for h in hits()] == [int(h["weak"]) for h in api_image]
+        shot("5-image-upload")
+
+        driver.find_element(By.ID, "want-images").click()  # 6. dropped on the page, unticked: captions
+        driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            fetch("api/image/7").then(r => r.blob()).then(blob => {
+              const data = new DataTransfer();
+              data.items.add(new File([blob], "dropped.png", {type: blob.type}));
+              document.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+              done();
+            });""")
+        wait.until(lambda d: "dropped.png" in status())
+        shown = [h.find_element(By.CLASS_NAME, "caption").text for h in hits()]
+        assert len(shown) == 12 and set(shown) <= set(searcher.index.store.texts())
+        assert not driver.find_elements(By.CSS_SELECTOR, "#results img")
+        shot("6-dropped-image-captions")
+
+        driver.get(server + "?q=" + quote_plus(caption))  # 7. more like this, by keyboard
+        loaded(12)
+        like = hits()[2].find_element(By.CLASS_NAME, "like")
+        like_id = api[2]["id"]
+        like.send_keys(Keys.ENTER)
+        wait.until(lambda d: d.current_url.endswith(f"?like={like_id}") and f"images like #{like_id}" in status())
+        loaded(12)
+        shot("7-more-like-this")
     finally:
         driver.quit()

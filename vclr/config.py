@@ -356,12 +356,19 @@ def config_to_dict(cfg: Config) -> dict:
 _NEWER_FIELDS = {"init_logit_bias", "projector_dropout"}
 
 
+# where a model's initial tower weights were read from: the trained weights define the model, not these paths, so a
+# run moved elsewhere (its text tower then read from its own copy) keeps its hash
+_LOCATION_FIELDS = {"text_tower_dir", "image_tower_weights"}
+
+
 def config_hash(section: Any) -> str:
     """Short stable hash of a config (section); the index manifest uses the model section's."""
     values = json.loads(json.dumps(dataclasses.asdict(section)))
     for field_ in dataclasses.fields(section):
         if field_.name in _NEWER_FIELDS and getattr(section, field_.name) == field_.default:
             values.pop(field_.name)
+        if field_.name in _LOCATION_FIELDS and values[field_.name]:
+            values[field_.name] = "set"
     blob = json.dumps(values, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

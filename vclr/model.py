@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -268,8 +269,9 @@ def _quiet_random_init_warning():
         root.removeFilter(log_filter)
 
 
-def _text_cfg_override(cfg: ModelConfig, model_cfg: dict) -> dict:
-    """open_clip kwargs that point an hf_model_name text tower at a local directory (weights + tokenizer)."""
+def _text_cfg_override(cfg: ModelConfig, model_cfg: dict, load_weights: bool = True) -> dict:
+    """open_clip kwargs that point an hf_model_name text tower at a local directory (config + tokenizer, and the
+    weights when `load_weights`)."""
     if not cfg.text_tower_dir:
         return {}
     text_cfg = dict(model_cfg["text_cfg"])
@@ -279,7 +281,8 @@ def _text_cfg_override(cfg: ModelConfig, model_cfg: dict) -> dict:
     if not (Path(cfg.text_tower_dir) / "config.json").is_file():
         raise ConfigError(f"model.text_tower_dir={cfg.text_tower_dir!r} is not a Hugging Face model dir "
                           "(no config.json)")
-    text_cfg.update(hf_model_name=cfg.text_tower_dir, hf_tokenizer_name=cfg.text_tower_dir, hf_model_pretrained=True)
+    text_cfg.update(hf_model_name=cfg.text_tower_dir, hf_tokenizer_name=cfg.text_tower_dir,
+                    hf_model_pretrained=load_weights)
     return {"text_cfg": text_cfg}
 
 
@@ -321,19 +324,22 @@ def _lock_towers(clip: nn.Module, cfg: ModelConfig) -> None:
         clip.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
 
 
-def build_model(cfg: ModelConfig, logit_bias: bool = False) -> DualEncoder:
+def build_model(cfg: ModelConfig, logit_bias: bool = False, tower_weights: bool = True) -> DualEncoder:
     """Create the towers from the named open_clip config; load `cfg.pretrained` and tower weights; lock towers.
 
     `logit_bias`: give the model SigLIP's learnable bias (at `cfg.init_logit_bias`); open_clip's SigLIP configs
-    have one anyway."""
+    have one anyway. `tower_weights=False`: read no weight files (pretrained, image tower, text tower), for a caller
+    that loads a whole trained state dict next."""
     model_cfg = _open_clip_config(cfg.name)
+    if not tower_weights:
+        cfg = replace(cfg, pretrained="", image_tower_weights="")
     pretrained = cfg.pretrained or None
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained={pretrained!r}: no such checkpoint file")
     with _quiet_random_init_warning():
         bias = {"init_logit_bias": cfg.init_logit_bias} if logit_bias and "init_logit_bias" not in model_cfg else {}
         clip = open_clip.create_model(cfg.name, pretrained=pretrained, pretrained_text=False, output_dict=True,
-                                      **_text_cfg_override(cfg, model_cfg), **bias)
+                                      **_text_cfg_override(cfg, model_cfg, tower_weights), **bias)
     if pretrained:
         logger.info("loaded pretrained weights %s into %s", pretrained, cfg.name)
     if cfg.image_tower_weights:

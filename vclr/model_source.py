@@ -14,6 +14,8 @@ one is one class here and one branch in `model_source`/`source_from_manifest`.
 from __future__ import annotations
 
 import logging
+import os
+import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +24,7 @@ import torch
 
 from vclr.config import Config, ModelConfig, VclrError, config_hash
 from vclr.model import DualEncoder, build_model, list_models
-from vclr.rundir import CONFIG_FILE, MODEL_FILE, best_checkpoint, load_run_config, weights_file
+from vclr.rundir import CONFIG_FILE, MODEL_FILE, best_checkpoint, inference_model_config, load_run_config, weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,9 @@ class RunSource:
 
     def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
         cfg = load_run_config(self.run_dir)
-        # the weights come from the run: no pretrained files to load, no locking needed for inference
-        model = build_model(replace(cfg.model, pretrained="", image_tower_weights=""),
-                            logit_bias=cfg.loss.siglip_weight > 0)
+        cfg = replace(cfg, model=inference_model_config(self.run_dir, cfg.model))
+        # the weights come from the run: no tower weight files to read, no locking needed for inference
+        model = build_model(cfg.model, logit_bias=cfg.loss.siglip_weight > 0, tower_weights=False)
         model.load_state_dict(_load_state(self._weights()))
         return model.to(device or default_device()).eval(), cfg
 
@@ -104,6 +106,7 @@ class OpenClipSource:
         # the config names the weights (a file by its absolute path): indexes compare its hash with the querying model
         cfg = Config(model=ModelConfig(name=self.name, pretrained=self.describe()["pretrained"]))
         if not self._is_file():
+            _check_download_possible(self.name, self.pretrained)
             model = _build_or_explain(cfg.model)
         else:
             path = Path(cfg.model.pretrained)
@@ -111,7 +114,7 @@ class OpenClipSource:
                 raise ModelSourceError(f"--pretrained {self.pretrained}: no such checkpoint file")
             state = _load_state(path)
             if any(k.startswith("clip.") for k in state):  # a vclr model.safetensors: the whole dual encoder
-                model = build_model(replace(cfg.model, pretrained=""), logit_bias="clip.logit_bias" in state)
+                model = build_model(cfg.model, logit_bias="clip.logit_bias" in state, tower_weights=False)
                 _load_checked(model, state, path)
             else:  # an open_clip state dict: open_clip's own loader (it also adapts older layouts)
                 model = _build_or_explain(cfg.model)
@@ -128,6 +131,68 @@ def _load_checked(model: DualEncoder, state: dict, path: Path) -> None:
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise ModelSourceError(f"--pretrained {path} does not fit --model {model.cfg.name}: {first}") from None
+
+
+HUB_HOST = "huggingface.co"
+PROBE_TIMEOUT_S = 3.0
+
+
+def _download_host(name: str, tag: str) -> str | None:
+    """Where open_clip would fetch these weights from (the hub first, as open_clip does); None: nothing to fetch,
+    or already in the local cache."""
+    import open_clip
+
+    if name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:"):]
+    elif tag:
+        pretrained = open_clip.get_pretrained_cfg(name, tag)
+        if not pretrained:  # an unknown tag: open_clip's own error says so
+            return None
+        if not pretrained.get("hf_hub"):
+            url = pretrained.get("url", "")
+            cached = Path.home() / ".cache" / "clip" / Path(url).name
+            return None if not url or cached.is_file() else urllib.parse.urlparse(url).hostname
+        repo = pretrained["hf_hub"].strip("/")
+    else:
+        return None
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    snapshots = Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots"
+    return None if snapshots.is_dir() and any(snapshots.iterdir()) else HUB_HOST
+
+
+def _reachable(host: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Can a TCP connection to host:443 be opened within `timeout` (name lookup included, which sockets do not
+    time out by themselves: it runs in a thread that is abandoned if it hangs)?"""
+    import socket
+    import threading
+
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _check_download_possible(name: str, tag: str) -> None:
+    """Weights that must be downloaded, with no network to do it: one line now, instead of a minute of retries."""
+    host = _download_host(name, tag)
+    if host is None:
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and host == HUB_HOST
+    if offline or not _reachable(host):
+        what = f"pretrained weights {tag!r} for {name}" if tag else f"the model {name}"
+        why = "HF_HUB_OFFLINE is set" if offline else f"no network ({host} cannot be reached)"
+        raise ModelSourceError(f"cannot download {what}: {why}; pass a local checkpoint file to --pretrained "
+                               "(or run once with a network: the weights are then cached)")
 
 
 def _build_or_explain(cfg: ModelConfig) -> DualEncoder:
@@ -174,15 +239,35 @@ def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tup
     return RunSource(str(run_dir)).load(device)
 
 
-def source_from_manifest(manifest: dict) -> ModelSource | None:
-    """The model source an index or report recorded (indexes of vclr <= 0.1 recorded only `run_dir`)."""
+def source_from_manifest(manifest: dict, index_dir: str | Path | None = None) -> ModelSource | None:
+    """The model source an index or report recorded (indexes of vclr <= 0.1 recorded only `run_dir`). A run is
+    looked for first where it lies relative to `index_dir` (the index and the run moved together), then where it
+    was."""
     described = manifest.get("model_source") or ({"kind": "run", "run_dir": manifest["run_dir"]}
                                                   if manifest.get("run_dir") else None)
     if described is None:
         return None
     if described["kind"] == "run":
-        return RunSource(described["run_dir"], described.get("checkpoint", "final"))
+        return RunSource(_find_run(described, index_dir), described.get("checkpoint", "final"))
     return OpenClipSource(described["model"], described.get("pretrained", ""))
+
+
+def with_run_from_index(described: dict, index_dir: str | Path) -> dict:
+    """A run source's record with the run's path relative to the index, so that the two can move together."""
+    if described["kind"] != "run":
+        return described
+    return {**described, "run_dir_from_index": os.path.relpath(described["run_dir"], Path(index_dir).resolve())}
+
+
+def _find_run(described: dict, index_dir: str | Path | None) -> str:
+    candidates = [Path(described["run_dir"])]
+    if index_dir is not None and described.get("run_dir_from_index"):
+        candidates.insert(0, Path(index_dir) / described["run_dir_from_index"])
+    for run_dir in candidates:
+        if (run_dir / CONFIG_FILE).is_file():
+            return str(run_dir)
+    raise ModelSourceError(f"the index's model, run {described['run_dir']}, is not there any more (nor at "
+                           f"{candidates[0]}): pass --run DIR where it lies now")
 
 
 def model_identity(source: ModelSource, cfg: Config) -> dict:

@@ -8,6 +8,8 @@ trainer, so that searching and serving need neither the training code nor Accele
     RUN/checkpoints/step_XXXXXXX  accelerate save_state + checksums.json (vclr.storage), newest `keep` kept
     RUN/checkpoints/best          the same, at the best validation figure so far; best.json says which step and why
     RUN/tensorboard/              event files, when train.log_with includes tensorboard
+    RUN/text_tower/               a Hugging Face text tower's config and tokenizer files (its weights are in
+                                  model.safetensors): the run needs nothing outside itself to embed, wherever it lies
 
 Checkpoints are written through `vclr.storage`: into an owner-named temp dir that is checksummed, fsynced and renamed
 into place, so a crash never leaves a half checkpoint under a final name, and the temp dirs of dead writers go.
@@ -15,14 +17,15 @@ into place, so a crash never leaves a half checkpoint under a final name, and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 from pathlib import Path
 
-from vclr.config import Config, VclrError, load_config, save_config
+from vclr.config import Config, ModelConfig, VclrError, load_config, save_config
 from vclr.storage import (CHECKSUMS, atomic_write_text, directory_problem, publish_directory, read_manifest,
-                          remove_stale_temp_dirs, temp_dir)
+                          remove_stale_temp_dirs, temp_dir, write_directory)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_CHECKPOINT = "best"
 BEST_FILE = "best.json"
 TRACKER_DIR = "tensorboard"
+TEXT_TOWER_DIR = "text_tower"
+# a Hugging Face model dir's weight files; the run's model.safetensors holds the trained weights instead
+_HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".ot")
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -44,6 +50,20 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not (run_dir / CONFIG_FILE).is_file():
         raise VclrError(f"run dir {run_dir} has no {CONFIG_FILE}: is it a `vclr train` output_dir?")
     return load_config(run_dir / CONFIG_FILE)
+
+
+def inference_model_config(run_dir: str | Path, model: ModelConfig) -> ModelConfig:
+    """The run's model config with its text tower read from the run's own copy (RUN/text_tower), so that the run
+    embeds from any working directory. Runs of vclr <= 0.2 hold no copy: their configured path is kept."""
+    if not model.text_tower_dir:
+        return model
+    copy = Path(run_dir) / TEXT_TOWER_DIR
+    if (copy / "config.json").is_file():
+        return dataclasses.replace(model, text_tower_dir=str(copy.resolve()))
+    if not (Path(model.text_tower_dir) / "config.json").is_file():
+        raise VclrError(f"run dir {run_dir} holds no {TEXT_TOWER_DIR}/ and its model.text_tower_dir="
+                        f"{model.text_tower_dir} is not here: run from the directory it was trained in")
+    return model
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -99,6 +119,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def write_run_config(run_dir: str | Path, cfg: Config) -> None:
     save_config(cfg, Path(run_dir) / CONFIG_FILE)
+
+
+def save_text_tower_files(run_dir: str | Path, text_tower_dir: str | Path) -> None:
+    """Copy a Hugging Face text tower's config and tokenizer files, not its weights, into RUN/text_tower."""
+    final = Path(run_dir) / TEXT_TOWER_DIR
+
+    def copy_files(tmp: Path) -> None:
+        for path in sorted(Path(text_tower_dir).iterdir()):
+            if path.is_file() and path.suffix not in _HF_WEIGHT_SUFFIXES:
+                shutil.copy2(path, tmp / path.name)
+
+    write_directory(final, copy_files)
 
 
 def append_metrics(run_dir: str | Path, row: dict) -> None:

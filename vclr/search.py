@@ -14,6 +14,7 @@ the next run continues), and marks removed files deleted: the index then answers
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vclr.calibration import PHRASES, unrelated_pair_scores, weak_match_threshold
 from vclr.config import Config, VclrError, config_hash
 from vclr.data.dataset import CaptionTable
 from vclr.data.folder import load_collection
@@ -30,7 +32,7 @@ from vclr.embed import embed_image_files, embed_table, embed_texts
 from vclr.embed_shards import collection_embedder, launched_processes, process_state
 from vclr.index import IndexOptions, RetrievalIndex
 from vclr.model import DualEncoder
-from vclr.model_source import ModelSource, as_source, model_identity, source_from_manifest
+from vclr.model_source import ModelSource, as_source, model_identity, source_from_manifest, with_run_from_index
 from vclr.rundir import weights_file
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Hit:
     id: int
     path: str | None = None  # an image hit
     caption: str | None = None  # a caption hit
+    weak: bool = False  # the score is no better than unrelated pairs reach by chance (vclr.calibration)
 
     @property
     def value(self) -> str:
@@ -55,7 +58,7 @@ class Hit:
 
     def to_json(self) -> dict:
         kind = {"path": self.path} if self.path is not None else {"caption": self.caption}
-        return {"rank": self.rank, "score": self.score, "id": self.id, **kind}
+        return {"rank": self.rank, "score": self.score, "id": self.id, **kind, "weak": self.weak}
 
 
 @dataclass
@@ -108,6 +111,7 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
     cfg = _with_loader(cfg, workers, batch_size)
     dataset, table = _collection(cfg, data)
     identity = _weights_identity(model_identity(source, cfg)) | {"dataset": str(Path(dataset).resolve())}
+    identity["model_source"] = with_run_from_index(identity["model_source"], out_dir)
     existing = None if rebuild else _existing_index(Path(out_dir), identity)
     if existing is None:
         spill = embed is embed_table and _vector_bytes(table, model.embed_dim) > in_memory_max_bytes
@@ -219,7 +223,7 @@ def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | o
                  ) -> tuple[int, int]:
     """Embed another dataset with the index's model and append it, without rebuilding. -> (images, captions)."""
     index = RetrievalIndex.load(index_dir)
-    source = as_source(source) if source else _recorded_source(index)
+    source = as_source(source) if source else _recorded_source(index, index_dir)
     model, cfg = source.load()
     index.check_model(model.embed_dim, config_hash(cfg.model))  # before spending time on embedding
     _, table = _collection(cfg, data)
@@ -237,8 +241,8 @@ def delete_from_index(index_dir: str | Path, image_ids: Sequence[int] = (), text
     return {k: index.manifest[k] for k in ("num_images", "num_texts", "deleted_images", "deleted_texts")}
 
 
-def _recorded_source(index: RetrievalIndex) -> ModelSource:
-    source = source_from_manifest(index.manifest)
+def _recorded_source(index: RetrievalIndex, index_dir: str | Path) -> ModelSource:
+    source = source_from_manifest(index.manifest, index_dir)
     if source is None:
         raise VclrError("the index records no model: pass --run DIR or --model NAME [--pretrained TAG|FILE]")
     return source
@@ -252,7 +256,7 @@ def check_k(k: int) -> None:
 def check_text_query(text: str | None) -> str:
     text = (text or "").strip()
     if not text:
-        raise VclrError("the text query is empty: pass --text 'a red circle'")
+        raise VclrError("the text query is empty: say what to look for, e.g. 'a red circle'")
     if len(text) > MAX_QUERY_CHARS:
         raise VclrError(f"the text query has {len(text)} characters; the limit is {MAX_QUERY_CHARS}")
     return text
@@ -270,7 +274,7 @@ class Searcher:
     def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
              mmap: bool = False) -> "Searcher":
         index = RetrievalIndex.load(index_dir, mmap=mmap)
-        model, cfg = (as_source(source) if source else _recorded_source(index)).load()
+        model, cfg = (as_source(source) if source else _recorded_source(index, index_dir)).load()
         index.check_model(model.embed_dim, config_hash(cfg.model))
         return cls(index, model, cfg)
 
@@ -278,24 +282,52 @@ class Searcher:
     def has_captions(self) -> bool:
         return self.index.manifest["num_texts"] - self.index.manifest["deleted_texts"] > 0
 
-    def _image_hits(self, D: np.ndarray, I: np.ndarray) -> list[Hit]:
-        paths = self.index.store.image_paths(I[0])
-        return [Hit(r + 1, float(s), int(i), path=p) for r, (s, i, p) in enumerate(zip(D[0], I[0], paths))]
+    def _image_hits(self, D: np.ndarray, I: np.ndarray, query: str) -> list[Hit]:
+        paths, weak_below = self.index.store.image_paths(I[0]), self.weak_below(query, "images")
+        return [Hit(r + 1, float(s), int(i), path=p, weak=bool(s <= weak_below))
+                for r, (s, i, p) in enumerate(zip(D[0], I[0], paths))]
 
     def by_text(self, text: str, k: int = 5) -> list[Hit]:
         """Images ranked for a text query."""
         text = check_text_query(text)
         check_k(k)
-        return self._image_hits(*self.index.search_images(embed_texts(self.model, self.cfg, [text]), k))
+        return self._image_hits(*self.index.search_images(embed_texts(self.model, self.cfg, [text]), k), "text")
 
     def by_image_embedding(self, embedding: np.ndarray, k: int, images: bool | None = None) -> list[Hit]:
         """An image embedding (1, d) -> captions when the index has them, else images ("more like this");
         `images=True` asks for images either way. `k` is checked by the caller."""
         if images or not self.has_captions:
-            return self._image_hits(*self.index.search_images(embedding, k))
+            return self._image_hits(*self.index.search_images(embedding, k), "image")
         D, I = self.index.search_texts(embedding, k)
-        texts = self.index.store.texts(I[0])
-        return [Hit(r + 1, float(s), int(i), caption=t) for r, (s, i, t) in enumerate(zip(D[0], I[0], texts))]
+        texts, weak_below = self.index.store.texts(I[0]), self.weak_below("image", "texts")
+        return [Hit(r + 1, float(s), int(i), caption=t, weak=bool(s <= weak_below))
+                for r, (s, i, t) in enumerate(zip(D[0], I[0], texts))]
+
+    def weak_below(self, query: str, searched: str) -> float:
+        """The score at or under which a hit of a `query` ("text"/"image") among `searched` ("images"/"texts") is a
+        weak match: no better than the best an unrelated query reaches by chance (vclr.calibration)."""
+        live = self.index.manifest[f"num_{searched}"] - self.index.manifest[f"deleted_{searched}"]
+        scores = self._image_pair_scores if query == searched[:-1] else self._cross_pair_scores
+        return weak_match_threshold(scores, live)
+
+    @functools.cached_property
+    def _cross_pair_scores(self) -> np.ndarray:
+        """Random unrelated (caption, image) pairs; without captions, everyday phrases against the images."""
+        images = self.index.image_embeddings
+        if self.has_captions:
+            return unrelated_pair_scores(self.index.text_embeddings, images, related=self.index.caption_image)
+        phrases = embed_texts(self.model, self.cfg, PHRASES)
+        return unrelated_pair_scores(phrases, images, related=np.full(len(phrases), -1))
+
+    @functools.cached_property
+    def _image_pair_scores(self) -> np.ndarray:
+        return unrelated_pair_scores(self.index.image_embeddings, self.index.image_embeddings)
+
+    def first_captions(self, hits: Sequence[Hit]) -> list[str | None]:
+        """The first caption of each image hit (None for captionless images and for caption hits)."""
+        image_ids = [h.id for h in hits if h.path is not None]
+        by_id = dict(zip(image_ids, self.index.store.first_captions(image_ids))) if self.has_captions else {}
+        return [by_id.get(h.id) if h.path is not None else None for h in hits]
 
     def by_image_file(self, image_path: str | Path, k: int = 5, images: bool | None = None) -> list[Hit]:
         check_k(k)
@@ -308,8 +340,8 @@ class Searcher:
         if not 0 <= image_id < live or image_id in set(self.index.store.deleted_ids("images").tolist()):
             raise VclrError(f"no image with id {image_id} in the index (ids are 0..{live - 1}, deleted ones excluded)")
         query = np.asarray(self.index.image_embeddings[image_id:image_id + 1], dtype=np.float32)  # (1, d)
-        hits = [h for h in self._image_hits(*self.index.search_images(query, k + 1)) if h.id != image_id][:k]
-        return [Hit(r + 1, h.score, h.id, path=h.path) for r, h in enumerate(hits)]
+        hits = [h for h in self._image_hits(*self.index.search_images(query, k + 1), "image") if h.id != image_id][:k]
+        return [replace(h, rank=r + 1) for r, h in enumerate(hits)]
 
 
 def search_by_text(index_dir: str | Path, text: str, k: int = 5, source: ModelSource | None = None) -> list[Hit]:

@@ -18,6 +18,7 @@ Bounds: 1 <= k <= MAX_K, text up to MAX_QUERY_CHARS, uploads up to `max_upload_b
 
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations (UploadFile, imported lazily
 # inside create_app) at runtime
+import html
 import io
 import logging
 import mimetypes
@@ -38,57 +39,125 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
  body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
- form { display: flex; gap: .5rem; margin-bottom: 1rem; }
- input[type=text] { flex: 1; font-size: 1.1rem; padding: .4rem; }
- #results { display: grid; grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)); gap: .8rem; }
- figure { margin: 0; text-align: center; } figure img { width: 128px; height: 128px; object-fit: contain;
- background: #f4f4f4; image-rendering: pixelated; } figcaption { font-size: .8rem; color: #555; }
- #status { color: #a00; min-height: 1.2rem; }
+ form { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; margin-bottom: .8rem; }
+ #query { flex: 1; min-width: 16rem; font-size: 1.1rem; padding: .4rem; }
+ #k { width: 4.5rem; }
+ :focus-visible { outline: 3px solid #1a5fb4; outline-offset: 2px; }
+ #drop { border: 2px dashed #999; border-radius: 6px; padding: .8rem; margin-bottom: .8rem; color: #444; }
+ #drop.over { border-color: #1a5fb4; background: #eef4fc; }
+ #status { min-height: 1.4rem; margin: .4rem 0; } #status.error { color: #a00; } #status.weak { color: #8a5a00; }
+ #results { list-style: none; padding: 0; display: grid; gap: .8rem;
+            grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); }
+ #results.captions { grid-template-columns: 1fr; }
+ .hit { margin: 0; padding: .3rem; border-radius: 4px; } .hit img { width: 128px; height: 128px; object-fit: contain;
+ background: #f4f4f4; image-rendering: pixelated; display: block; margin: 0 auto; }
+ .name { font-size: .8rem; color: #333; word-break: break-all; } .caption { font-size: .85rem; }
+ .score { font-size: .75rem; color: #666; } .hit.weak { opacity: .55; }
+ .badge { font-size: .7rem; background: #f6e7c8; color: #6b4500; border-radius: 3px; padding: 0 .3rem; }
+ button.like { font-size: .75rem; }
 </style></head>
-<body>
+<body><main>
 <h1>vclr search</h1>
-<form id="search"><input id="query" type="text" name="text" placeholder="a large red circle on the left"
- maxlength="__MAX_CHARS__" autofocus><input id="k" type="number" name="k" value="12" min="1" max="__MAX_K__">
-<button type="submit">Search</button></form>
-<form id="by-image"><label>or an image: <input id="upload" type="file" name="file" accept="image/*"></label>
-<label><input id="want-images" type="checkbox" checked> find images</label></form>
-<div id="status"></div>
-<div id="results"></div>
+<form id="search" role="search">
+ <label for="query">Search the images by text</label>
+ <input id="query" type="search" name="q" placeholder="__PLACEHOLDER__" maxlength="__MAX_CHARS__" autofocus>
+ <label for="k">results</label><input id="k" type="number" name="k" value="12" min="1" max="__MAX_K__">
+ <button type="submit">Search</button>
+</form>
+<div id="drop">
+ <label for="upload">Or search by an image: drop it here, or choose a file</label>
+ <input id="upload" type="file" name="file" accept="image/*">
+ <label><input id="want-images" type="checkbox" checked> find similar images__CAPTION_CHOICE__</label>
+</div>
+<div id="status" role="status" aria-live="polite"></div>
+<ol id="results" aria-label="results"></ol>
+</main>
 <script>
-const form = document.getElementById("search"), results = document.getElementById("results"),
-      status = document.getElementById("status"), k = () => document.getElementById("k").value;
-async function show(request) {
-  status.textContent = ""; results.replaceChildren();
-  const response = await request;
-  const body = await response.json();
-  if (!response.ok) { status.textContent = body.error; return; }
-  for (const hit of body.hits) {
-    const figure = document.createElement("figure"), caption = document.createElement("figcaption");
-    figure.className = "hit";
-    if (hit.kind === "image") {
-      const img = document.createElement("img"), like = document.createElement("button");
-      img.src = hit.url; img.alt = hit.value;
-      like.className = "like"; like.textContent = "more like this";
-      like.addEventListener("click", () => show(fetch(`api/like/${hit.id}?k=${k()}`)));
-      caption.textContent = `#${hit.rank} · ${hit.score.toFixed(3)}`;
-      figure.append(img, caption, like);
-    } else {
-      caption.textContent = `#${hit.rank} · ${hit.score.toFixed(3)} · ${hit.value}`;
-      figure.append(caption);
-    }
-    results.append(figure);
-  }
-  if (!body.hits.length) status.textContent = "no results";
+const $ = (id) => document.getElementById(id);
+const results = $("results"), status = $("status"), box = $("query");
+const k = () => $("k").value;
+function say(text, kind) { status.textContent = text; status.className = kind || ""; }
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
 }
-form.addEventListener("submit", (event) => {
-  event.preventDefault();
-  show(fetch("api/search?" + new URLSearchParams({text: document.getElementById("query").value, k: k()})));
+function scoreLine(hit) {
+  const line = el("div", "score", `#${hit.rank} · score ${hit.score.toFixed(3)}`);
+  if (hit.weak) { line.append(" "); line.append(el("span", "badge", "weak match")); }
+  return line;
+}
+async function show(request, what) {
+  say("searching…"); results.replaceChildren();
+  let response, body;
+  try { response = await request; body = await response.json(); }
+  catch (error) { say("the search service did not answer: " + error, "error"); return; }
+  if (!response.ok) { say(body.error, "error"); return; }
+  results.className = body.hits.length && body.hits[0].kind === "caption" ? "captions" : "";
+  for (const hit of body.hits) {
+    const item = el("li", "hit" + (hit.weak ? " weak" : ""));
+    if (hit.kind === "image") {
+      const img = el("img"), like = el("button", "like", "more like this");
+      img.src = hit.url; img.alt = hit.caption || hit.value; img.loading = "lazy";
+      like.type = "button"; like.setAttribute("aria-label", `more images like ${hit.value}`);
+      like.addEventListener("click", () => search({like: hit.id}));
+      item.append(img, el("div", "name", hit.value));
+      if (hit.caption) item.append(el("div", "caption", hit.caption));
+      item.append(scoreLine(hit), like);
+    } else {
+      item.append(el("div", "caption", hit.value), scoreLine(hit));
+    }
+    results.append(item);
+  }
+  if (!body.hits.length) say("no results");
+  else if (body.hits.every((hit) => hit.weak))
+    say(`No strong match for ${what}: every result scores no better than unrelated pairs do by chance ` +
+        "in this collection.", "weak");
+  else say(`${body.hits.length} results for ${what}`);
+}
+function search(params, push = true) {
+  if (push) history.pushState(params, "", "?" + new URLSearchParams(params));
+  if (params.q !== undefined) {
+    box.value = params.q;
+    if (!params.q.trim()) {
+      results.replaceChildren(); say("Type what you are looking for, or drop an image.", "error"); return;
+    }
+    show(fetch("api/search?" + new URLSearchParams({text: params.q, k: k()})), `“${params.q.trim()}”`);
+  } else if (params.like !== undefined) {
+    show(fetch(`api/like/${params.like}?k=${k()}`), `images like #${params.like}`);
+  }
+}
+function fromAddress(push) {
+  const address = new URLSearchParams(location.search);
+  if (address.has("k")) $("k").value = address.get("k");
+  if (address.has("q")) search({q: address.get("q")}, push);
+  else if (address.has("like")) search({like: address.get("like")}, push);
+  else { results.replaceChildren(); say(""); }
+}
+function searchImage(file) {
+  if (!file) return;
+  if (!file.type.startsWith("image/")) { say(`${file.name} is not an image`, "error"); return; }
+  const data = new FormData(); data.append("file", file);
+  const images = $("want-images").checked;
+  history.pushState({}, "", location.pathname);
+  show(fetch(`api/search/image?k=${k()}&images=${images}`, {method: "POST", body: data}), file.name);
+}
+$("search").addEventListener("submit", (event) => { event.preventDefault(); search({q: box.value}); });
+$("upload").addEventListener("change", (event) => searchImage(event.target.files[0]));
+const drop = $("drop");
+for (const name of ["dragenter", "dragover"])
+  document.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
+document.addEventListener("dragleave", (event) => { if (!event.relatedTarget) drop.classList.remove("over"); });
+document.addEventListener("drop", (event) => {
+  event.preventDefault(); drop.classList.remove("over");
+  searchImage(event.dataTransfer.files[0]);
 });
-document.getElementById("upload").addEventListener("change", (event) => {
-  const data = new FormData(); data.append("file", event.target.files[0]);
-  const images = document.getElementById("want-images").checked;
-  show(fetch(`api/search/image?k=${k()}&images=${images}`, {method: "POST", body: data}));
+document.addEventListener("keydown", (event) => {  // "/" jumps to the search box, as on most search pages
+  if (event.key === "/" && document.activeElement !== box) { event.preventDefault(); box.focus(); }
 });
+window.addEventListener("popstate", () => fromAddress(false));
+fromAddress(false);
 </script></body></html>
 """
 
@@ -117,14 +186,19 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
     def hits_json(hits) -> list[dict]:
-        """Image hits by file name and URL (never the server's paths), caption hits by their text."""
-        return [{"rank": h.rank, "score": h.score, "id": h.id,
-                 **({"kind": "image", "value": Path(h.path).name, "url": f"api/image/{h.id}"} if h.path is not None
-                    else {"kind": "caption", "value": h.caption})} for h in hits]
+        """Image hits by file name, first caption and URL (never the server's paths), caption hits by their text;
+        `weak`: no better than unrelated pairs score (vclr.calibration)."""
+        captions = searcher.first_captions(hits)
+        return [{"rank": h.rank, "score": h.score, "id": h.id, "weak": h.weak,
+                 **({"kind": "image", "value": Path(h.path).name, "caption": caption, "url": f"api/image/{h.id}"}
+                    if h.path is not None else {"kind": "caption", "value": h.caption})}
+                for h, caption in zip(hits, captions)]
+
+    page_html = _page(searcher)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
-        return PAGE.replace("__MAX_CHARS__", str(MAX_QUERY_CHARS)).replace("__MAX_K__", str(MAX_K))
+        return page_html
 
     @app.get("/api/info")
     def info():
@@ -160,6 +234,19 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
     return app
+
+
+def _page(searcher: Searcher) -> str:
+    """The page, with an example query from the collection's own captions."""
+    example = searcher.index.store.first_captions([0])[0] if searcher.has_captions else None
+    placeholder = f"e.g. {example}" if example else "describe what you are looking for"
+    choice = " (unticked: the captions that match it)" if searcher.has_captions else ""
+    values = {"__PLACEHOLDER__": html.escape(placeholder[:80], quote=True), "__MAX_CHARS__": str(MAX_QUERY_CHARS),
+              "__MAX_K__": str(MAX_K), "__CAPTION_CHOICE__": choice}
+    page = PAGE
+    for key, value in values.items():
+        page = page.replace(key, value)
+    return page
 
 
 def _decode_upload(data: bytes):

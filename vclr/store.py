@@ -80,6 +80,16 @@ class MetadataStore:
     def texts(self, ids: Sequence[int] | None = None) -> list[str]:
         return self._column("texts", "text", ids)
 
+    def first_captions(self, image_ids: Sequence[int]) -> list[str | None]:
+        """Each image's first live caption (None if it has none): what a result shows under the image."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return []
+        rows = self.db.execute(f"SELECT image_id, text FROM texts WHERE deleted = 0 AND image_id IN "
+                               f"({','.join('?' * len(ids))}) ORDER BY id DESC", ids).fetchall()
+        first = dict(rows)  # rows come newest first: the oldest (first) caption of each image wins
+        return [first.get(i) for i in ids]
+
     def live_image_states(self) -> dict[str, tuple[int, str | None]]:
         """path -> (id, file state) of every image not deleted."""
         rows = self.db.execute("SELECT path, id, state FROM images WHERE deleted = 0").fetchall()

@@ -151,6 +151,8 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
         # earlier run that left none) will be logged again
         rundir.truncate_metrics(run_dir, trainer.state.step)
         rundir.write_run_config(run_dir, cfg)
+        if cfg.model.text_tower_dir:
+            rundir.save_text_tower_files(run_dir, cfg.model.text_tower_dir)
     start_trackers(trainer)
     return trainer
 

@@ -41,7 +41,8 @@ def small_demo_index(folder: Path) -> Path:
     data = folder / "data"
     code = main(["-q", "make-synthetic", "--out", str(data), "--train", "64", "--test", "200"])
     code = code or main(["-q", "train", "--config", demo_config, "data.train=" + str(data / "train"), f"train.output_dir={folder / 'run'}",
-                         "optim.max_steps=2", "data.batch_size=32", "train.checkpoint_every=100"])
+                         "optim.max_steps=2", "optim.warmup_steps=1", "data.batch_size=32",
+                         "train.checkpoint_every=100"])
     code = code or main(["-q", "index", "--run", str(folder / "run"), "--data", str(data / "test"),
                          "--out", str(folder / "index")])
     if code:

@@ -221,7 +221,7 @@ def _answers(index_dir, image: Path) -> list:
 
 
 def test_re_indexing_a_changed_folder_embeds_only_what_changed(checkpoint, photos, tmp_path, monkeypatch):
-    import vclr.search as search_mod
+    import vclr.embed as embed_mod
 
     root, paths = photos
     source = model_source(model=MODEL, pretrained=str(checkpoint))
@@ -231,8 +231,8 @@ def test_re_indexing_a_changed_folder_embeds_only_what_changed(checkpoint, photo
     for path in paths[:5]:
         path.unlink()
     embedded = []
-    real_embed_table = search_mod.embed_table
-    monkeypatch.setattr(search_mod, "embed_table", lambda m, c, t: embedded.extend(t.image_paths)
+    real_embed_table = embed_mod.embed_table
+    monkeypatch.setattr(embed_mod, "embed_table", lambda m, c, t: embedded.extend(t.image_paths)
                         or real_embed_table(m, c, t))
     update = build_index(source, str(root), tmp_path / "index")
     assert not update.rebuilt and (update.added, update.changed, update.removed) == (10, 0, 5)
@@ -254,13 +254,13 @@ def test_re_indexing_a_changed_folder_embeds_only_what_changed(checkpoint, photo
 
 
 def test_a_killed_re_index_continues_where_it_stopped(checkpoint, photos, tmp_path, monkeypatch):
-    import vclr.search as search_mod
+    import vclr.embed as embed_mod
 
     root, _ = photos
     source = model_source(model=MODEL, pretrained=str(checkpoint))
     build_index(source, str(root), tmp_path / "index")
     added = _photo_folder(root / "new", count=12, start=200)
-    real_embed_table, embedded = search_mod.embed_table, []
+    real_embed_table, embedded = embed_mod.embed_table, []
 
     def dies_on_the_third_chunk(model, cfg, table):
         if len(embedded) == 10:
@@ -268,12 +268,12 @@ def test_a_killed_re_index_continues_where_it_stopped(checkpoint, photos, tmp_pa
         embedded.extend(table.image_paths)
         return real_embed_table(model, cfg, table)
 
-    monkeypatch.setattr(search_mod, "embed_table", dies_on_the_third_chunk)
+    monkeypatch.setattr(embed_mod, "embed_table", dies_on_the_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         build_index(source, str(root), tmp_path / "index", save_every=5)
     saved = set(Searcher.open(tmp_path / "index").index.image_paths)
     assert set(embedded) <= saved  # the two finished chunks were saved
-    monkeypatch.setattr(search_mod, "embed_table", real_embed_table)
+    monkeypatch.setattr(embed_mod, "embed_table", real_embed_table)
     resumed = build_index(source, str(root), tmp_path / "index", save_every=5)
     assert resumed.added == 2 and resumed.unchanged == 57 + 10  # only what the killed run had not saved
     build_index(source, str(root), tmp_path / "fresh")

@@ -299,7 +299,7 @@ def add_search_arguments(p) -> None:
 
 
 def cmd_search(args) -> int:
-    from vclr.search import Searcher, check_k, check_text_query
+    from vclr.query_limits import check_k, check_text_query
 
     if sum(x is not None for x in (args.text, args.image, args.like)) != 1:
         raise VclrError("give exactly one of --text, --image or --like")
@@ -307,8 +307,11 @@ def cmd_search(args) -> int:
         check_text_query(args.text)
     if args.image is not None and not Path(args.image).is_file():
         raise VclrError(f"query image {args.image} does not exist")
-    check_k(args.k)  # every argument is checked before the model is loaded
-    searcher = Searcher.open(args.index, _model_source(args, required=False))
+    check_k(args.k)  # every argument is checked before anything heavy is imported or loaded
+    from vclr.search import Searcher
+
+    # a text query needs only the index's own text tower; the model is loaded if the query needs it
+    searcher = Searcher.open(args.index, _model_source(args, required=False), load_model=False)
     if args.text is not None:
         hits = searcher.by_text(args.text, args.k)
     elif args.image is not None:

@@ -35,6 +35,7 @@ from vclr.store import MetadataStore
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+CORE_FILES = {"images.faiss", "texts.faiss", "image_embeddings.npy", "text_embeddings.npy", "metadata.sqlite", MANIFEST}
 
 
 class IndexDirError(VclrError):
@@ -96,6 +97,9 @@ class RetrievalIndex:
     manifest: dict = field(default_factory=dict)
     image_index: faiss.Index | None = None
     text_index: faiss.Index | None = None
+    # files that travel with the index (its text query tower, vclr.query_tower): bytes to write, or the path of a
+    # loaded index's copy, linked (or copied) into each new save
+    attachments: dict[str, bytes | Path] = field(default_factory=dict)
 
     @classmethod
     def build(cls, image_embeddings, text_embeddings, caption_image, image_paths, texts,
@@ -227,6 +231,8 @@ class RetrievalIndex:
             np.save(tmp / "image_embeddings.npy", self.image_embeddings)
             np.save(tmp / "text_embeddings.npy", self.text_embeddings)
             self.store.save_to(tmp / "metadata.sqlite")
+            for name, content in self.attachments.items():
+                _write_attachment(tmp / name, content)
 
         self.manifest = write_directory(path, write_files, MANIFEST, self.manifest)  # the manifest last: marks whole
         return path
@@ -263,6 +269,7 @@ class RetrievalIndex:
                     np.load(path / "text_embeddings.npy", mmap_mode="r" if mmap else None),
                     _open_store_copy(path / "metadata.sqlite"), manifest,
                     _read_index(path / "images.faiss", flags), _read_index(path / "texts.faiss", flags))
+        index.attachments = {name: path / name for name in manifest.get("files", {}) if name not in CORE_FILES}
         if index.image_index.ntotal != manifest["num_images"] or index.text_index.ntotal != manifest["num_texts"]:
             raise IndexDirError(f"{path}: index files disagree with the manifest's counts; rebuild it")
         for modality, faiss_index in (("images", index.image_index), ("texts", index.text_index)):
@@ -270,6 +277,16 @@ class RetrievalIndex:
             if tuning.get("param"):
                 faiss.ParameterSpace().set_index_parameter(faiss_index, tuning["param"], int(tuning["value"]))
         return index
+
+
+def _write_attachment(target: Path, content: bytes | Path) -> None:
+    if isinstance(content, bytes):
+        target.write_bytes(content)
+        return
+    try:
+        os.link(content, target)  # the previous save's file, unchanged: no copy
+    except OSError:
+        shutil.copy2(content, target)
 
 
 def _search_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:

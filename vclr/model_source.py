@@ -18,13 +18,15 @@ import os
 import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from vclr.config import Config, ModelConfig, VclrError, config_hash
-from vclr.model import DualEncoder, build_model, list_models
 from vclr.rundir import CONFIG_FILE, MODEL_FILE, best_checkpoint, inference_model_config, load_run_config, weights_file
+
+if TYPE_CHECKING:  # vclr.model imports open_clip (seconds): loaded when a model is built, not to name a source
+    from vclr.model import DualEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class RunSource:
     checkpoint: str = "final"  # or "best"
 
     def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
+        from vclr.model import build_model
+
         cfg = load_run_config(self.run_dir)
         cfg = replace(cfg, model=inference_model_config(self.run_dir, cfg.model))
         # the weights come from the run: no tower weight files to read, no locking needed for inference
@@ -101,6 +105,8 @@ class OpenClipSource:
                                           or Path(self.pretrained).is_file())
 
     def load(self, device: torch.device | None = None) -> tuple[DualEncoder, Config]:
+        from vclr.model import build_model, list_models
+
         if ":" not in self.name and self.name not in list_models():  # hf-hub:org/repo, local-dir:path are open_clip's
             raise ModelSourceError(f"--model {self.name} is not a known model config; `vclr models` lists them")
         # the config names the weights (a file by its absolute path): indexes compare its hash with the querying model
@@ -197,6 +203,8 @@ def _check_download_possible(name: str, tag: str) -> None:
 
 def _build_or_explain(cfg: ModelConfig) -> DualEncoder:
     """Build; a pretrained tag that cannot be fetched is one line, not a traceback of retries."""
+    from vclr.model import build_model
+
     try:
         return build_model(cfg)
     except VclrError:

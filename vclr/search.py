@@ -22,23 +22,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from vclr.calibration import PHRASES, unrelated_pair_scores, weak_match_threshold
 from vclr.config import Config, VclrError, config_hash
-from vclr.data.dataset import CaptionTable
-from vclr.data.folder import load_collection
-from vclr.embed import embed_image_files, embed_table, embed_texts
-from vclr.embed_shards import collection_embedder, launched_processes, process_state
 from vclr.index import IndexOptions, RetrievalIndex
-from vclr.model import DualEncoder
 from vclr.model_source import ModelSource, as_source, model_identity, source_from_manifest, with_run_from_index
+from vclr.query_limits import check_k, check_text_query
+from vclr.query_tower import TextQueryEncoder, text_query_files
 from vclr.rundir import weights_file
+
+# building an index needs the data and embedding code, which import torchvision and open_clip (seconds); a query by
+# text needs neither (vclr.query_tower), so they are imported where an index is built or a model is loaded
+if TYPE_CHECKING:
+    from vclr.data.dataset import CaptionTable
+    from vclr.model import DualEncoder
 
 logger = logging.getLogger(__name__)
 
-MAX_QUERY_CHARS = 1000
-MAX_K = 1000
 SAVE_EVERY = 20_000  # images embedded between saves of a growing index: what a kill can cost at most
 IN_MEMORY_MAX_BYTES = 4 * 2**30  # embeddings beyond this stream to memory-mapped files beside the index
 
@@ -75,6 +78,8 @@ class IndexUpdate:
 
 
 def _collection(cfg: Config, data: str | None) -> tuple[str, CaptionTable]:
+    from vclr.data.folder import load_collection
+
     source = data or cfg.data.test or cfg.data.train
     if not source:
         raise VclrError("no dataset to index: pass --data DIR (a folder of images, or a prepared dataset)")
@@ -105,6 +110,8 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
                 in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> IndexUpdate:
     """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
     already holds an index of the same model and collection, bring it up to date instead of rebuilding it."""
+    from vclr.embed import embed_table
+
     source = as_source(source)
     embed, device, is_main = _embedding_plan(Path(out_dir), in_memory_max_bytes)
     model, cfg = source.load(device)
@@ -128,6 +135,9 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
 def _embedding_plan(out_dir: Path, in_memory_max_bytes: int):
     """(embed function, device, is this process the one that writes) — one process, or a multi-process launch where
     every process embeds a share on its own device (vclr.embed_shards)."""
+    from vclr.embed import embed_table
+    from vclr.embed_shards import collection_embedder, launched_processes, process_state
+
     if launched_processes() == 1:
         return embed_table, None, True
     state = process_state()
@@ -156,9 +166,12 @@ def _vector_bytes(table: CaptionTable, dim: int) -> int:
 
 
 def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity: dict, options: IndexOptions,
-                 out_dir: Path, embed=embed_table, spill: bool = False) -> IndexUpdate:
+                 out_dir: Path, embed=None, spill: bool = False) -> IndexUpdate:
     """Embed and index everything. `spill`: the vectors stream to memory-mapped files in a scratch folder beside the
     index, and the index is trained on a sample and filled `options.chunk` vectors at a time."""
+    from vclr.embed import embed_table
+
+    embed = embed or embed_table
     scratch = out_dir.parent / f".{out_dir.name}.embeddings"
     if spill:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -171,6 +184,7 @@ def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity:
         manifest = dict(identity, unreadable_files={p: file_state(p) for p in emb.unreadable})
         index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.caption_image, emb.image_paths,
                                      emb.texts, manifest, options, image_states=[file_state(p) for p in emb.image_paths])
+        index.attachments.update(text_query_files(model, cfg))
         index.save(out_dir)
     finally:
         if spill:
@@ -179,8 +193,12 @@ def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity:
 
 
 def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: CaptionTable, out_dir: Path,
-            save_every: int, embed=embed_table) -> IndexUpdate:
+            save_every: int, embed=None) -> IndexUpdate:
     """Delete what is gone or changed, then embed what is new or changed, saving after every `save_every` images."""
+    from vclr.data.dataset import CaptionTable
+    from vclr.embed import embed_table
+
+    embed = embed or embed_table
     live = index.store.live_image_states()  # path -> (id, state)
     current = {path: file_state(path) for path in table.image_paths}
     # files that could not be decoded last time are tried again only when they changed
@@ -216,6 +234,8 @@ def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: Capti
 
 
 def _is_main() -> bool:
+    from vclr.embed_shards import process_state
+
     return process_state().is_main_process
 
 
@@ -227,6 +247,8 @@ def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | o
     model, cfg = source.load()
     index.check_model(model.embed_dim, config_hash(cfg.model))  # before spending time on embedding
     _, table = _collection(cfg, data)
+    from vclr.embed import embed_table
+
     emb = embed_table(model, cfg, table)
     image_ids, text_ids = index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts,
                                     emb.caption_image, image_states=[file_state(p) for p in emb.image_paths])
@@ -241,6 +263,20 @@ def delete_from_index(index_dir: str | Path, image_ids: Sequence[int] = (), text
     return {k: index.manifest[k] for k in ("num_images", "num_texts", "deleted_images", "deleted_texts")}
 
 
+@dataclass(frozen=True)
+class _RecordedSource:
+    """The model an index records, resolved when it is loaded (a text query by the index's own tower never is)."""
+
+    index: RetrievalIndex
+    index_dir: Path
+
+    def load(self, device=None):
+        return _recorded_source(self.index, self.index_dir).load(device)
+
+    def describe(self) -> dict:
+        return _recorded_source(self.index, self.index_dir).describe()
+
+
 def _recorded_source(index: RetrievalIndex, index_dir: str | Path) -> ModelSource:
     source = source_from_manifest(index.manifest, index_dir)
     if source is None:
@@ -248,35 +284,50 @@ def _recorded_source(index: RetrievalIndex, index_dir: str | Path) -> ModelSourc
     return source
 
 
-def check_k(k: int) -> None:
-    if not 1 <= k <= MAX_K:
-        raise VclrError(f"k must be an integer from 1 to {MAX_K}, got {k}")
-
-
-def check_text_query(text: str | None) -> str:
-    text = (text or "").strip()
-    if not text:
-        raise VclrError("the text query is empty: say what to look for, e.g. 'a red circle'")
-    if len(text) > MAX_QUERY_CHARS:
-        raise VclrError(f"the text query has {len(text)} characters; the limit is {MAX_QUERY_CHARS}")
-    return text
-
-
 @dataclass
 class Searcher:
-    """An index and the model that embeds its queries, loaded once."""
+    """An index and the model that embeds its queries, loaded once. Text queries go through the index's own text
+    tower when it has one (vclr.query_tower) and no other model was asked for: the model itself is then loaded only
+    when a query needs it (an image)."""
 
     index: RetrievalIndex
-    model: DualEncoder
-    cfg: Config
+    model: DualEncoder | None = None
+    cfg: Config | None = None
+    source: ModelSource | None = None  # where the model comes from when it is loaded on first need
+    text_encoder: TextQueryEncoder | None = None
 
     @classmethod
     def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
-             mmap: bool = False) -> "Searcher":
+             mmap: bool = False, load_model: bool = True) -> "Searcher":
+        """`load_model=False`: only when a query needs it (a cold `vclr search --text` never does)."""
         index = RetrievalIndex.load(index_dir, mmap=mmap)
-        model, cfg = (as_source(source) if source else _recorded_source(index, index_dir)).load()
-        index.check_model(model.embed_dim, config_hash(cfg.model))
-        return cls(index, model, cfg)
+        encoder = None if source else TextQueryEncoder.load(index_dir)
+        searcher = cls(index, source=as_source(source) if source else None, text_encoder=encoder)
+        if searcher.source is None:
+            searcher.source = _RecordedSource(index, Path(index_dir))
+        if load_model or encoder is None:
+            searcher.require_model()
+        return searcher
+
+    def require_model(self) -> DualEncoder:
+        if self.model is None:
+            self.model, self.cfg = self.source.load()
+            self.index.check_model(self.model.embed_dim, config_hash(self.cfg.model))
+        return self.model
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, D) unit vectors, by the index's own text tower when it has one."""
+        if self.text_encoder is not None:
+            return self.text_encoder(texts)
+        from vclr.embed import embed_texts
+
+        return embed_texts(self.require_model(), self.cfg, texts)
+
+    def embed_images(self, images: Sequence) -> np.ndarray:
+        """Decoded RGB PIL images -> (N, D) unit vectors."""
+        from vclr.embed import embed_pil_images
+
+        return embed_pil_images(self.require_model(), images)
 
     @property
     def has_captions(self) -> bool:
@@ -291,7 +342,7 @@ class Searcher:
         """Images ranked for a text query."""
         text = check_text_query(text)
         check_k(k)
-        return self._image_hits(*self.index.search_images(embed_texts(self.model, self.cfg, [text]), k), "text")
+        return self._image_hits(*self.index.search_images(self.embed_texts([text]), k), "text")
 
     def by_image_embedding(self, embedding: np.ndarray, k: int, images: bool | None = None) -> list[Hit]:
         """An image embedding (1, d) -> captions when the index has them, else images ("more like this");
@@ -316,7 +367,7 @@ class Searcher:
         images = self.index.image_embeddings
         if self.has_captions:
             return unrelated_pair_scores(self.index.text_embeddings, images, related=self.index.caption_image)
-        phrases = embed_texts(self.model, self.cfg, PHRASES)
+        phrases = self.embed_texts(PHRASES)
         return unrelated_pair_scores(phrases, images, related=np.full(len(phrases), -1))
 
     @functools.cached_property
@@ -331,7 +382,9 @@ class Searcher:
 
     def by_image_file(self, image_path: str | Path, k: int = 5, images: bool | None = None) -> list[Hit]:
         check_k(k)
-        return self.by_image_embedding(embed_image_files(self.model, [str(image_path)]), k, images)
+        from vclr.embed import embed_image_files
+
+        return self.by_image_embedding(embed_image_files(self.require_model(), [str(image_path)]), k, images)
 
     def like(self, image_id: int, k: int = 5) -> list[Hit]:
         """Images most like indexed image `image_id` (itself left out)."""

@@ -25,9 +25,9 @@ import mimetypes
 from pathlib import Path
 
 from vclr.config import VclrError
-from vclr.embed import embed_pil_images
 from vclr.model_source import ModelSource
-from vclr.search import MAX_K, MAX_QUERY_CHARS, Searcher, check_k
+from vclr.query_limits import MAX_K, MAX_QUERY_CHARS, check_k
+from vclr.search import Searcher
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         if len(data) > max_upload_bytes:
             return JSONResponse({"error": f"upload too large: the limit is {max_upload_bytes} bytes"},
                                 status_code=413)
-        embedding = embed_pil_images(searcher.model, [_decode_upload(data)])  # (1, d)
+        embedding = searcher.embed_images([_decode_upload(data)])  # (1, d)
         return {"k": k, "hits": hits_json(searcher.by_image_embedding(embedding, k, images=images or None))}
 
     @app.get("/api/image/{image_id}")

@@ -1,0 +1,64 @@
+"""The index's own text query tower: equal to the model's text embeddings, kept through index updates, and a cold
+text search through it imports neither open_clip nor torchvision."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vclr.config import load_config, save_config
+from vclr.index import RetrievalIndex
+from vclr.query_tower import FILES, TextQueryEncoder
+from vclr.search import Searcher, build_index
+
+
+@pytest.fixture(scope="module")
+def index_dir(small_shapes, tmp_path_factory):
+    from vclr.model import build_model
+
+    run = tmp_path_factory.mktemp("qt_run")
+    cfg = load_config(None, [f"train.output_dir={run}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    save_config(cfg, run / "config.yaml")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+    out = run.parent / "qt_index"
+    build_index(run, str(small_shapes / "test"), out)
+    return out
+
+
+def test_the_saved_tower_embeds_as_the_model_does(index_dir):
+    from vclr.embed import embed_texts
+
+    assert all((index_dir / name).is_file() for name in FILES)
+    searcher = Searcher.open(index_dir)  # the model too
+    texts = ["a large red circle on the left", "", "two tiny blue stars", "x " * 100, "Café, déjà vu!"]
+    np.testing.assert_allclose(TextQueryEncoder.load(index_dir)(texts), embed_texts(searcher.model, searcher.cfg, texts),
+                               atol=1e-5)
+    cold = Searcher.open(index_dir, load_model=False)
+    assert cold.model is None
+    assert [h.id for h in cold.by_text("a red circle", 5)] == [h.id for h in searcher.by_text("a red circle", 5)]
+    assert cold.model is None  # a text query did not need it
+    cold.by_image_file(cold.index.image_paths[0], 3)  # an image query loads it
+    assert cold.model is not None
+
+
+def test_the_tower_survives_updates_of_the_index(index_dir, tmp_path):
+    from vclr.search import delete_from_index
+
+    before = (index_dir / FILES[0]).read_bytes()
+    delete_from_index(index_dir, image_ids=[1])
+    assert (index_dir / FILES[0]).read_bytes() == before
+    assert set(FILES) <= set(RetrievalIndex.load(index_dir).attachments)
+
+
+def test_a_cold_text_search_imports_neither_open_clip_nor_torchvision(index_dir):
+    code = ("import sys, json; from vclr.cli import main; "
+            f"assert main(['search', '--index', {str(index_dir)!r}, '--text', 'a red circle', '--json']) == 0; "
+            "heavy = [m for m in ('open_clip', 'torchvision', 'transformers', 'timm') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

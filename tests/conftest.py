@@ -102,3 +102,23 @@ def tiny_lit_model_name(tmp_path_factory):
     (folder / "tiny-lit.json").write_text(json.dumps(config))
     open_clip.add_model_config(folder / "tiny-lit.json")
     return "tiny-lit"
+
+
+def untrained_index(data: Path, run: Path) -> Path:
+    """An index of `data` embedded by an untrained tiny model saved as a run (for tests of the service and the query
+    path, not of the model): RUN and RUN_index beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vclr.config import load_config, save_config
+    from vclr.model import build_model
+    from vclr.search import build_index
+
+    cfg = load_config(None, [f"train.output_dir={run}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    save_config(cfg, run / "config.yaml")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+    index_dir = run.parent / f"{run.name}_index"
+    build_index(run, str(data), index_dir)
+    return index_dir

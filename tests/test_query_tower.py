@@ -6,28 +6,16 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from vclr.config import load_config, save_config
+from conftest import untrained_index
 from vclr.index import RetrievalIndex
 from vclr.query_tower import FILES, TextQueryEncoder
-from vclr.search import Searcher, build_index
+from vclr.search import Searcher
 
 
 @pytest.fixture(scope="module")
 def index_dir(small_shapes, tmp_path_factory):
-    from vclr.model import build_model
-
-    run = tmp_path_factory.mktemp("qt_run")
-    cfg = load_config(None, [f"train.output_dir={run}"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    save_config(cfg, run / "config.yaml")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
-    out = run.parent / "qt_index"
-    build_index(run, str(small_shapes / "test"), out)
-    return out
+    return untrained_index(small_shapes / "test", tmp_path_factory.mktemp("qt_run"))
 
 
 def test_the_saved_tower_embeds_as_the_model_does(index_dir):

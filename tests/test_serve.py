@@ -10,28 +10,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import free_port
-from vclr.config import load_config, save_config
+from conftest import free_port, untrained_index
 from vclr.index import RetrievalIndex
-from vclr.search import Searcher, build_index
+from vclr.search import Searcher
 
 
 @pytest.fixture(scope="module")
 def searcher(small_shapes, tmp_path_factory):
     """An index of the small test split, embedded by an untrained tiny model (the service, not the model, is tested)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from vclr.model import build_model
-
-    run = tmp_path_factory.mktemp("serve_run")
-    cfg = load_config(None, [f"train.output_dir={run}"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    save_config(cfg, run / "config.yaml")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
-    index_dir = run.parent / "serve_index"
-    build_index(run, str(small_shapes / "test"), index_dir)
+    index_dir = untrained_index(small_shapes / "test", tmp_path_factory.mktemp("serve_run"))
     return Searcher.open(index_dir)
 
 
@@ -126,7 +113,8 @@ def test_deleted_images_are_not_served(searcher, tmp_path):
     from vclr.serve import create_app
 
     index_dir = tmp_path / "index"
-    shutil.copytree(Path(searcher.index.manifest["model_source"]["run_dir"]).parent / "serve_index", index_dir)
+    run = Path(searcher.index.manifest["model_source"]["run_dir"])
+    shutil.copytree(run.parent / f"{run.name}_index", index_dir)
     client = TestClient(create_app(Searcher(RetrievalIndex.load(index_dir), searcher.model, searcher.cfg)))
     hit = client.get("/api/search", params={"text": "a blue square", "k": 1}).json()["hits"][0]
     assert main(["index-delete", "--index", str(index_dir), "--image-ids", str(hit["id"])]) == 0

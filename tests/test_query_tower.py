@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import untrained_index
+from vclr.config import load_config
 from vclr.index import RetrievalIndex
 from vclr.query_tower import FILES, TextQueryEncoder
 from vclr.search import Searcher
@@ -50,3 +51,17 @@ def test_a_cold_text_search_imports_neither_open_clip_nor_torchvision(index_dir)
             "assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_saved_tower_holds_the_text_side_only():
+    from vclr.config import ModelConfig
+    from vclr.model import build_model
+    from vclr.query_tower import TOWER_FILE, text_query_files
+
+    model = build_model(ModelConfig()).eval()
+    visual = model.clip.visual
+    saved = len(text_query_files(model, load_config(None, []))[TOWER_FILE])
+    assert model.clip.visual is visual  # the model keeps its image tower
+    image_bytes = sum(p.numel() * p.element_size() for p in visual.parameters())
+    all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert saved < all_bytes - image_bytes / 2

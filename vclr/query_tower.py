@@ -15,6 +15,7 @@ TorchScript rather than torch.export: an exported program took 1.9 s to load her
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import io
@@ -63,28 +64,47 @@ class _TextTower(torch.nn.Module):
 def text_query_files(model: "DualEncoder", cfg: "Config") -> dict[str, bytes]:
     """The traced text tower and its tokenizer settings, as files for the index; {} when the model's tokenizer is
     not open_clip's BPE (a Hugging Face tokenizer: queries then load the model) or the exported one differs."""
+    import open_clip
     from open_clip.tokenizer import SimpleTokenizer
 
-    from vclr.model import _open_clip_config, get_tokenizer
+    from vclr.model import get_tokenizer
 
     tokenizer = get_tokenizer(cfg.model)
     if type(tokenizer) is not SimpleTokenizer:
         return {}
-    text_cfg = _open_clip_config(cfg.model.name)["text_cfg"]
+    # an hf-hub: model has no registered config: its tokenizer then takes no extra settings, or the probe says so
+    text_cfg = (open_clip.get_model_config(cfg.model.name) or {}).get("text_cfg", {})
     settings = {"kind": "open_clip_bpe", "context_length": tokenizer.context_length,
                 "kwargs": dict(text_cfg.get("tokenizer_kwargs", {}))}
     if not torch.equal(_bpe_tokenizer(settings)(list(PROBES)), tokenizer(list(PROBES))):
         return {}
-    tower = _TextTower(copy.deepcopy(model).float().cpu().eval())  # traced on CPU: it loads anywhere
+    with _without_image_tower(model):
+        cpu_fp32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+        # traced on CPU in float32, so that it loads anywhere; a model elsewhere is copied (its text side only)
+        tower = _TextTower(model if cpu_fp32 else copy.deepcopy(model).float().cpu())
+        traced = _traced_bytes(tower, tokenizer(["a photo", "two red circles at the top"]))
+    return {TOWER_FILE: traced, TOKENIZER_FILE: json.dumps(settings).encode()}
+
+
+@contextlib.contextmanager
+def _without_image_tower(model: "DualEncoder"):
+    """The model with its image tower swapped out for the moment: a trace (or copy) then holds the text side only."""
+    visual, model.clip.visual = model.clip.visual, torch.nn.Identity()
+    try:
+        yield
+    finally:
+        model.clip.visual = visual
+
+
+def _traced_bytes(tower: _TextTower, example: torch.Tensor) -> bytes:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; nothing else loads as fast
         # shape checks inside attention become constants: the context length is fixed and the batch is traced
         # free (tested with other batch sizes)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(tower, tokenizer(["a photo", "two red circles at the top"]))
         buffer = io.BytesIO()
-        torch.jit.save(traced, buffer)
-    return {TOWER_FILE: buffer.getvalue(), TOKENIZER_FILE: json.dumps(settings).encode()}
+        torch.jit.save(torch.jit.trace(tower, example), buffer)
+        return buffer.getvalue()
 
 
 class TextQueryEncoder:

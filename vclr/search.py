@@ -14,7 +14,6 @@ the next run continues), and marks removed files deleted: the index then answers
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -242,13 +241,13 @@ def _is_main() -> bool:
 def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | os.PathLike | None = None
                  ) -> tuple[int, int]:
     """Embed another dataset with the index's model and append it, without rebuilding. -> (images, captions)."""
+    from vclr.embed import embed_table
+
     index = RetrievalIndex.load(index_dir)
     source = as_source(source) if source else _recorded_source(index, index_dir)
     model, cfg = source.load()
     index.check_model(model.embed_dim, config_hash(cfg.model))  # before spending time on embedding
     _, table = _collection(cfg, data)
-    from vclr.embed import embed_table
-
     emb = embed_table(model, cfg, table)
     image_ids, text_ids = index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts,
                                     emb.caption_image, image_states=[file_state(p) for p in emb.image_paths])
@@ -261,20 +260,6 @@ def delete_from_index(index_dir: str | Path, image_ids: Sequence[int] = (), text
     index.delete(image_ids, text_ids)
     index.save(index_dir)
     return {k: index.manifest[k] for k in ("num_images", "num_texts", "deleted_images", "deleted_texts")}
-
-
-@dataclass(frozen=True)
-class _RecordedSource:
-    """The model an index records, resolved when it is loaded (a text query by the index's own tower never is)."""
-
-    index: RetrievalIndex
-    index_dir: Path
-
-    def load(self, device=None):
-        return _recorded_source(self.index, self.index_dir).load(device)
-
-    def describe(self) -> dict:
-        return _recorded_source(self.index, self.index_dir).describe()
 
 
 def _recorded_source(index: RetrievalIndex, index_dir: str | Path) -> ModelSource:
@@ -293,8 +278,12 @@ class Searcher:
     index: RetrievalIndex
     model: DualEncoder | None = None
     cfg: Config | None = None
-    source: ModelSource | None = None  # where the model comes from when it is loaded on first need
+    # the model loaded on first need: this source, else the one the index at `index_dir` records (resolved only
+    # then: a text query by the index's own tower never needs it)
+    source: ModelSource | None = None
+    index_dir: Path | None = None
     text_encoder: TextQueryEncoder | None = None
+    _weak_below: dict = field(default_factory=dict, repr=False)  # (query, searched) -> threshold, computed once
 
     @classmethod
     def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
@@ -302,16 +291,16 @@ class Searcher:
         """`load_model=False`: only when a query needs it (a cold `vclr search --text` never does)."""
         index = RetrievalIndex.load(index_dir, mmap=mmap)
         encoder = None if source else TextQueryEncoder.load(index_dir)
-        searcher = cls(index, source=as_source(source) if source else None, text_encoder=encoder)
-        if searcher.source is None:
-            searcher.source = _RecordedSource(index, Path(index_dir))
+        searcher = cls(index, source=as_source(source) if source else None, index_dir=Path(index_dir),
+                       text_encoder=encoder)
         if load_model or encoder is None:
             searcher.require_model()
         return searcher
 
     def require_model(self) -> DualEncoder:
         if self.model is None:
-            self.model, self.cfg = self.source.load()
+            source = self.source or _recorded_source(self.index, self.index_dir)
+            self.model, self.cfg = source.load()
             self.index.check_model(self.model.embed_dim, config_hash(self.cfg.model))
         return self.model
 
@@ -357,11 +346,13 @@ class Searcher:
     def weak_below(self, query: str, searched: str) -> float:
         """The score at or under which a hit of a `query` ("text"/"image") among `searched` ("images"/"texts") is a
         weak match: no better than the best an unrelated query reaches by chance (vclr.calibration)."""
-        live = self.index.manifest[f"num_{searched}"] - self.index.manifest[f"deleted_{searched}"]
-        scores = self._image_pair_scores if query == searched[:-1] else self._cross_pair_scores
-        return weak_match_threshold(scores, live)
+        if (query, searched) not in self._weak_below:
+            live = self.index.manifest[f"num_{searched}"] - self.index.manifest[f"deleted_{searched}"]
+            scores = self._image_pair_scores() if (query, searched) == ("image", "images") else \
+                self._cross_pair_scores()
+            self._weak_below[query, searched] = weak_match_threshold(scores, live)
+        return self._weak_below[query, searched]
 
-    @functools.cached_property
     def _cross_pair_scores(self) -> np.ndarray:
         """Random unrelated (caption, image) pairs; without captions, everyday phrases against the images."""
         images = self.index.image_embeddings
@@ -370,7 +361,6 @@ class Searcher:
         phrases = self.embed_texts(PHRASES)
         return unrelated_pair_scores(phrases, images, related=np.full(len(phrases), -1))
 
-    @functools.cached_property
     def _image_pair_scores(self) -> np.ndarray:
         return unrelated_pair_scores(self.index.image_embeddings, self.index.image_embeddings)
 

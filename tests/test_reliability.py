@@ -23,7 +23,7 @@ import vclr.rundir as rundir
 from conftest import train_overrides
 from vclr.cli import main
 from vclr.config import load_config
-from vclr.data.dataset import MAX_IMAGE_PIXELS, read_image
+from vclr.data.images import MAX_IMAGE_PIXELS, read_image
 
 ROOT = Path(__file__).resolve().parent.parent
 

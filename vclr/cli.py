@@ -269,20 +269,80 @@ def _parse_ids(text: str | None, flag: str) -> list[int]:
 
 
 def add_serve_arguments(p) -> None:
+    from vclr.query_limits import ServiceLimits
+
+    defaults = ServiceLimits()
     p.add_argument("--index", required=True)
     add_model_arguments(p, required=False)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="torch: the model (or the index's traced text tower); onnx: an export made by `vclr export`, "
+                        "answered with onnxruntime alone (no PyTorch needed)")
+    p.add_argument("--onnx", metavar="DIR", help="with --backend onnx: the export folder (`vclr export --out DIR`)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it into RAM")
+    p.add_argument("--api-key", default=os.environ.get("VCLR_API_KEY"),
+                   help="require this key (X-API-Key header) on every API request (default: $VCLR_API_KEY; none)")
+    p.add_argument("--rate-limit", type=float, default=0.0, metavar="PER_SECOND",
+                   help="requests a second allowed per client address, bursts of twice that (default 0: no limit)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="URL",
+                   help="let pages from this origin call the API (repeatable; default none: CORS off)")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="queries embedded and searched together")
+    p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                   help="how long a lone query waits for others to join its batch")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="waiting queries beyond this are answered 503 (try again) at once")
+    p.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds before a query gets 503")
+    p.add_argument("--cache-size", type=int, default=defaults.cache_size, help="text query embeddings kept (LRU)")
+    p.add_argument("--threads", type=int, default=defaults.threads,
+                   help="compute threads for the model and FAISS (default 0: one per core)")
+    p.add_argument("--reload-every", type=float, default=defaults.reload_every_s, metavar="SECONDS",
+                   help="check the index folder for a new save this often and swap it in (0: never)")
 
 
 def cmd_serve(args) -> int:
-    from vclr.serve import serve
+    from vclr.query_limits import ServiceLimits
+    from vclr.serve import Access, exposure_warning, serve
 
     if not 0 < args.port < 65536:
         raise VclrError(f"--port must be 1..65535, got {args.port}")
+    if args.backend == "onnx" and not args.onnx:
+        raise VclrError("--backend onnx needs --onnx DIR: the folder written by `vclr export --format onnx --out DIR`")
+    if args.backend == "onnx" and (args.run or args.model):
+        raise VclrError("--backend onnx answers with the export in --onnx; --run/--model name a PyTorch model")
+    if args.rate_limit < 0:
+        raise VclrError(f"--rate-limit must be >= 0 (0: no limit), got {args.rate_limit}")
+    limits = ServiceLimits(args.max_batch, args.batch_wait_ms, args.max_queue, args.timeout, args.cache_size,
+                           args.threads, args.reload_every)
+    access = Access(args.api_key or None, args.rate_limit, tuple(args.cors_origin))
+    warning = exposure_warning(args.host, access)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"serving {args.index} on http://{args.host}:{args.port}  (Ctrl-C stops)")
-    serve(args.index, _model_source(args, required=False), args.host, args.port, args.mmap)
+    serve(args.index, _model_source(args, required=False), args.host, args.port, args.mmap, limits, access,
+          onnx_dir=args.onnx if args.backend == "onnx" else None)
+    return 0
+
+
+def add_export_arguments(p) -> None:
+    add_model_arguments(p, required=False)
+    p.add_argument("--index", help="export the model this index was built with (instead of --run/--model)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="the export folder: text.onnx, image.onnx, tokenizer.json, "
+                                                "query.json")
+
+
+def cmd_export(args) -> int:
+    from vclr.export_onnx import export_onnx
+
+    if args.index and (args.run or args.model):
+        raise VclrError("pass either --index (its model) or --run/--model, not both")
+    source = _model_source(args, required=False)
+    if source is None and not args.index:
+        raise VclrError("name the model to export: --run DIR, --model NAME [--pretrained TAG|FILE], or --index DIR")
+    report = export_onnx(source, args.out, index_dir=args.index)
+    print(f"exported {report['model']} to {args.out}: text and image towers as ONNX (dynamic batch), checked "
+          f"against PyTorch: cosine >= {report['min_cosine']:.6f}")
     return 0
 
 
@@ -527,6 +587,9 @@ COMMANDS = [  # name, function, argument adder, help, example (aliases)
      "vclr index-delete --index vclr-demo/index --image-ids 3,17"),
     ("serve", cmd_serve, add_serve_arguments, "search service: JSON API and web page over an index",
      "vclr serve --index vclr-demo/index --port 8000"),
+    ("export", cmd_export, add_export_arguments,
+     "write a model's text and image towers as ONNX, for `vclr serve --backend onnx` without PyTorch",
+     "vclr export --run vclr-demo/run --format onnx --out vclr-demo/onnx"),
     ("search", cmd_search, add_search_arguments, "search an index by text (-> images) or by image (-> captions)",
      "vclr search --index vclr-demo/index --text 'a red circle' -k 5"),
     ("eval", cmd_eval, add_eval_arguments, "retrieval recall@k both ways on a test set; writes a JSON report",

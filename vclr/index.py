@@ -18,6 +18,7 @@ index whole, and a load that finds a file whose checksum disagrees with the mani
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -130,6 +131,14 @@ class RetrievalIndex:
     @property
     def d(self) -> int:
         return self.image_embeddings.shape[1]
+
+    @property
+    def version(self) -> str:
+        """Which save of the index this is: a digest of the checksums of its files ("unsaved" before its first)."""
+        files = self.manifest.get("files")
+        if not files:
+            return "unsaved"
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
     def image_paths(self) -> list[str]:

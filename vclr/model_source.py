@@ -20,12 +20,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-
 from vclr.config import Config, ModelConfig, VclrError, config_hash
 from vclr.rundir import CONFIG_FILE, MODEL_FILE, best_checkpoint, inference_model_config, load_run_config, weights_file
 
-if TYPE_CHECKING:  # vclr.model imports open_clip (seconds): loaded when a model is built, not to name a source
+if TYPE_CHECKING:  # vclr.model imports open_clip (seconds), and torch itself is not needed to name a source (a
+    # service that answers through an ONNX export never imports it): both are loaded when a model is built
+    import torch
+
     from vclr.model import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class ModelSourceError(VclrError):
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -52,6 +55,8 @@ def _load_state(path: Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    import torch
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state) if isinstance(state, dict) else state
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
@@ -30,14 +30,15 @@ from vclr.config import Config, VclrError, config_hash
 from vclr.index import IndexOptions, RetrievalIndex
 from vclr.model_source import ModelSource, as_source, model_identity, source_from_manifest, with_run_from_index
 from vclr.query_limits import check_k, check_text_query
-from vclr.query_tower import TextQueryEncoder, text_query_files
 from vclr.rundir import weights_file
 
 # building an index needs the data and embedding code, which import torchvision and open_clip (seconds); a query by
-# text needs neither (vclr.query_tower), so they are imported where an index is built or a model is loaded
+# text needs neither (vclr.query_tower: torch alone), and a query through an ONNX export (vclr.onnx_query) not even
+# torch, so they are imported where an index is built or a model is loaded
 if TYPE_CHECKING:
     from vclr.data.dataset import CaptionTable
     from vclr.model import DualEncoder
+    from vclr.query_tower import TextQueryEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity:
     """Embed and index everything. `spill`: the vectors stream to memory-mapped files in a scratch folder beside the
     index, and the index is trained on a sample and filled `options.chunk` vectors at a time."""
     from vclr.embed import embed_table
+    from vclr.query_tower import text_query_files
 
     embed = embed or embed_table
     scratch = out_dir.parent / f".{out_dir.name}.embeddings"
@@ -269,11 +271,48 @@ def _recorded_source(index: RetrievalIndex, index_dir: str | Path) -> ModelSourc
     return source
 
 
+class QueryEncoder(Protocol):
+    """What embeds queries without the model's code: an ONNX export (vclr.onnx_query.OnnxQueryEncoder)."""
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...  # (N, D) unit vectors
+
+    def embed_images(self, images: Sequence) -> np.ndarray: ...  # decoded RGB PIL images -> (N, D) unit vectors
+
+    def check_index(self, manifest: dict) -> None: ...  # a clear error when it is not the index's model
+
+
+class QueryCache:
+    """The embeddings of the latest distinct text queries (least recently used ones go first); thread-safe."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self._vectors, self._lock = capacity, OrderedDict(), threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, text: str) -> np.ndarray | None:
+        with self._lock:
+            vector = self._vectors.get(text)
+            if vector is None:
+                self.misses += 1
+                return None
+            self._vectors.move_to_end(text)
+            self.hits += 1
+            return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._vectors[text] = vector
+            self._vectors.move_to_end(text)
+            while len(self._vectors) > self.capacity:
+                self._vectors.popitem(last=False)
+
+
 @dataclass
 class Searcher:
     """An index and the model that embeds its queries, loaded once. Text queries go through the index's own text
     tower when it has one (vclr.query_tower) and no other model was asked for: the model itself is then loaded only
-    when a query needs it (an image)."""
+    when a query needs it (an image). With an `encoder` (an ONNX export), every query goes through it instead."""
 
     index: RetrievalIndex
     model: DualEncoder | None = None
@@ -283,17 +322,25 @@ class Searcher:
     source: ModelSource | None = None
     index_dir: Path | None = None
     text_encoder: TextQueryEncoder | None = None
+    encoder: QueryEncoder | None = None
+    text_cache: QueryCache | None = None  # text query -> embedding (the service keeps one)
     _weak_below: dict = field(default_factory=dict, repr=False)  # (query, searched) -> threshold, computed once
 
     @classmethod
     def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
-             mmap: bool = False, load_model: bool = True) -> "Searcher":
-        """`load_model=False`: only when a query needs it (a cold `vclr search --text` never does)."""
+             mmap: bool = False, load_model: bool = True, encoder: QueryEncoder | None = None) -> "Searcher":
+        """`load_model=False`: only when a query needs it (a cold `vclr search --text` never does). `encoder`: every
+        query goes through it (the model is never loaded, and torch never imported)."""
         index = RetrievalIndex.load(index_dir, mmap=mmap)
-        encoder = None if source else TextQueryEncoder.load(index_dir)
+        if encoder is not None:
+            encoder.check_index(index.manifest)
+            return cls(index, index_dir=Path(index_dir), encoder=encoder)
+        from vclr.query_tower import TextQueryEncoder
+
+        text_encoder = None if source else TextQueryEncoder.load(index_dir)
         searcher = cls(index, source=as_source(source) if source else None, index_dir=Path(index_dir),
-                       text_encoder=encoder)
-        if load_model or encoder is None:
+                       text_encoder=text_encoder)
+        if load_model or text_encoder is None:
             searcher.require_model()
         return searcher
 
@@ -305,7 +352,19 @@ class Searcher:
         return self.model
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, D) unit vectors, by the index's own text tower when it has one."""
+        """(N, D) unit vectors: from the cache, else by the ONNX encoder, the index's own text tower or the model."""
+        cached = [self.text_cache.get(t) for t in texts] if self.text_cache else [None] * len(texts)
+        todo = [t for t, vector in zip(texts, cached) if vector is None]
+        fresh = iter(self._embed_texts(todo) if todo else ())
+        vectors = [vector if vector is not None else next(fresh) for vector in cached]
+        if self.text_cache:
+            for text, vector in zip(texts, vectors):
+                self.text_cache.put(text, vector)
+        return np.stack(vectors) if vectors else np.zeros((0, self.index.d), np.float32)
+
+    def _embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self.encoder is not None:
+            return self.encoder.embed_texts(texts)
         if self.text_encoder is not None:
             return self.text_encoder(texts)
         from vclr.embed import embed_texts
@@ -314,6 +373,8 @@ class Searcher:
 
     def embed_images(self, images: Sequence) -> np.ndarray:
         """Decoded RGB PIL images -> (N, D) unit vectors."""
+        if self.encoder is not None:
+            return self.encoder.embed_images(images)
         from vclr.embed import embed_pil_images
 
         return embed_pil_images(self.require_model(), images)
@@ -322,26 +383,38 @@ class Searcher:
     def has_captions(self) -> bool:
         return self.index.manifest["num_texts"] - self.index.manifest["deleted_texts"] > 0
 
-    def _image_hits(self, D: np.ndarray, I: np.ndarray, query: str) -> list[Hit]:
-        paths, weak_below = self.index.store.image_paths(I[0]), self.weak_below(query, "images")
-        return [Hit(r + 1, float(s), int(i), path=p, weak=bool(s <= weak_below))
-                for r, (s, i, p) in enumerate(zip(D[0], I[0], paths))]
+    def image_hits(self, vectors: np.ndarray, k: int, query: str) -> list[list[Hit]]:
+        """Queries (N, D) of kind `query` ("text"/"image") -> their top-k images each, searched in one batch."""
+        D, I = self.index.search_images(vectors, k)
+        weak_below = self.weak_below(query, "images")
+        return [[Hit(r + 1, float(s), int(i), path=p, weak=bool(s <= weak_below))
+                 for r, (s, i, p) in enumerate(zip(scores, ids, self.index.store.image_paths(ids)))]
+                for scores, ids in zip(D, I)]
+
+    def caption_hits(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Image queries (N, D) -> their top-k captions each, searched in one batch."""
+        D, I = self.index.search_texts(vectors, k)
+        weak_below = self.weak_below("image", "texts")
+        return [[Hit(r + 1, float(s), int(i), caption=t, weak=bool(s <= weak_below))
+                 for r, (s, i, t) in enumerate(zip(scores, ids, self.index.store.texts(ids)))]
+                for scores, ids in zip(D, I)]
 
     def by_text(self, text: str, k: int = 5) -> list[Hit]:
         """Images ranked for a text query."""
         text = check_text_query(text)
         check_k(k)
-        return self._image_hits(*self.index.search_images(self.embed_texts([text]), k), "text")
+        return self.image_hits(self.embed_texts([text]), k, "text")[0]
+
+    def wants_images(self, images: bool | None) -> bool:
+        """Does an image query get images (asked for, or no captions to give) rather than captions?"""
+        return bool(images) or not self.has_captions
 
     def by_image_embedding(self, embedding: np.ndarray, k: int, images: bool | None = None) -> list[Hit]:
         """An image embedding (1, d) -> captions when the index has them, else images ("more like this");
         `images=True` asks for images either way. `k` is checked by the caller."""
-        if images or not self.has_captions:
-            return self._image_hits(*self.index.search_images(embedding, k), "image")
-        D, I = self.index.search_texts(embedding, k)
-        texts, weak_below = self.index.store.texts(I[0]), self.weak_below("image", "texts")
-        return [Hit(r + 1, float(s), int(i), caption=t, weak=bool(s <= weak_below))
-                for r, (s, i, t) in enumerate(zip(D[0], I[0], texts))]
+        if self.wants_images(images):
+            return self.image_hits(embedding, k, "image")[0]
+        return self.caption_hits(embedding, k)[0]
 
     def weak_below(self, query: str, searched: str) -> float:
         """The score at or under which a hit of a `query` ("text"/"image") among `searched` ("images"/"texts") is a
@@ -379,11 +452,11 @@ class Searcher:
     def like(self, image_id: int, k: int = 5) -> list[Hit]:
         """Images most like indexed image `image_id` (itself left out)."""
         check_k(k)
-        live = self.index.manifest["num_images"]
-        if not 0 <= image_id < live or image_id in set(self.index.store.deleted_ids("images").tolist()):
-            raise VclrError(f"no image with id {image_id} in the index (ids are 0..{live - 1}, deleted ones excluded)")
+        if not self.index.store.is_live("images", image_id):
+            raise VclrError(f"no image with id {image_id} in the index (ids are 0..{self.index.manifest['num_images'] - 1}"
+                            ", deleted ones excluded)")
         query = np.asarray(self.index.image_embeddings[image_id:image_id + 1], dtype=np.float32)  # (1, d)
-        hits = [h for h in self._image_hits(*self.index.search_images(query, k + 1), "image") if h.id != image_id][:k]
+        hits = [h for h in self.image_hits(query, k + 1, "image")[0] if h.id != image_id][:k]
         return [replace(h, rank=r + 1) for r, h in enumerate(hits)]
 
 

@@ -11,28 +11,42 @@ POST /api/search/image?k=...        image upload (multipart field "file") -> cap
 GET  /api/like/{id}?k=...           indexed image id -> the images most like it (itself left out)
 GET  /api/image/{id}                an indexed image by id (only files that are in the index: no paths from clients)
 GET  /api/info                      the index manifest (counts, dimension, index type and its measured recall)
+GET  /api/stats                     the query engine's counters: waiting queries, batches, cache hits, index version
+
+Every answer names the `index_version` it came from: a new save of the index (`vclr index`, `index-add`,
+`index-delete` while the service runs) is loaded beside the old one and swapped in between batches of queries
+(vclr.serve_engine), so no answer mixes two versions.
 
 Bounds: 1 <= k <= MAX_K, text up to MAX_QUERY_CHARS, uploads up to `max_upload_bytes`; errors are JSON
-{"error": "..."} with a 4xx status.
+{"error": "..."}: 4xx for the request's own faults (401 without the API key when one is set, 429 past the per-client
+rate limit), 503 with Retry-After when the service is overloaded or a query timed out.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations (UploadFile, imported lazily
 # inside create_app) at runtime
+import hmac
 import html
-import io
 import logging
 import mimetypes
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from vclr.config import VclrError
 from vclr.model_source import ModelSource
-from vclr.query_limits import MAX_K, MAX_QUERY_CHARS, check_k
+from vclr.query_limits import MAX_K, MAX_QUERY_CHARS, ServiceLimits, check_k, check_text_query
 from vclr.search import Searcher
+from vclr.serve_engine import ImageQuery, LikeQuery, LiveIndex, Overloaded, QueryEngine, TextQuery, TimedOut
 
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
-MAX_UPLOAD_PIXELS = 40_000_000  # refused from the image header, before decoding
+MULTIPART_OVERHEAD = 64 * 1024  # a multipart body's boundaries and headers around the file
+MAX_CONNECTIONS = 1000  # open connections beyond this are answered 503 by uvicorn: memory stays bounded
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+KEY_COOKIE = "vclr_key"
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vclr search</title>
@@ -93,6 +107,12 @@ async function show(request, what) {
   let response, body;
   try { response = await request; body = await response.json(); }
   catch (error) { say("the search service did not answer: " + error, "error"); return; }
+  if (response.status === 401) {  // the service needs a key: kept in a cookie, which <img> requests carry too
+    const key = window.prompt("This search service needs an API key:");
+    if (key) { document.cookie = `vclr_key=${encodeURIComponent(key)}; path=/; SameSite=Strict`; fromAddress(false); }
+    else say(body.error, "error");
+    return;
+  }
   if (!response.ok) { say(body.error, "error"); return; }
   results.className = body.hits.length && body.hits[0].kind === "caption" ? "captions" : "";
   for (const hit of body.hits) {
@@ -162,11 +182,42 @@ fromAddress(false);
 """
 
 
-def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+@dataclass(frozen=True)
+class Access:
+    """Who may use the service: everyone who can reach it (the default, on 127.0.0.1), or holders of `api_key`;
+    each client address at most `rate_limit` requests a second (bursts of twice that); cross-origin pages only
+    from `cors_origins` (none by default: browsers then refuse other sites' pages the answers)."""
+
+    api_key: str | None = None
+    rate_limit: float = 0.0  # requests per second per client address; 0 = no limit
+    cors_origins: tuple[str, ...] = ()
+
+
+def exposure_warning(host: str, access: Access) -> str | None:
+    """What to tell someone who serves beyond this machine without a key."""
+    if host in LOOPBACK or access.api_key:
+        return None
+    return (f"warning: serving on {host} without authentication: anyone who can reach this machine can query the "
+            "index and fetch its images; pass --api-key (or set VCLR_API_KEY) to require a key")
+
+
+def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               limits: ServiceLimits = ServiceLimits(), access: Access = Access()):
+    """The service over a searcher, or over a live index (new saves of the index are served as they appear)."""
     from fastapi import FastAPI, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
+    live = searcher if isinstance(searcher, LiveIndex) else LiveIndex(searcher)
+    engine = QueryEngine(live, limits)
     app = FastAPI(title="vclr search", docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    def busy(exc: VclrError):
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    app.add_exception_handler(Overloaded, lambda request, exc: busy(exc))
+    app.add_exception_handler(TimedOut, lambda request, exc: busy(exc))
 
     @app.exception_handler(VclrError)
     async def user_error(request: Request, exc: VclrError):
@@ -177,24 +228,29 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         logger.exception("search service error")
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    from fastapi.exceptions import RequestValidationError
-
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
-    def hits_json(hits) -> list[dict]:
+    _add_guards(app, access, max_upload_bytes)
+
+    def render(query: dict):
         """Image hits by file name, first caption and URL (never the server's paths), caption hits by their text;
-        `weak`: no better than unrelated pairs score (vclr.calibration)."""
-        captions = searcher.first_captions(hits)
-        return [{"rank": h.rank, "score": h.score, "id": h.id, "weak": h.weak,
+        `weak`: no better than unrelated pairs score (vclr.calibration); made in the worker, from the version of the
+        index that it searched."""
+        def answer(version: Searcher, hits) -> dict:
+            captions = version.first_captions(hits)
+            return {**query, "index_version": version.index.version, "hits": [
+                {"rank": h.rank, "score": h.score, "id": h.id, "weak": h.weak,
                  **({"kind": "image", "value": Path(h.path).name, "caption": caption, "url": f"api/image/{h.id}"}
                     if h.path is not None else {"kind": "caption", "value": h.caption})}
-                for h, caption in zip(hits, captions)]
+                for h, caption in zip(hits, captions)]}
 
-    page_html = _page(searcher)
+        return answer
+
+    page_html = _page(live.current)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -202,38 +258,105 @@ def create_app(searcher: Searcher, max_upload_bytes: int = MAX_UPLOAD_BYTES):
 
     @app.get("/api/info")
     def info():
-        return searcher.index.manifest
+        return {**live.current.index.manifest, "index_version": live.current.index.version}
+
+    @app.get("/api/stats")
+    def stats():
+        return engine.stats()
 
     @app.get("/api/search")
-    def search_text(text: str = Query(""), k: int = Query(10)):
-        hits = searcher.by_text(text, k)  # checks the query and k
-        return {"query": text.strip(), "k": k, "hits": hits_json(hits)}
+    async def search_text(text: str = Query(""), k: int = Query(10)):
+        text = check_text_query(text)
+        check_k(k)
+        return await engine.submit(TextQuery(text, k), render({"query": text, "k": k}))
 
     @app.get("/api/like/{image_id}")
-    def like(image_id: int, k: int = Query(10)):
-        return {"id": image_id, "k": k, "hits": hits_json(searcher.like(image_id, k))}
+    async def like(image_id: int, k: int = Query(10)):
+        check_k(k)
+        return await engine.submit(LikeQuery(image_id, k), render({"id": image_id, "k": k}))
 
     @app.post("/api/search/image")
     async def search_image(file: UploadFile, k: int = Query(10), images: bool = Query(False)):
-        check_k(k)  # before reading up to 8 MB; the search itself takes k as checked
+        check_k(k)  # before reading up to 8 MB
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"error": f"upload too large: the limit is {max_upload_bytes} bytes"},
                                 status_code=413)
-        embedding = searcher.embed_images([_decode_upload(data)])  # (1, d)
-        return {"k": k, "hits": hits_json(searcher.by_image_embedding(embedding, k, images=images or None))}
+        return await engine.submit(ImageQuery(data, k, images or None), render({"k": k}))
 
     @app.get("/api/image/{image_id}")
     def image(image_id: int):
-        total = searcher.index.store.count("images")
-        if not 0 <= image_id < total or image_id in set(searcher.index.store.deleted_ids("images").tolist()):
+        store = live.current.index.store
+        if not store.is_live("images", image_id):
             return JSONResponse({"error": f"no image with id {image_id}"}, status_code=404)
-        path = Path(searcher.index.store.image_paths([image_id])[0])
+        path = Path(store.image_paths([image_id])[0])
         if not path.is_file():
             return JSONResponse({"error": f"image {image_id} is indexed but its file is gone"}, status_code=404)
         return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
     return app
+
+
+def _add_guards(app, access: Access, max_upload_bytes: int) -> None:
+    """Body size from the header (before anything is read), the API key, the per-client rate limit, and CORS only
+    for the origins named."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    limiter = RateLimiter(access.rate_limit) if access.rate_limit else None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return JSONResponse({"error": "send the upload with a Content-Length header"}, status_code=411)
+            if int(length) > max_upload_bytes + MULTIPART_OVERHEAD:
+                return JSONResponse({"error": f"upload too large: the limit is {max_upload_bytes} bytes"},
+                                    status_code=413)
+        if access.api_key and request.url.path.startswith("/api/") and not _has_key(request, access.api_key):
+            return JSONResponse({"error": "this service needs an API key: send it in the X-API-Key header"},
+                                status_code=401)
+        client = request.client.host if request.client else "-"
+        if limiter and not limiter.allow(client):
+            return JSONResponse({"error": f"too many requests from {client}: the limit is {access.rate_limit:g} a "
+                                          "second"}, status_code=429, headers={"Retry-After": "1"})
+        return await call_next(request)
+
+    if access.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(access.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key"])
+
+
+def _has_key(request, api_key: str) -> bool:
+    """The key from the X-API-Key header, an `Authorization: Bearer` header, or the page's cookie (images load
+    through <img> tags, which send no headers)."""
+    bearer = request.headers.get("authorization", "")
+    given = request.headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None) or \
+        unquote(request.cookies.get(KEY_COOKIE, ""))  # the page percent-encodes it
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+class RateLimiter:
+    """A token bucket per client address: `rate` requests a second, bursts of up to twice that."""
+
+    MAX_CLIENTS = 10_000  # addresses remembered (the oldest are forgotten): memory stays bounded
+
+    def __init__(self, rate: float, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, max(1.0, 2 * rate), clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, at)
+
+    def allow(self, client: str) -> bool:
+        now = self.clock()
+        tokens, at = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        allowed = tokens >= 1
+        self._buckets[client] = (tokens - 1 if allowed else tokens, now)
+        if len(self._buckets) > self.MAX_CLIENTS:
+            self._buckets.popitem(last=False)
+        return allowed
 
 
 def _page(searcher: Searcher) -> str:
@@ -249,25 +372,23 @@ def _page(searcher: Searcher) -> str:
     return page
 
 
-def _decode_upload(data: bytes):
-    """The training data's decoder (pixel limit from the header, any mode to RGB), with the upload's own limit."""
-    from vclr.data.dataset import read_image
-
-    if not data:
-        raise VclrError("the upload is empty: send an image file in the 'file' field")
-    image = read_image(io.BytesIO(data), max_pixels=MAX_UPLOAD_PIXELS)
-    if image is None:
-        raise VclrError(f"the upload is not a readable image (JPEG, PNG, WebP...) of at most {MAX_UPLOAD_PIXELS} "
-                        "pixels")
-    return image
-
-
 def serve(index_dir: str, source: ModelSource | None = None, host: str = "127.0.0.1", port: int = 8000,
-          mmap: bool = False) -> None:
-    """`source`: the model that embeds queries (default: the one the index records)."""
+          mmap: bool = False, limits: ServiceLimits = ServiceLimits(), access: Access = Access(),
+          onnx_dir: str | None = None) -> None:
+    """`source`: the model that embeds queries (default: the one the index records); `onnx_dir`: answer through
+    that ONNX export instead (vclr.onnx_query: onnxruntime, no torch).
+
+    One uvicorn worker process on one event loop: the index and the model are in memory once, and every query is
+    computed by the one worker thread of the QueryEngine (more processes would each hold the index and compete for
+    the same cores). uvicorn answers 503 itself past `MAX_CONNECTIONS` open connections."""
     import uvicorn
 
-    searcher = Searcher.open(index_dir, source, mmap=mmap)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("serving on %s: anyone who can reach this machine can query the index", host)
-    uvicorn.run(create_app(searcher), host=host, port=port, log_level="warning")
+    encoder = None
+    if onnx_dir:
+        from vclr.onnx_query import OnnxQueryEncoder
+
+        encoder = OnnxQueryEncoder.load(onnx_dir, threads=limits.thread_count)
+    live = LiveIndex(Searcher.open(index_dir, source, mmap=mmap, encoder=encoder))
+    live.watch(limits.reload_every_s)
+    uvicorn.run(create_app(live, limits=limits, access=access), host=host, port=port, log_level="warning",
+                limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)

@@ -25,6 +25,8 @@ class MetadataStore:
     def __init__(self, path: str | Path = ":memory:", read_only: bool = False):
         uri = f"file:{path}?mode=ro" if read_only else str(path)
         self.db = sqlite3.connect(uri, uri=read_only, check_same_thread=False)
+        # counts and deleted ids are asked for on every search: scanning 1M rows each time cost ~30 ms a query
+        self._cached: dict[tuple[str, str], object] = {}
         if not read_only:
             self.db.executescript(SCHEMA)
             self.upgrade()
@@ -41,6 +43,7 @@ class MetadataStore:
     def add_images(self, paths: Sequence[str], states: Sequence[str | None] | None = None) -> np.ndarray:
         start = self.count("images")
         states = states if states is not None else [None] * len(paths)
+        self._cached.clear()
         with self.db:
             self.db.executemany("INSERT INTO images (id, path, state) VALUES (?, ?, ?)",
                                 ((start + i, str(p), s) for i, (p, s) in enumerate(zip(paths, states))))
@@ -48,12 +51,14 @@ class MetadataStore:
 
     def add_texts(self, texts: Sequence[str], image_ids: Sequence[int]) -> np.ndarray:
         start = self.count("texts")
+        self._cached.clear()
         with self.db:
             self.db.executemany("INSERT INTO texts (id, text, image_id) VALUES (?, ?, ?)",
                                 ((start + i, t, int(m)) for i, (t, m) in enumerate(zip(texts, image_ids))))
         return np.arange(start, start + len(texts), dtype=np.int64)
 
     def mark_deleted(self, table: str, ids: Iterable[int]) -> None:
+        self._cached.clear()
         with self.db:
             self.db.executemany(f"UPDATE {_table(table)} SET deleted = 1 WHERE id = ?", ((int(i),) for i in ids))
 
@@ -68,11 +73,24 @@ class MetadataStore:
     # ------------------------------------------------------------------------------------------------- reading
 
     def count(self, table: str) -> int:
-        return self.db.execute(f"SELECT COUNT(*) FROM {_table(table)}").fetchone()[0]
+        if ("count", table) not in self._cached:
+            self._cached["count", table] = self.db.execute(f"SELECT COUNT(*) FROM {_table(table)}").fetchone()[0]
+        return self._cached["count", table]
 
     def deleted_ids(self, table: str) -> np.ndarray:
-        rows = self.db.execute(f"SELECT id FROM {_table(table)} WHERE deleted = 1 ORDER BY id").fetchall()
-        return np.array([r[0] for r in rows], dtype=np.int64)
+        """(n,) sorted ids of the deleted items (read-only: the same array is handed out until the next change)."""
+        if ("deleted", table) not in self._cached:
+            rows = self.db.execute(f"SELECT id FROM {_table(table)} WHERE deleted = 1 ORDER BY id").fetchall()
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            ids.flags.writeable = False
+            self._cached["deleted", table] = ids
+        return self._cached["deleted", table]
+
+    def is_live(self, table: str, item_id: int) -> bool:
+        """An id of the table that is not deleted."""
+        deleted = self.deleted_ids(table)
+        position = np.searchsorted(deleted, item_id)
+        return 0 <= item_id < self.count(table) and not (position < len(deleted) and deleted[position] == item_id)
 
     def image_paths(self, ids: Sequence[int] | None = None) -> list[str]:
         return self._column("images", "path", ids)

@@ -12,11 +12,10 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +25,9 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from vclr.config import VclrError
+from vclr.data.images import read_image
 
 logger = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
 
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -88,7 +87,6 @@ def _row_captions(row: dict, caption_columns: Sequence[str]) -> list[str]:
 
 
 MAX_CAPTION_CHARS = 4000  # a tokenizer keeps ~77 tokens anyway; megabyte captions only cost time
-MAX_IMAGE_PIXELS = 64_000_000  # images above this are refused before decoding (decompression bombs)
 
 
 def _sanitized_jsonl(table_file: Path) -> tuple[Path, dict[str, int], tempfile.TemporaryDirectory | None]:
@@ -247,28 +245,6 @@ def decode_transform(image_size: int, augment: bool = False,
         geometry = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode(interpolation)),
                               T.CenterCrop(image_size)])
     return T.Compose([geometry, T.PILToTensor()])
-
-
-def read_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image | None:
-    """RGB image, or None (with a warning) when the file is unreadable or has more than `max_pixels` pixels.
-
-    The pixel count is read from the header, before decoding: a decompression bomb costs nothing. Any mode (CMYK,
-    grayscale, 16-bit, palette with transparency) is converted to RGB.
-    """
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > max_pixels:
-                logger.warning("image %s refused: %dx%d pixels is over the %d-pixel limit", path, image.width,
-                               image.height, max_pixels)
-                return None
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit gray: scale to 8 bits, not clip
-                image = image.point(lambda v: v / 256).convert("L")
-            if image.mode in ("P", "LA", "PA") or (image.mode == "L" and "transparency" in image.info):
-                image = image.convert("RGBA")  # palette transparency becomes alpha, then RGB
-            return image.convert("RGB")
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        logger.warning("unreadable image %s skipped: %s", path, e)
-        return None
 
 
 def read_bytes(path: str) -> bytes | None:

@@ -162,7 +162,7 @@ def multipart(data: bytes) -> tuple[bytes, str]:
 
 
 def text_query(rng: random.Random, popular: list[str]) -> str:
-    if rng.random() < 0.25:
+    if popular and rng.random() < 0.25:
         return rng.choice(popular)
     return f"a {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(PLACES)}"
 

@@ -1,0 +1,89 @@
+"""Single-query latency of the two query backends: PyTorch (the service's torch backend) against the ONNX export.
+
+    python scripts/bench_onnx.py                                   # vclr-tiny-rn and ViT-B-32, random init
+    python scripts/bench_onnx.py --models ViT-B-32 --repeats 50
+
+For each model config (random-init: the cost does not depend on the weights): export it (`vclr export`), then time
+one text query (tokenizing included) and one image query (a decoded 256x256 image, preprocessing included), each the
+median of `--repeats`, through
+- torch: the index's traced text tower (vclr.query_tower, what `vclr serve` runs for text) and the model's image
+  tower (vclr.embed), and the model's own eager `encode_text` as a second reference;
+- onnx: vclr.onnx_query (onnxruntime, `tokenizers`, PIL), what `vclr serve --backend onnx` runs.
+The cosine between the backends' vectors is reported too. One JSON line per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 2)
+
+
+def bench(model_name: str, repeats: int, folder: Path) -> dict:
+    import torch
+    from PIL import Image
+
+    from vclr.embed import embed_pil_images, embed_texts
+    from vclr.export_onnx import export_onnx
+    from vclr.model_source import model_source
+    from vclr.onnx_query import OnnxQueryEncoder
+    from vclr.query_tower import TOKENIZER_FILE, TOWER_FILE, TextQueryEncoder, text_query_files
+
+    torch.manual_seed(0)
+    source = model_source(model=model_name)
+    model, cfg = source.load(torch.device("cpu"))
+    started = time.perf_counter()
+    export_onnx(source, folder / "onnx")
+    export_s = time.perf_counter() - started
+    for name, content in text_query_files(model, cfg).items():  # what an index keeps for text queries
+        (folder / name).write_bytes(content)
+    traced = TextQueryEncoder.load(folder) if (folder / TOWER_FILE).is_file() and (folder / TOKENIZER_FILE).is_file() \
+        else None
+    onnx = OnnxQueryEncoder.load(folder / "onnx")
+    text = ["a dog running on a beach at sunset"]
+    image = [Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))]
+    line = {"bench": "onnx_query", "model": model_name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "export_s": round(export_s, 1),
+            "text_ms": {"torch_traced": median_ms(lambda: traced(text), repeats) if traced else None,
+                        "torch_eager": median_ms(lambda: embed_texts(model, cfg, text), repeats),
+                        "onnx": median_ms(lambda: onnx.embed_texts(text), repeats)},
+            "image_ms": {"torch": median_ms(lambda: embed_pil_images(model, image), repeats),
+                         "onnx": median_ms(lambda: onnx.embed_images(image), repeats)},
+            "cosine": {"text": float((onnx.embed_texts(text) * embed_texts(model, cfg, text)).sum()),
+                       "image": float((onnx.embed_images(image) * embed_pil_images(model, image)).sum())}}
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vclr-tiny-rn,ViT-B-32")
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--out", help="append the JSON lines to this file too")
+    args = parser.parse_args()
+    for model_name in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            line = bench(model_name, args.repeats, Path(tmp))
+        print(json.dumps(line), flush=True)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()

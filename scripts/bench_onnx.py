@@ -45,9 +45,10 @@ def bench(model_name: str, repeats: int, folder: Path) -> dict:
     from vclr.onnx_query import OnnxQueryEncoder
     from vclr.query_tower import TOKENIZER_FILE, TOWER_FILE, TextQueryEncoder, text_query_files
 
-    torch.manual_seed(0)
     source = model_source(model=model_name)
+    torch.manual_seed(0)  # random-init weights: the export loads the model again, and must get the same ones
     model, cfg = source.load(torch.device("cpu"))
+    torch.manual_seed(0)
     started = time.perf_counter()
     export_onnx(source, folder / "onnx")
     export_s = time.perf_counter() - started

@@ -94,6 +94,9 @@ class OnnxQueryEncoder:
             raise VclrError(f"{folder}: {problem}; the export is damaged, export the model again")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # onnxruntime's threads spin between runs by default: on a small machine that takes the cores from the
+        # HTTP loop (measured with scripts/bench_serve.py: 406 queries/s at 8 clients spinning, against 525 for torch)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         sessions = [onnxruntime.InferenceSession(str(folder / name), options, providers=providers)
                     for name in (TEXT_FILE, IMAGE_FILE)]

@@ -19,7 +19,8 @@ from vclr.index import RetrievalIndex
 from vclr.query_limits import ServiceLimits
 from vclr.search import Searcher, delete_from_index
 from vclr.serve import Access, RateLimiter, create_app, exposure_warning
-from vclr.serve_engine import ImageQuery, LiveIndex, Overloaded, QueryEngine, TextQuery, TimedOut
+from vclr.serve_engine import (ImageQuery, LiveIndex, Overloaded, QueryEngine, TextQuery, TimedOut,
+                               reopen_searcher)
 
 TEXTS = ["a red circle", "two blue squares", "a small green triangle at the top", "a big yellow star",
          "three purple circles", "a square", "an orange triangle on the left", "red", "blue things", "a shape"]
@@ -230,7 +231,10 @@ def test_a_damaged_save_is_not_swapped_in(index_dir, tmp_path):
     live = LiveIndex(Searcher.open(served))
     version = live.current.index.version
     (served / "manifest.json").write_text("{not json")
+    opened = []
+    live._reopen = lambda old: opened.append(1) or reopen_searcher(old)
     assert not live.check() and live.current.index.version == version
+    assert not live.check() and len(opened) == 1  # the same broken save is not loaded again every second
 
 
 # ---------------------------------------------------------------------------------------------------- hardening

@@ -108,19 +108,21 @@ class LiveIndex:
         self.index_dir = Path(index_dir) if index_dir else searcher.index_dir
         self._reopen = reopen or reopen_searcher
         self._signature = manifest_signature(self.index_dir) if self.index_dir else None
+        self._refused: tuple | None = None  # the save that failed to load
         self._stop = threading.Event()
         self.swaps = 0
 
     def check(self) -> bool:
         """Load and swap in a newer save if there is one. -> whether it swapped."""
         signature = manifest_signature(self.index_dir) if self.index_dir else None
-        if signature is None or signature == self._signature:
+        if signature is None or signature in (self._signature, self._refused):
             return False
         try:
             fresh = self._reopen(self.current)
-        except (VclrError, OSError, ValueError) as e:  # half-published or damaged: keep serving, try again later
-            logger.warning("the index at %s changed but could not be loaded yet (%s); still serving version %s",
+        except (VclrError, OSError, ValueError) as e:  # damaged, or of a model this service cannot query
+            logger.warning("the index at %s changed but cannot be served (%s); still serving version %s",
                            self.index_dir, e, self.current.index.version)
+            self._refused = signature  # not loaded (and checksummed) again until the next save
             return False
         try:
             unchanged = fresh.index.manifest == read_manifest(self.index_dir, MANIFEST)

@@ -395,6 +395,6 @@ def test_serve_takes_the_model_flags_or_the_index_s_own(flags, expected, tmp_pat
     import vclr.serve as serve_mod
 
     served = []
-    monkeypatch.setattr(serve_mod, "serve", lambda index, source, *rest: served.append(source))
+    monkeypatch.setattr(serve_mod, "serve", lambda index, source, *rest, **options: served.append(source))
     assert main(["serve", "--index", str(tmp_path), *flags]) == 0
     assert served == [expected]

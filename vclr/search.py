@@ -453,8 +453,8 @@ class Searcher:
         """Images most like indexed image `image_id` (itself left out)."""
         check_k(k)
         if not self.index.store.is_live("images", image_id):
-            raise VclrError(f"no image with id {image_id} in the index (ids are 0..{self.index.manifest['num_images'] - 1}"
-                            ", deleted ones excluded)")
+            last = self.index.manifest["num_images"] - 1
+            raise VclrError(f"no image with id {image_id} in the index (ids are 0..{last}, deleted ones excluded)")
         query = np.asarray(self.index.image_embeddings[image_id:image_id + 1], dtype=np.float32)  # (1, d)
         hits = [h for h in self.image_hits(query, k + 1, "image")[0] if h.id != image_id][:k]
         return [replace(h, rank=r + 1) for r, h in enumerate(hits)]

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -143,11 +144,45 @@ print(json.dumps([h["id"] for h in hits]))
 
 
 def test_an_export_of_another_model_is_refused(exported, tmp_path):
-    index_dir, _ = exported
+    index_dir, onnx_dir = exported
     other = tmp_path / "other"
-    export_onnx(model_source(model="vclr-tiny-vit"), other)
+    shutil.copytree(onnx_dir, other)
+    manifest = json.loads((other / "export.json").read_text())
+    (other / "export.json").write_text(json.dumps({**manifest, "model_config_hash": "0123456789ab"}))
     with pytest.raises(VclrError, match="export the index's model"):
         Searcher.open(index_dir, encoder=OnnxQueryEncoder.load(other))
+
+
+def test_a_lit_model_with_a_hugging_face_tokenizer_exports(tiny_hf_text_dir, tiny_lit_model_name, tmp_path):
+    """A LiT-shaped model (timm EfficientNet-Lite0 + a BERT text tower with its WordPiece tokenizer): the export's
+    own check passes (equal tokens, cosine >= 0.9999), and the folder answers like the model."""
+    import timm
+    import torch
+
+    from vclr.config import Config, ModelConfig, config_hash
+    from vclr.embed import embed_texts
+    from vclr.model import build_model
+
+    weights = tmp_path / "trunk.pt"
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(), weights)
+    cfg = Config(model=ModelConfig(name=tiny_lit_model_name, text_tower_dir=str(tiny_hf_text_dir),
+                                   image_tower_weights=str(weights)))
+
+    class Fixed:  # a model source that gives the same random-init model on every load
+        def load(self, device=None):
+            torch.manual_seed(0)
+            return build_model(cfg.model).eval(), cfg
+
+        def describe(self):
+            return {"kind": "test"}
+
+    manifest = export_onnx(Fixed(), tmp_path / "lit")
+    assert manifest["min_cosine"] >= 0.9999 and manifest["model_config_hash"] == config_hash(cfg.model)
+    encoder = OnnxQueryEncoder.load(tmp_path / "lit")
+    texts = ["a red circle on the left", "the large blue star"]
+    assert encoder.tokenize(texts)[0, 0] == 2  # [CLS] of the local vocabulary
+    model, _ = Fixed().load()
+    assert _cosines(encoder.embed_texts(texts), embed_texts(model, cfg, texts)).min() >= 0.9999
 
 
 def test_export_of_the_index_model_and_damage_detection(exported, tmp_path):

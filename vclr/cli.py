@@ -329,7 +329,7 @@ def add_export_arguments(p) -> None:
     p.add_argument("--index", help="export the model this index was built with (instead of --run/--model)")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="the export folder: text.onnx, image.onnx, tokenizer.json, "
-                                                "query.json")
+                                                "export.json (preprocessing, model identity, checksums)")
 
 
 def cmd_export(args) -> int:

@@ -19,8 +19,7 @@ from vclr.index import RetrievalIndex
 from vclr.query_limits import ServiceLimits
 from vclr.search import Searcher, delete_from_index
 from vclr.serve import Access, RateLimiter, create_app, exposure_warning
-from vclr.serve_engine import (ImageQuery, LiveIndex, Overloaded, QueryEngine, TextQuery, TimedOut,
-                               reopen_searcher)
+from vclr.serve_engine import ImageQuery, LiveIndex, Overloaded, QueryEngine, TextQuery, TimedOut
 
 TEXTS = ["a red circle", "two blue squares", "a small green triangle at the top", "a big yellow star",
          "three purple circles", "a square", "an orange triangle on the left", "red", "blue things", "a shape"]
@@ -89,6 +88,17 @@ def test_repeated_text_queries_come_from_the_cache(searcher):
     asyncio.run(ask(TEXTS[1:6] + ["a red circle"]))  # capacity 4: the oldest entries were dropped
     assert calls[-1] == ["a red circle"]
     assert engine.stats()["cache"]["hits"] == 1
+
+
+def test_a_text_asked_twice_in_one_batch_is_embedded_once(searcher):
+    calls = []
+    once = Searcher(searcher.index, text_encoder=searcher.text_encoder)
+    embed = once._embed_texts
+    once._embed_texts = lambda texts: calls.append(list(texts)) or embed(texts)
+    vectors = once.embed_texts(["a red circle", "a star", "a red circle"])
+    assert calls == [["a red circle", "a star"]]
+    np.testing.assert_array_equal(vectors[0], vectors[2])
+    np.testing.assert_allclose(vectors, searcher.embed_texts(["a red circle", "a star", "a red circle"]), atol=1e-6)
 
 
 def _slow(searcher, seconds: float) -> Searcher:
@@ -210,7 +220,9 @@ def test_live_updates_while_clients_query(index_dir, tmp_path):
         assert set(_ids(body["hits"])) == versions[body["index_version"]]
 
 
-def test_a_swap_keeps_the_model_and_cache_when_the_model_is_the_same(index_dir, tmp_path):
+def test_a_swap_keeps_the_model_and_cache_when_the_model_is_the_same(index_dir, tmp_path, monkeypatch):
+    from vclr.query_tower import TextQueryEncoder
+
     served = tmp_path / "index"
     shutil.copytree(index_dir, served)
     live = LiveIndex(Searcher.open(served))
@@ -219,7 +231,10 @@ def test_a_swap_keeps_the_model_and_cache_when_the_model_is_the_same(index_dir, 
     asyncio.run(engine.submit(TextQuery("a red circle", 3), _render))
     assert not live.check()  # nothing new on disk
     delete_from_index(served, image_ids=[0, 1])
+    loads = []
+    monkeypatch.setattr(TextQueryEncoder, "load", classmethod(lambda cls, folder: loads.append(folder)))
     assert live.check()
+    assert loads == []  # the unchanged traced tower is not read again
     assert live.current is not old and live.current.index.manifest["deleted_images"] == 2
     assert live.current.model is old.model and live.current.text_cache is old.text_cache
     assert live.current.text_encoder is old.text_encoder
@@ -232,7 +247,7 @@ def test_a_damaged_save_is_not_swapped_in(index_dir, tmp_path):
     version = live.current.index.version
     (served / "manifest.json").write_text("{not json")
     opened = []
-    live._reopen = lambda old: opened.append(1) or reopen_searcher(old)
+    live._reopen = lambda old: opened.append(1) or old.reopen()
     assert not live.check() and live.current.index.version == version
     assert not live.check() and len(opened) == 1  # the same broken save is not loaded again every second
 

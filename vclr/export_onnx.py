@@ -71,7 +71,7 @@ def export_onnx(source: ModelSource | None, out_dir: str | Path, index_dir: str 
             _export_tower(_Tower(model, modality).eval(), example, tmp / name, "tokens" if modality == "text"
                           else "pixels")
         (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")  # the check below loads the folder
-        manifest["min_cosine"] = _check(model, tokenizer, tmp, manifest)
+        manifest["min_cosine"] = _check(model, tokenizer, tmp)
 
     manifest = write_directory(out_dir, write_files, MANIFEST, manifest)
     logger.info("exported %s to %s (cosine to PyTorch >= %.6f)", manifest["model_name"], out_dir,
@@ -161,14 +161,14 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def _check(model: DualEncoder, tokenizer, folder: Path, manifest: dict) -> float:
+def _check(model: DualEncoder, tokenizer, folder: Path) -> float:
     """The export against the PyTorch model: equal tokens on the probes, cosine >= MIN_COSINE on texts and on images
     of several sizes and shapes (preprocessed the ONNX way and the PyTorch way). -> the smallest cosine."""
     from PIL import Image
 
     from vclr.embed import embed_pil_images
 
-    encoder = OnnxQueryEncoder(folder, manifest, *_sessions(folder), _load_tokenizer(folder))
+    encoder = OnnxQueryEncoder.load(folder)  # the folder as the service will load it (its manifest has no files yet)
     texts = list(PROBES) + ["a photo of a dog", "Two BLUE squares &amp; a circle"]
     expected = tokenizer(texts).numpy()
     got = encoder.tokenize(texts)
@@ -188,16 +188,3 @@ def _check(model: DualEncoder, tokenizer, folder: Path, manifest: dict) -> float
         raise VclrError(f"the ONNX export disagrees with the PyTorch model (cosine {lowest:.6f} < {MIN_COSINE}); "
                         "nothing was written")
     return lowest
-
-
-def _sessions(folder: Path):
-    import onnxruntime
-
-    return [onnxruntime.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
-            for name in (TEXT_FILE, IMAGE_FILE)]
-
-
-def _load_tokenizer(folder: Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(folder / TOKENIZER_FILE))

@@ -172,15 +172,16 @@ class RetrievalIndex:
         """Queries (nq, d) against the captions: D, I of shape (nq, min(k, live captions))."""
         return self._search(self.text_index, "texts", xq, k)
 
-    def check_model(self, dim: int, config_hash: str | None) -> None:
-        """A clear error when a model of another dimension or config would query this index."""
+    def check_model(self, dim: int, config_hash: str | None, remedy: str | None = None) -> None:
+        """A clear error when a model of another dimension or config would query this index; `remedy`: what to do
+        about it, when not the usual advice."""
         if dim != self.d:
             raise IndexDirError(f"the model embeds into {dim} dimensions but the index holds {self.d}-dimensional "
-                                "vectors; use the model the index was built with, or rebuild the index")
+                                f"vectors; {remedy or 'use the model the index was built with, or rebuild the index'}")
         if config_hash is not None and config_hash != self.manifest.get("model_config_hash"):
             raise IndexDirError(f"the model's config (hash {config_hash}) is not the one this index was built with "
                                 f"({self.manifest.get('model_name')}, hash {self.manifest.get('model_config_hash')})"
-                                "; pass the right --run or rebuild the index")
+                                f"; {remedy or 'pass the right --run or rebuild the index'}")
 
     # ----------------------------------------------------------------------------------------- adding, deleting
 

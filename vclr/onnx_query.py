@@ -123,12 +123,8 @@ class OnnxQueryEncoder:
         pixels = np.stack([preprocess_image(image, self.manifest["image"]) for image in images])  # (N, 3, S, S)
         return self.image_session.run(None, {"pixels": pixels})[0]
 
-    def check_index(self, manifest: dict) -> None:
-        """A clear error when the index was built with another model than the one exported here."""
-        if manifest.get("dim") != self.embed_dim or manifest.get("model_config_hash") != \
-                self.manifest["model_config_hash"]:
-            raise VclrError(f"the ONNX export in {self.folder} is of {self.manifest['model_name']} (config hash "
-                            f"{self.manifest['model_config_hash']}, {self.embed_dim} dimensions), but the index was "
-                            f"built with {manifest.get('model_name')} (hash {manifest.get('model_config_hash')}, "
-                            f"{manifest.get('dim')} dimensions); export the index's model: `vclr export --index DIR "
-                            "--format onnx --out DIR`")
+    def check_index(self, index) -> None:
+        """A clear error when the index (a vclr.index.RetrievalIndex) was built with another model than this one."""
+        index.check_model(self.embed_dim, self.manifest["model_config_hash"],
+                          remedy=f"the ONNX export in {self.folder} is of {self.manifest['model_name']}: export the "
+                                 "index's model with `vclr export --index DIR --format onnx --out DIR`")

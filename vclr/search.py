@@ -271,6 +271,11 @@ def _recorded_source(index: RetrievalIndex, index_dir: str | Path) -> ModelSourc
     return source
 
 
+def _model_identity(manifest: dict) -> tuple:
+    """What says two saves of an index were embedded by the same model (and weights)."""
+    return tuple(str(manifest.get(key)) for key in ("model_source", "model_config_hash", "weights_state", "dim"))
+
+
 class QueryEncoder(Protocol):
     """What embeds queries without the model's code: an ONNX export (vclr.onnx_query.OnnxQueryEncoder)."""
 
@@ -278,7 +283,7 @@ class QueryEncoder(Protocol):
 
     def embed_images(self, images: Sequence) -> np.ndarray: ...  # decoded RGB PIL images -> (N, D) unit vectors
 
-    def check_index(self, manifest: dict) -> None: ...  # a clear error when it is not the index's model
+    def check_index(self, index: RetrievalIndex) -> None: ...  # a clear error when it is not the index's model
 
 
 class QueryCache:
@@ -333,7 +338,7 @@ class Searcher:
         query goes through it (the model is never loaded, and torch never imported)."""
         index = RetrievalIndex.load(index_dir, mmap=mmap)
         if encoder is not None:
-            encoder.check_index(index.manifest)
+            encoder.check_index(index)
             return cls(index, index_dir=Path(index_dir), encoder=encoder)
         from vclr.query_tower import TextQueryEncoder
 
@@ -343,6 +348,30 @@ class Searcher:
         if load_model or text_encoder is None:
             searcher.require_model()
         return searcher
+
+    def reopen(self) -> "Searcher":
+        """The newest save of this searcher's index, keeping what still fits it: the ONNX encoder; the model and the
+        query cache when the save was made with the same model; the traced text tower when its file is unchanged
+        (it is loaded only otherwise). A model this searcher had loaded is loaded for the new save before this
+        returns: image queries must not pay for it."""
+        index = RetrievalIndex.load(self.index_dir, mmap=isinstance(self.index.image_embeddings, np.memmap))
+        if self.encoder is not None:
+            self.encoder.check_index(index)
+            return Searcher(index, index_dir=self.index_dir, encoder=self.encoder, text_cache=self.text_cache)
+        same_model = _model_identity(self.index.manifest) == _model_identity(index.manifest)
+        cache = self.text_cache if same_model or self.text_cache is None else QueryCache(self.text_cache.capacity)
+        fresh = Searcher(index, self.model if same_model else None, self.cfg if same_model else None, self.source,
+                         self.index_dir, text_cache=cache)
+        if self.source is None:  # text queries go through the index's own tower
+            from vclr.query_tower import TOWER_FILE, TextQueryEncoder
+
+            same_tower = same_model and self.index.manifest.get("files", {}).get(TOWER_FILE) == \
+                index.manifest.get("files", {}).get(TOWER_FILE)
+            fresh.text_encoder = self.text_encoder if same_tower and self.text_encoder is not None else \
+                TextQueryEncoder.load(self.index_dir)
+        if self.model is not None:
+            fresh.require_model()
+        return fresh
 
     def require_model(self) -> DualEncoder:
         if self.model is None:
@@ -354,9 +383,9 @@ class Searcher:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) unit vectors: from the cache, else by the ONNX encoder, the index's own text tower or the model."""
         cached = [self.text_cache.get(t) for t in texts] if self.text_cache else [None] * len(texts)
-        todo = [t for t, vector in zip(texts, cached) if vector is None]
-        fresh = iter(self._embed_texts(todo) if todo else ())
-        vectors = [vector if vector is not None else next(fresh) for vector in cached]
+        todo = list(dict.fromkeys(t for t, vector in zip(texts, cached) if vector is None))  # a text asked twice: once
+        fresh = dict(zip(todo, self._embed_texts(todo))) if todo else {}
+        vectors = [vector if vector is not None else fresh[text] for text, vector in zip(texts, cached)]
         if self.text_cache:
             for text, vector in zip(texts, vectors):
                 self.text_cache.put(text, vector)

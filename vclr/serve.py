@@ -280,8 +280,7 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
         check_k(k)  # before reading up to 8 MB
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            return JSONResponse({"error": f"upload too large: the limit is {max_upload_bytes} bytes"},
-                                status_code=413)
+            return _too_large(max_upload_bytes)
         return JSONResponse(await engine.submit(ImageQuery(data, k, images or None), render({"k": k})))
 
     @app.get("/api/image/{image_id}")
@@ -300,8 +299,7 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
 def _add_guards(app, access: Access, max_upload_bytes: int) -> None:
     """Body size from the header (before anything is read), the API key, the per-client rate limit, and CORS only
     for the origins named. A plain ASGI middleware: Starlette's `@app.middleware("http")` costs ~1 ms a request."""
-    app.add_middleware(_Guard, access=access, max_body=max_upload_bytes + MULTIPART_OVERHEAD,
-                       max_upload_bytes=max_upload_bytes)
+    app.add_middleware(_Guard, access=access, max_upload_bytes=max_upload_bytes)
     if access.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -310,8 +308,8 @@ def _add_guards(app, access: Access, max_upload_bytes: int) -> None:
 
 
 class _Guard:
-    def __init__(self, app, access: Access, max_body: int, max_upload_bytes: int):
-        self.app, self.access, self.max_body, self.max_upload_bytes = app, access, max_body, max_upload_bytes
+    def __init__(self, app, access: Access, max_upload_bytes: int):
+        self.app, self.access, self.max_upload_bytes = app, access, max_upload_bytes
         self.limiter = RateLimiter(access.rate_limit) if access.rate_limit else None
 
     async def __call__(self, scope, receive, send):
@@ -330,9 +328,8 @@ class _Guard:
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
                 return JSONResponse({"error": "send the upload with a Content-Length header"}, status_code=411)
-            if int(length) > self.max_body:
-                return JSONResponse({"error": f"upload too large: the limit is {self.max_upload_bytes} bytes"},
-                                    status_code=413)
+            if int(length) > self.max_upload_bytes + MULTIPART_OVERHEAD:
+                return _too_large(self.max_upload_bytes)
         if self.access.api_key and scope["path"].startswith("/api/") and not _has_key(request, self.access.api_key):
             return JSONResponse({"error": "this service needs an API key: send it in the X-API-Key header"},
                                 status_code=401)
@@ -342,6 +339,12 @@ class _Guard:
                                           f"{self.access.rate_limit:g} a second"}, status_code=429,
                                 headers={"Retry-After": "1"})
         return None
+
+
+def _too_large(max_upload_bytes: int):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": f"upload too large: the limit is {max_upload_bytes} bytes"}, status_code=413)
 
 
 def _has_key(request, api_key: str) -> bool:

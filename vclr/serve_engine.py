@@ -32,10 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from vclr.config import VclrError
-from vclr.index import MANIFEST, RetrievalIndex
+from vclr.index import MANIFEST
 from vclr.query_limits import ServiceLimits
 from vclr.search import Hit, QueryCache, Searcher
 from vclr.storage import read_manifest
@@ -106,7 +104,7 @@ class LiveIndex:
                  index_dir: str | Path | None = None):
         self.current = searcher
         self.index_dir = Path(index_dir) if index_dir else searcher.index_dir
-        self._reopen = reopen or reopen_searcher
+        self._reopen = reopen or Searcher.reopen
         self._signature = manifest_signature(self.index_dir) if self.index_dir else None
         self._refused: tuple | None = None  # the save that failed to load
         self._stop = threading.Event()
@@ -152,35 +150,6 @@ class LiveIndex:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def reopen_searcher(old: Searcher) -> Searcher:
-    """The new save of `old`'s index, keeping what did not change: the model, its text tower and the query cache
-    when the save was made with the same model; otherwise the new model is loaded before the swap."""
-    new = Searcher.open(old.index_dir, old.source, mmap=_is_mapped(old.index), load_model=False, encoder=old.encoder)
-    same_model = _model_identity(old.index.manifest) == _model_identity(new.index.manifest)
-    new.text_cache = old.text_cache if same_model or old.text_cache is None else QueryCache(old.text_cache.capacity)
-    if old.encoder is None and same_model:
-        new.model, new.cfg = old.model, old.cfg
-        if _tower_file(old.index.manifest) == _tower_file(new.index.manifest) and old.text_encoder is not None:
-            new.text_encoder = old.text_encoder
-    elif old.model is not None:
-        new.require_model()  # image queries must not pay for loading it
-    return new
-
-
-def _model_identity(manifest: dict) -> tuple:
-    return tuple(str(manifest.get(key)) for key in ("model_source", "model_config_hash", "weights_state", "dim"))
-
-
-def _tower_file(manifest: dict):
-    from vclr.query_tower import TOWER_FILE
-
-    return manifest.get("files", {}).get(TOWER_FILE)
-
-
-def _is_mapped(index: RetrievalIndex) -> bool:
-    return isinstance(index.image_embeddings, np.memmap)
 
 
 # ------------------------------------------------------------------------------------------------------ queries

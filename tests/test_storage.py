@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from vclr.storage import (atomic_write_text, directory_problem, remove_stale_temp_dirs, temp_dir,
+from vclr import storage
+from vclr.storage import (atomic_write_text, directory_problem, recover_set_aside, remove_stale_temp_dirs, temp_dir,
                           write_directory)
 
 
@@ -81,3 +82,53 @@ def test_atomic_text_replaces_whole_files(tmp_path):
     atomic_write_text(tmp_path / "a" / "f.txt", "one")
     atomic_write_text(tmp_path / "a" / "f.txt", "two")
     assert (tmp_path / "a" / "f.txt").read_text() == "two" and len(list((tmp_path / "a").iterdir())) == 1
+
+
+def test_replacing_swaps_in_one_atomic_exchange(tmp_path, monkeypatch):
+    """On Linux the new version is exchanged with the old in one renameat2 call: `final` never goes missing (the
+    two-rename fallback has a moment without it), and nothing is left beside it."""
+    write_directory(tmp_path / "out", lambda tmp: (tmp / "v").write_text("1"))
+    renames = []
+    monkeypatch.setattr(storage.os, "replace", lambda a, b: renames.append((a, b)) or _replace(a, b))
+    write_directory(tmp_path / "out", lambda tmp: (tmp / "v").write_text("2"))
+    assert renames == [] and (tmp_path / "out" / "v").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+_replace = storage.os.replace
+
+
+def _set_aside_by_a_killed_writer(tmp_path, name="out", version="1"):
+    """What the two-rename fallback leaves when its writer is SIGKILLed between the renames: no `name`, the previous
+    version inside `.NAME.old-HOST-DEADPID-X`, the new one complete in a temp dir."""
+    write_directory(tmp_path / name, lambda tmp: (tmp / "v").write_text(version))
+    probe = temp_dir(tmp_path / "probe")
+    host = probe.name.split(".tmp-")[1].rsplit("-", 2)[0]
+    probe.rmdir()
+    pid = _dead_pid()
+    old = tmp_path / f".{name}.old-{host}-{pid}-ab"
+    old.mkdir()
+    _replace(tmp_path / name, old / name)
+    (tmp_path / f".{name}.tmp-{host}-{pid}-cd").mkdir()
+
+
+def test_a_version_set_aside_by_a_killed_swap_is_restored(tmp_path):
+    _set_aside_by_a_killed_writer(tmp_path)
+    assert not (tmp_path / "out").exists()
+    assert recover_set_aside(tmp_path / "out")
+    assert (tmp_path / "out" / "v").read_text() == "1" and directory_problem(tmp_path / "out") is None
+    assert not recover_set_aside(tmp_path / "out")  # present: nothing to do
+    # the next writer restores it too, before removing what the dead writer left
+    _set_aside_by_a_killed_writer(tmp_path / "w")
+    write_directory(tmp_path / "w" / "other", lambda tmp: (tmp / "v").write_text("x"))
+    remove_stale_temp_dirs(tmp_path / "w")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["other", "out"]
+    assert (tmp_path / "w" / "out" / "v").read_text() == "1"
+
+
+def test_a_live_writers_set_aside_version_is_left_alone(tmp_path):
+    """A live writer between its renames owns its set-aside version: a reader must not move it back under it."""
+    write_directory(tmp_path / "out", lambda tmp: (tmp / "v").write_text("1"))
+    old = temp_dir(tmp_path / "out", "old")  # this (live) process
+    _replace(tmp_path / "out", old / "out")
+    assert not recover_set_aside(tmp_path / "out") and (old / "out").is_dir()

@@ -31,7 +31,7 @@ import numpy as np
 
 from vclr.ann import Tuning, choose_index
 from vclr.config import INDEX_CHOICES, IndexKind, VclrError
-from vclr.storage import directory_problem, remove_stale_temp_dirs, write_directory
+from vclr.storage import directory_problem, recover_set_aside, remove_stale_temp_dirs, write_directory
 from vclr.store import MetadataStore
 
 FORMAT_VERSION = 2
@@ -262,6 +262,7 @@ class RetrievalIndex:
         """Open a saved index. `mmap`: map the vectors and (IVF) lists from disk instead of reading them into RAM.
         `verify`: check every file's SHA-256 against the manifest (sizes are always checked)."""
         path = Path(path)
+        recover_set_aside(path)  # a save killed between its two renames (where no atomic exchange exists)
         if not path.is_dir():
             raise IndexDirError(f"index dir {path} does not exist; build one with `vclr index`")
         if not (path / MANIFEST).is_file():

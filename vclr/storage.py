@@ -7,8 +7,10 @@
 A file is written to a temp file beside it, fsynced, renamed over the old one, and the folder is fsynced. A
 directory is written into a temp directory; then every file is fsynced, the manifest (`{"files": {relative path:
 {"bytes", "sha256"}}, ...}`) is written last, the temp directory is fsynced and renamed into place (the previous
-version is set aside first and removed after), and the parent is fsynced. A crash at any moment leaves the previous
-version or the new one, never half of one.
+version is swapped out in one atomic exchange where the kernel offers it, else set aside first and removed after),
+and the parent is fsynced. A crash at any moment leaves the previous version or the new one, never half of one; a
+crash between the two renames of the fallback leaves the previous version set aside, and the next reader or writer
+moves it back (`recover_set_aside`).
 
 Temp and set-aside directories carry their writer's host and pid in their names (`.NAME.tmp-HOST-PID-XXXX`), so a
 later writer or reader removes those of writers that died (SIGKILL, power cut), and never one that a live writer owns.
@@ -16,6 +18,8 @@ later writer or reader removes those of writers that died (SIGKILL, power cut), 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -98,19 +102,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_dirs(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Remove temp and set-aside directories in `parent` (of `name`, or of any name) whose writer has died.
-
-    Only directories of this host are judged (a pid means nothing on another machine); a live writer's are kept.
-    """
-    parent, host, removed = Path(parent), _owner().rsplit("-", 1)[0], []
+def _dead_writers_dirs(parent: Path, name: str | None) -> list[tuple[Path, re.Match]]:
+    """Temp and set-aside directories in `parent` (of `name`, or of any name) whose writer, on this host, has died.
+    Only this host's are judged (a pid means nothing on another machine); a live writer's are never returned."""
+    host, found = _owner().rsplit("-", 1)[0], []
     if not parent.is_dir():
-        return removed
+        return found
     for entry in parent.iterdir():
         match = _OWNED.match(entry.name)
         if not match or (name is not None and match["name"] != name) or not entry.is_dir():
             continue
         if match["host"] == host and not _alive(int(match["pid"])):
+            found.append((entry, match))
+    return found
+
+
+def recover_set_aside(final: str | os.PathLike) -> bool:
+    """If `final` is missing because its writer died between setting the old version aside and renaming the new one
+    into place, move the old version back. -> whether one was recovered."""
+    final = Path(final)
+    if final.exists():
+        return False
+    for entry, _ in _dead_writers_dirs(final.parent, final.name):
+        if entry.name.startswith(f".{final.name}.old-") and (entry / final.name).is_dir():
+            os.replace(entry / final.name, final)
+            fsync_path(final.parent)
+            logger.warning("%s was missing after an interrupted save; restored its previous version", final)
+            return True
+    return False
+
+
+def remove_stale_temp_dirs(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove temp and set-aside directories in `parent` (of `name`, or of any name) whose writer has died, after
+    moving back any previous version that an interrupted swap left set aside (`recover_set_aside`)."""
+    parent, removed = Path(parent), []
+    for entry, match in _dead_writers_dirs(parent, name):
+        recover_set_aside(parent / match["name"])
+        if entry.exists():
             try:
                 shutil.rmtree(entry)
                 removed.append(entry)
@@ -141,9 +169,27 @@ def publish_directory(tmp: Path, final: Path, manifest_name: str = CHECKSUMS, ma
     return manifest
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). -> False where the kernel, libc
+    or file system does not offer it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def _swap_into_place(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):  # no moment without `final`; `tmp` now holds the previous version
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     old = temp_dir(final, "old")
     os.replace(final, old / final.name)  # two renames: the old version survives until the new one is in place

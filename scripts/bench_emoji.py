@@ -2,6 +2,7 @@
 
     pip install -e '.[lit]' && python scripts/prepare_lit_towers.py --out weights
     python scripts/bench_emoji.py --minutes 4 --variants scratch,lit_uncached,lit     # one JSON line per variant
+    python scripts/bench_emoji.py --variants lit --validation-only --set model.image_pool_levels=[3,4]  # choosing
 
 Every variant gets the same wall-time budget (train.max_minutes: the schedule is fitted to it, so it completes).
 Settings are chosen on a validation split carved from the train concepts (`fit` / `val`, by a hash of the concept,
@@ -58,7 +59,8 @@ def carve_validation(data: Path, fraction: float = 0.2) -> tuple[Path, Path]:
     return data / "fit", data / "val"
 
 
-def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Path, eval_every: int) -> dict:
+def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Path, eval_every: int,
+                settings: list[str], score_test: bool = True) -> dict:
     config, extra = VARIANTS[variant]
     fit, val = data / "fit", data / "val"
     overrides = [f"data.train={fit}", f"data.val={val}", f"data.test={data / 'test'}",
@@ -67,7 +69,7 @@ def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Pa
     if variant != "scratch":
         overrides += [*LIT, f"model.text_tower_dir={weights / 'all-MiniLM-L6-v2'}",
                       f"model.image_tower_weights={weights / 'efficientnet_lite0_timm.pt'}"]
-    cfg = load_config(ROOT / "configs" / f"{config}.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", overrides + settings)
     start = time.perf_counter()
     result = train(cfg)
     wall_s = time.perf_counter() - start
@@ -76,9 +78,9 @@ def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Pa
     # the test concepts are scored once, at the end, with the checkpoint the validation split chose
     best = read_best(result.run_dir)
     source = RunSource(str(result.run_dir), "best" if best else "final")
-    test = evaluate_run(source, str(data / "test"))["metrics"]
+    test = evaluate_run(source, str(data / "test"))["metrics"] if score_test else {}
     chosen = best["validation"] if best else (validation[-1] if validation else {})
-    return {"bench": "emoji", "variant": variant, "config": config, "steps": result.step,
+    return {"bench": "emoji", "variant": variant, "config": config, "settings": settings, "steps": result.step,
             "train_s": round(result.elapsed_s, 1), "wall_s": round(wall_s, 1),
             "steps_per_min": round(result.step / (result.elapsed_s / 60), 1), "minutes_budget": minutes,
             "checkpoint": f"best (step {best['step']})" if best else "final",
@@ -95,6 +97,10 @@ def main() -> None:
     parser.add_argument("--variants", default="scratch,lit_uncached,lit")
     parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps (default: the "
                         "recipe's; 0 keeps it)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every "
+                        "variant: the settings to compare on the validation split")
+    parser.add_argument("--validation-only", action="store_true", help="do not score the test concepts (while "
+                        "choosing settings; they are scored once, for the chosen ones)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = Path(args.data) if args.data else cache_dir() / "bench" / "openmoji-128"
@@ -103,7 +109,8 @@ def main() -> None:
     carve_validation(data)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
-            line = run_variant(variant.strip(), data, Path(args.weights), args.minutes, Path(tmp), args.eval_every)
+            line = run_variant(variant.strip(), data, Path(args.weights), args.minutes, Path(tmp), args.eval_every,
+                               args.set, score_test=not args.validation_only)
             print(json.dumps(line), flush=True)
 
 

@@ -1,5 +1,7 @@
 """LiT-style towers from local files: a timm image tower with converted weights, a local HF text tower, and locking."""
 
+from dataclasses import replace
+
 import timm
 import pytest
 import torch
@@ -77,6 +79,34 @@ def test_mismatched_tower_files_are_clear_errors(lit_cfg, tmp_path):
         build_model(lit_cfg.__class__(**{**lit_cfg.__dict__, "text_tower_dir": str(tmp_path)}))
     with pytest.raises(ConfigError, match="no Hugging Face text tower"):
         build_model(ModelConfig(text_tower_dir=lit_cfg.text_tower_dir))
+
+
+def test_pooled_levels_join_the_averaged_maps_of_timm_s_stages(lit_cfg):
+    """model.image_pool_levels: the tower's output is timm's pooled features followed by the named feature levels'
+    maps, averaged; checked against timm's blocks run one by one. The projection takes the wider input."""
+    cfg = replace(lit_cfg, lock_image=True, image_pool_levels=(2, 4))
+    model = build_model(cfg).eval()
+    reference = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    reference.load_state_dict(torch.load(cfg.image_tower_weights, weights_only=True), strict=False)
+    reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h, maps = reference.bn1(reference.conv_stem(x)), []
+        for block in reference.blocks:
+            h = block(h)
+            maps.append(h)
+        # feature levels are timm's stage ends: level 2 = blocks[2] (40 channels), level 4 = blocks[6] (320)
+        expected = torch.cat([reference.forward_head(reference.bn2(reference.conv_head(h))),
+                              maps[2].mean(dim=(2, 3)), maps[6].mean(dim=(2, 3))], dim=1)  # (2, 1640)
+        torch.testing.assert_close(model.clip.visual.trunk(x), expected, rtol=1e-4, atol=1e-4)
+        assert model.clip.visual.head.proj.in_features == 1280 + 40 + 320
+        assert model.encode_image(x).shape == (2, 32)
+    assert not any(p.requires_grad for p in model.clip.visual.trunk.parameters())
+    assert model.clip.visual.head.proj.weight.requires_grad
+    with pytest.raises(ConfigError, match=r"feature levels 0\.\.4"):
+        build_model(replace(lit_cfg, image_pool_levels=(5,)))
+    with pytest.raises(ConfigError, match="needs a timm image tower"):
+        build_model(ModelConfig(image_pool_levels=(1,)))
 
 
 def test_locked_timm_tower_computes_what_timm_computes(lit_cfg):

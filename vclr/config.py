@@ -53,6 +53,11 @@ class ModelConfig:
     lock_image_freeze_bn: bool = True  # a fully locked tower keeps its BatchNorm statistics too
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0  # ... except its last N transformer layers
+    # timm image towers: also average-pool these feature levels (indices into the trunk's feature_info, as timm's
+    # forward_intermediates takes them) and join them to the pooled output before the projection. Earlier levels keep
+    # colour and shape that the last one has abstracted away: they carry over to images unlike the tower's training
+    # data (OpenMoji validation split, EfficientNet-Lite0: see configs/lit_frozen_minilm_effl0.yaml)
+    image_pool_levels: tuple[int, ...] = ()
 
     def __post_init__(self):
         _check(self.init_temperature > 0, "model.init_temperature", self.init_temperature, "> 0")

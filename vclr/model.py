@@ -56,6 +56,43 @@ class ProjectorMLP(nn.Module):
         return last(self.dropout(relu(norm(first(self.dropout(x))))))
 
 
+class PooledLevelsTrunk(nn.Module):
+    """A timm trunk whose output also carries the average-pooled maps of some of its feature levels (model.
+    image_pool_levels): (B, F) pooled features -> (B, F + sum of the levels' channels), through timm's own
+    forward_intermediates and forward_head."""
+
+    def __init__(self, trunk: nn.Module, levels: tuple[int, ...]):
+        super().__init__()
+        self.trunk = trunk
+        self.levels = list(levels)
+        channels = [info["num_chs"] for info in trunk.feature_info]
+        self.num_features = trunk.num_features + sum(channels[level] for level in self.levels)
+        # in the state dict, so a saved model records what its tower outputs, and the locked-feature cache key
+        # (which hashes the frozen part's state) differs from the plain trunk's
+        self.register_buffer("pooled_levels", torch.tensor(self.levels, dtype=torch.long))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        final, levels = self.trunk.forward_intermediates(images, indices=self.levels)
+        pooled = [level.mean(dim=(2, 3)) for level in levels]  # (B, C_i) each
+        return torch.cat([self.trunk.forward_head(final), *pooled], dim=1)  # (B, F + sum C_i)
+
+
+def _pool_levels(clip: nn.Module, cfg: ModelConfig) -> None:
+    """Wrap the timm trunk in PooledLevelsTrunk and widen the projection to its output."""
+    trunk, head = getattr(clip.visual, "trunk", None), getattr(clip.visual, "head", None)
+    if trunk is None or not isinstance(getattr(head, "proj", None), nn.Linear):
+        raise ConfigError("model.image_pool_levels needs a timm image tower with a linear projection "
+                          "(vision_cfg.timm_model_name, timm_proj: linear); set it to [] for this model")
+    levels = len(trunk.feature_info)
+    if not all(-levels <= level < levels for level in cfg.image_pool_levels):
+        raise ConfigError(f"model.image_pool_levels={list(cfg.image_pool_levels)}: {cfg.name}'s trunk has feature "
+                          f"levels 0..{levels - 1} (channels {[info['num_chs'] for info in trunk.feature_info]})")
+    clip.visual.trunk = PooledLevelsTrunk(trunk, cfg.image_pool_levels)
+    proj = head.proj
+    head.proj = nn.Linear(clip.visual.trunk.num_features, proj.out_features, bias=proj.bias is not None)
+    head.proj.requires_grad_(proj.weight.requires_grad)
+
+
 class TowerSplit(NamedTuple):
     """A tower as its frozen prefix and the part after it (vclr.locked_cache caches the prefix's outputs)."""
 
@@ -345,6 +382,8 @@ def build_model(cfg: ModelConfig, logit_bias: bool = False, tower_weights: bool 
     if cfg.image_tower_weights:
         load_image_tower_weights(clip, cfg.image_tower_weights)
     _lock_towers(clip, cfg)
+    if cfg.image_pool_levels:
+        _pool_levels(clip, cfg)
     return DualEncoder(cfg, clip, model_cfg["embed_dim"], reset_temperature=not pretrained)
 
 

@@ -1,6 +1,7 @@
 """The one durable writer: atomic directories with a checksum manifest, and cleanup of dead writers' temp dirs."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,11 @@ import pytest
 from vclr import storage
 from vclr.storage import (atomic_write_text, directory_problem, recover_set_aside, remove_stale_temp_dirs, temp_dir,
                           write_directory)
+
+
+def _this_host() -> str:
+    """The host part of the names this machine's writers give their temp dirs (`.NAME.tmp-HOST-PID-XXXX`)."""
+    return storage._owner().rsplit("-", 1)[0]
 
 
 def _dead_pid() -> int:
@@ -53,8 +59,7 @@ def test_replacing_keeps_the_old_version_when_writing_fails(tmp_path):
 
 def test_only_dead_writers_temp_dirs_are_removed(tmp_path):
     live = temp_dir(tmp_path / "idx")  # ours: this process is alive
-    host_pid = live.name.split(".tmp-")[1].rsplit("-", 1)[0]
-    host = host_pid.rsplit("-", 1)[0]
+    host = _this_host()
     dead_tmp = tmp_path / f".idx.tmp-{host}-{_dead_pid()}-abc123"
     dead_old = tmp_path / f".idx.old-{host}-{_dead_pid()}-xyz_9"
     other_host = tmp_path / f".idx.tmp-elsewhere-{_dead_pid()}-abc"  # a pid of another machine proves nothing
@@ -70,8 +75,7 @@ def test_only_dead_writers_temp_dirs_are_removed(tmp_path):
 def test_a_failed_save_is_cleaned_by_the_next_one(tmp_path):
     """What a SIGKILL leaves (a temp dir of a dead pid) is removed by the next save of the same directory."""
     write_directory(tmp_path / "out", lambda tmp: (tmp / "v").write_text("1"))
-    host = temp_dir(tmp_path / "probe").name.split(".tmp-")[1].rsplit("-", 2)[0]
-    stale = tmp_path / f".out.tmp-{host}-{_dead_pid()}-zz"
+    stale = tmp_path / f".out.tmp-{_this_host()}-{_dead_pid()}-zz"
     stale.mkdir()
     (stale / "half.bin").write_bytes(b"\0" * 10)
     write_directory(tmp_path / "out", lambda tmp: (tmp / "v").write_text("2"))
@@ -88,27 +92,21 @@ def test_replacing_swaps_in_one_atomic_exchange(tmp_path, monkeypatch):
     """On Linux the new version is exchanged with the old in one renameat2 call: `final` never goes missing (the
     two-rename fallback has a moment without it), and nothing is left beside it."""
     write_directory(tmp_path / "out", lambda tmp: (tmp / "v").write_text("1"))
-    renames = []
-    monkeypatch.setattr(storage.os, "replace", lambda a, b: renames.append((a, b)) or _replace(a, b))
+    renames, real_replace = [], os.replace
+    monkeypatch.setattr(storage.os, "replace", lambda a, b: renames.append((a, b)) or real_replace(a, b))
     write_directory(tmp_path / "out", lambda tmp: (tmp / "v").write_text("2"))
     assert renames == [] and (tmp_path / "out" / "v").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-_replace = storage.os.replace
 
 
 def _set_aside_by_a_killed_writer(tmp_path, name="out", version="1"):
     """What the two-rename fallback leaves when its writer is SIGKILLed between the renames: no `name`, the previous
     version inside `.NAME.old-HOST-DEADPID-X`, the new one complete in a temp dir."""
     write_directory(tmp_path / name, lambda tmp: (tmp / "v").write_text(version))
-    probe = temp_dir(tmp_path / "probe")
-    host = probe.name.split(".tmp-")[1].rsplit("-", 2)[0]
-    probe.rmdir()
-    pid = _dead_pid()
+    host, pid = _this_host(), _dead_pid()
     old = tmp_path / f".{name}.old-{host}-{pid}-ab"
     old.mkdir()
-    _replace(tmp_path / name, old / name)
+    os.replace(tmp_path / name, old / name)
     (tmp_path / f".{name}.tmp-{host}-{pid}-cd").mkdir()
 
 
@@ -130,5 +128,5 @@ def test_a_live_writers_set_aside_version_is_left_alone(tmp_path):
     """A live writer between its renames owns its set-aside version: a reader must not move it back under it."""
     write_directory(tmp_path / "out", lambda tmp: (tmp / "v").write_text("1"))
     old = temp_dir(tmp_path / "out", "old")  # this (live) process
-    _replace(tmp_path / "out", old / "out")
+    os.replace(tmp_path / "out", old / "out")
     assert not recover_set_aside(tmp_path / "out") and (old / "out").is_dir()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import json
 import logging
@@ -117,33 +118,35 @@ def _dead_writers_dirs(parent: Path, name: str | None) -> list[tuple[Path, re.Ma
     return found
 
 
-def recover_set_aside(final: str | os.PathLike) -> bool:
-    """If `final` is missing because its writer died between setting the old version aside and renaming the new one
-    into place, move the old version back. -> whether one was recovered."""
-    final = Path(final)
-    if final.exists():
+def _restore(set_aside: Path, final: Path) -> bool:
+    """Move the previous version back from a dead writer's set-aside directory when `final` is missing (its writer
+    died between setting it aside and renaming the new one into place). -> whether it did."""
+    if final.exists() or not set_aside.name.startswith(f".{final.name}.old-") or not (set_aside / final.name).is_dir():
         return False
-    for entry, _ in _dead_writers_dirs(final.parent, final.name):
-        if entry.name.startswith(f".{final.name}.old-") and (entry / final.name).is_dir():
-            os.replace(entry / final.name, final)
-            fsync_path(final.parent)
-            logger.warning("%s was missing after an interrupted save; restored its previous version", final)
-            return True
-    return False
+    os.replace(set_aside / final.name, final)
+    fsync_path(final.parent)
+    logger.warning("%s was missing after an interrupted save; restored its previous version", final)
+    return True
+
+
+def recover_set_aside(final: str | os.PathLike) -> bool:
+    """Restore `final`'s previous version if an interrupted swap left it set aside. -> whether one was recovered."""
+    final = Path(final)
+    return not final.exists() and any(_restore(entry, final)
+                                      for entry, _ in _dead_writers_dirs(final.parent, final.name))
 
 
 def remove_stale_temp_dirs(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove temp and set-aside directories in `parent` (of `name`, or of any name) whose writer has died, after
-    moving back any previous version that an interrupted swap left set aside (`recover_set_aside`)."""
+    moving back any previous version that an interrupted swap left set aside (`_restore`)."""
     parent, removed = Path(parent), []
     for entry, match in _dead_writers_dirs(parent, name):
-        recover_set_aside(parent / match["name"])
-        if entry.exists():
-            try:
-                shutil.rmtree(entry)
-                removed.append(entry)
-            except OSError as e:  # a read-only mount: leave it, the data is intact either way
-                logger.debug("could not remove stale %s: %s", entry, e)
+        _restore(entry, parent / match["name"])
+        try:
+            shutil.rmtree(entry)
+            removed.append(entry)
+        except OSError as e:  # a read-only mount: leave it, the data is intact either way
+            logger.debug("could not remove stale %s: %s", entry, e)
     if removed:
         logger.info("removed %d temp dirs of interrupted saves in %s", len(removed), parent)
     return removed
@@ -172,16 +175,21 @@ def publish_directory(tmp: Path, final: Path, manifest_name: str = CHECKSUMS, ma
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
+@functools.cache
+def _renameat2():
+    """libc's renameat2, looked up once; None where libc has none (not Linux, or glibc before 2.28)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). -> False where the kernel, libc
     or file system does not offer it."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError, TypeError):
-        return False
-    at_fdcwd = -100
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    renameat2, at_fdcwd = _renameat2(), -100
+    return renameat2 is not None and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+                                               _RENAME_EXCHANGE) == 0
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:

@@ -63,11 +63,39 @@ def test_cached_frozen_parts_give_the_uncached_loss_and_gradients(lit_files, lev
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)  # float32 rounding
 
 
-def test_partly_unlocked_or_augmented_towers_are_not_cached(lit_files):
-    model = build_model(_locked(lit_files, lock_text_unlocked_layers=1))
-    assert model.frozen_image_part() is not None and model.frozen_text_part() is None
+def test_unlocked_towers_are_not_cached(lit_files):
     model = build_model(_locked(lit_files, lock_image=False))
     assert model.frozen_image_part() is None and model.frozen_text_part() is not None
+    model = build_model(_locked(lit_files, lock_text=False))
+    assert model.frozen_image_part() is not None and model.frozen_text_part() is None
+    model = build_model(_locked(lit_files, lock_text_unlocked_layers=3))  # 2 layers + embeddings: all train
+    assert model.frozen_text_part() is None
+
+
+def test_partly_unlocked_text_tower_caches_its_frozen_layers_with_equal_loss_and_gradients(lit_files):
+    cfg = _locked(lit_files, lock_text_unlocked_layers=1)  # the tiny BERT's second (last) layer trains
+    model = build_model(cfg).train()
+    layers = model.clip.text.transformer.encoder.layer
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert not layers[0].training and layers[1].training  # no dropout in the frozen layer: it can be cached
+    tokens = get_tokenizer(cfg)(CAPTIONS)  # (6, L)
+    images = torch.randn(6, 3, 64, 64)
+    torch.manual_seed(1)  # the trainable layer's dropout draws the same masks on both paths
+    expected_loss, expected_grads = _loss_and_grads(model, images, model.trim_padding(tokens))
+    with torch.no_grad():
+        frozen_images = model.frozen_image_part()(images)
+        # padded beyond the longest caption, as cache rows are (the rest trims each batch to its longest again)
+        frozen_texts = model.frozen_text_part()(torch.cat([model.trim_padding(tokens),
+                                                           torch.zeros(6, 3, dtype=tokens.dtype)], dim=1))
+    assert frozen_texts.shape == (6, model.trim_padding(tokens).shape[1] + 3, 32 + 1)  # hidden states + mask
+    model.use_cached_inputs(image=True, text=True)
+    torch.manual_seed(1)
+    loss, grads = _loss_and_grads(model, frozen_images, frozen_texts)
+    torch.testing.assert_close(loss, expected_loss)
+    assert any(name.startswith("clip.text.transformer.encoder.layer.1.") for name in grads)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_trimmed_padding_leaves_hf_text_features_unchanged(lit_files):
@@ -126,6 +154,21 @@ def test_pooled_levels_change_the_image_cache_key(lit_files):
     keys = {levels: cache_key("images", build_model(_locked(lit_files, image_pool_levels=levels)).image_split(),
                               data, {}) for levels in [(), (3,), (2, 3), (3,)]}
     assert len(set(keys.values())) == 3
+
+
+def test_partly_unlocked_towers_have_cache_keys_of_their_own(lit_files):
+    """The key hashes the frozen part only (its BatchNorm counters included): another cut, another key."""
+    from types import SimpleNamespace
+
+    from vclr.locked_cache import cache_key
+
+    data = SimpleNamespace(table=SimpleNamespace(fingerprint=lambda: "t", image_paths=[]),
+                           tokens=torch.zeros(2, 4, dtype=torch.long))
+    images = {groups: cache_key("images", build_model(_locked(lit_files, lock_image_unlocked_groups=groups))
+                                .image_split(), data, {}) for groups in [0, 1, 3]}
+    texts = {layers: cache_key("texts", build_model(_locked(lit_files, lock_text_unlocked_layers=layers))
+                               .text_split(), data, {}) for layers in [0, 1]}
+    assert len(set(images.values())) == 3 and len(set(texts.values())) == 2
 
 
 @pytest.mark.parametrize("unlocked_groups", [1, 3])

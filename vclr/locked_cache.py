@@ -47,7 +47,8 @@ class LockedFeatures:
 def _digest_state(state: dict[str, torch.Tensor], digest) -> None:
     for name, tensor in sorted(state.items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        # flattened first: a 0-dim tensor (a BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
 
 
@@ -135,8 +136,10 @@ def _text_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.
     key = cache_key("texts", split, dataset, {"model": model.cfg.name})
     folder = _cached("texts", key)
     if folder is None:
-        tokens = dataset.tokens
-        batches = (model.trim_padding(tokens[i:i + BATCH]).to(device) for i in range(0, len(tokens), BATCH))
+        # padding trimmed to the longest caption of all, not per batch: a partly unlocked text tower's frozen part
+        # outputs (B, L, H + 1) per token, and the rows must stack (its rest trims each batch again)
+        tokens = model.trim_padding(dataset.tokens)
+        batches = (tokens[i:i + BATCH].to(device) for i in range(0, len(tokens), BATCH))
         values = _compute(split.frozen, batches, -(-len(tokens) // BATCH), "locked text tower")
         folder = _save("texts", key, {"texts": values})
     else:

@@ -140,6 +140,8 @@ class DualEncoder(nn.Module):
         if text is not None and hasattr(text, "transformer"):
             if not any(p.requires_grad for p in text.transformer.parameters()):
                 frozen.append(text.transformer)
+            else:  # partly unlocked (model.lock_text_unlocked_layers): its frozen embeddings and first layers
+                frozen.extend(_hf_frozen_prefix(text.transformer)[0])
         elif text is None and self.text_split() is not None:
             frozen.append(self.clip.transformer)
         return frozen
@@ -191,7 +193,7 @@ class DualEncoder(nn.Module):
                 mask = (tokens != text.config.pad_token_id).long()
                 return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)  # (B, H)
             return TowerSplit(pooled, text.transformer.state_dict(), text.proj)
-        return None
+        return _hf_layer_split(text) if not pooler_trains else None
 
     def frozen_image_part(self) -> nn.Module | None:
         split = self.image_split()
@@ -258,6 +260,59 @@ class DualEncoder(nn.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
+
+
+# poolers that read only the last hidden states and the mask (not the transformer's own pooler output), so they can
+# run on the output of layers computed apart from the transformer's forward
+LAST_HIDDEN_STATE_POOLERS = ("MeanPooler", "MaxPooler", "ClsLastHiddenStatePooler")
+
+
+def _hf_frozen_prefix(transformer: nn.Module) -> tuple[list[nn.Module], int]:
+    """An HF encoder's (BERT-style: embeddings, encoder.layer) frozen embeddings and leading layers, and the index
+    of its first trainable layer; ([], 0) when its embeddings train or it has no such layer list."""
+    layers = getattr(getattr(transformer, "encoder", None), "layer", None)
+    embeddings = getattr(transformer, "embeddings", None)
+    if layers is None or embeddings is None or any(p.requires_grad for p in embeddings.parameters()):
+        return [], 0
+    first = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
+                 len(layers))
+    return [embeddings, *layers[:first]], first
+
+
+def _hf_layer_split(text: nn.Module) -> "TowerSplit | None":
+    """A partly unlocked HF text encoder (model.lock_text_unlocked_layers): tokens (B, L) -> the hidden states
+    before its first trainable layer with the attention mask as one more channel (B, L, H + 1), since the trainable
+    layers need both and a cache row holds one tensor; and the rest: those layers, the pooler and the projection.
+    None for decoders, poolers that read the transformer's own pooler output, or trainable embeddings."""
+    from transformers.masking_utils import create_bidirectional_mask  # only HF towers need transformers
+    from transformers.modeling_outputs import BaseModelOutput
+
+    transformer = text.transformer
+    prefix, first = _hf_frozen_prefix(transformer)
+    if not prefix or first == 0 or getattr(transformer.config, "is_decoder", False) \
+            or type(text.pooler).__name__ not in LAST_HIDDEN_STATE_POOLERS:
+        return None
+    layers = transformer.encoder.layer[first:]
+    pad = text.config.pad_token_id
+
+    def frozen(tokens: torch.Tensor) -> torch.Tensor:
+        mask = (tokens != pad).long()  # (B, L)
+        hidden = transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[first]
+        return torch.cat([hidden, mask[..., None].to(hidden.dtype)], dim=-1)  # (B, L, H + 1)
+
+    def rest(x: torch.Tensor) -> torch.Tensor:
+        mask = x[..., -1].long()  # (B, L)
+        used = int(mask.any(dim=0).nonzero().max()) + 1  # cached rows are padded to the longest caption of all:
+        hidden, mask = x[:, :used, :-1], mask[:, :used]  # trimmed to this batch's, as trim_padding does for tokens
+        attention = create_bidirectional_mask(config=transformer.config, inputs_embeds=hidden, attention_mask=mask)
+        for layer in layers:
+            hidden = layer(hidden, attention)  # (B, L', H)
+        return text.proj(text.pooler(BaseModelOutput(last_hidden_state=hidden), mask))  # (B, D)
+
+    # the frozen tensors by their names in the transformer (the layer numbers say where the cut is)
+    frozen_names = ("embeddings.", *(f"encoder.layer.{i}." for i in range(first)))
+    state = {name: tensor for name, tensor in transformer.state_dict().items() if name.startswith(frozen_names)}
+    return TowerSplit(frozen, state, rest)
 
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")

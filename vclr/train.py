@@ -158,7 +158,7 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
 
 
 def cache_locked_towers(cfg: Config, model: DualEncoder, source: TrainingSource, accelerator) -> LockedFeatures:
-    """Cached outputs of fully locked towers (train.cache_locked_towers); the model then trains on them."""
+    """Cached outputs of the locked towers' frozen parts (train.cache_locked_towers); the model then trains on them."""
     if not isinstance(source, MapSource):  # streamed shards: no stable rows to cache by
         return LockedFeatures()
     enabled = cfg.train.cache_locked_towers

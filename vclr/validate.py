@@ -68,8 +68,8 @@ class Validator:
                                     for b in self._batches(self.images[self._share(len(self.images))])])
             if "text" in cached:
                 part = model.frozen_text_part()
-                texts = torch.cat([part(model.trim_padding(b).to(device))
-                                   for b in self._batches(self.tokens[self._share(len(self.tokens))])])
+                tokens = model.trim_padding(self.tokens[self._share(len(self.tokens))])  # one length: rows stack
+                texts = torch.cat([part(b.to(device)) for b in self._batches(tokens)])
             self._frozen_cache = (images, texts)
         return self._frozen_cache
 

@@ -1,5 +1,6 @@
-"""How far the frozen LiT towers go on OpenMoji: k-fold cross-validation over the train concepts on the cached tower
-outputs of the lit_frozen recipe, for a few training settings of its projections.
+"""How far the frozen LiT towers go on OpenMoji (k-fold cross-validation over the train concepts).
+
+Runs on the cached tower outputs of the lit_frozen recipe, for a few training settings of its projections.
 
     pip install -e '.[lit]' && python scripts/prepare_lit_towers.py --out weights
     python scripts/bench_emoji_ceiling.py                 # one JSON line: mean R@1 both ways per setting

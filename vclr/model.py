@@ -234,8 +234,7 @@ class DualEncoder(nn.Module):
         config = getattr(getattr(self.clip, "text", None), "config", None)
         if config is None or getattr(config, "pad_token_id", None) is None:
             return tokens
-        used = (tokens != config.pad_token_id).any(dim=0).nonzero()
-        return tokens[:, :int(used.max()) + 1] if len(used) else tokens
+        return tokens[:, :longest_caption(tokens != config.pad_token_id)]
 
     @property
     def logit_bias(self) -> torch.Tensor | None:
@@ -260,6 +259,13 @@ class DualEncoder(nn.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
+
+
+def longest_caption(mask: torch.Tensor) -> int | None:
+    """(B, L) mask of real tokens -> the length up to the batch's last real token (None, slicing nothing away,
+    when there is none): captions are padded at the end, so the columns after it are padding in every row."""
+    used = mask.any(dim=0).nonzero()
+    return int(used.max()) + 1 if len(used) else None
 
 
 # poolers that read only the last hidden states and the mask (not the transformer's own pooler output), so they can
@@ -292,21 +298,25 @@ def _hf_layer_split(text: nn.Module) -> "TowerSplit | None":
     if not prefix or first == 0 or getattr(transformer.config, "is_decoder", False) \
             or type(text.pooler).__name__ not in LAST_HIDDEN_STATE_POOLERS:
         return None
-    layers = transformer.encoder.layer[first:]
     pad = text.config.pad_token_id
+
+    def run(layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, L, H)
+        # the attention mask as the transformer's own forward builds it, so both parts compute what it computes
+        attention = create_bidirectional_mask(config=transformer.config, inputs_embeds=hidden, attention_mask=mask)
+        for layer in layers:
+            hidden = layer(hidden, attention)
+        return hidden
 
     def frozen(tokens: torch.Tensor) -> torch.Tensor:
         mask = (tokens != pad).long()  # (B, L)
-        hidden = transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[first]
+        hidden = run(transformer.encoder.layer[:first], transformer.embeddings(input_ids=tokens), mask)
         return torch.cat([hidden, mask[..., None].to(hidden.dtype)], dim=-1)  # (B, L, H + 1)
 
     def rest(x: torch.Tensor) -> torch.Tensor:
         mask = x[..., -1].long()  # (B, L)
-        used = int(mask.any(dim=0).nonzero().max()) + 1  # cached rows are padded to the longest caption of all:
-        hidden, mask = x[:, :used, :-1], mask[:, :used]  # trimmed to this batch's, as trim_padding does for tokens
-        attention = create_bidirectional_mask(config=transformer.config, inputs_embeds=hidden, attention_mask=mask)
-        for layer in layers:
-            hidden = layer(hidden, attention)  # (B, L', H)
+        used = longest_caption(mask.bool())  # cached rows are padded to the longest caption of all: trimmed to
+        hidden, mask = x[:, :used, :-1], mask[:, :used]  # this batch's, as trim_padding does for tokens
+        hidden = run(transformer.encoder.layer[first:], hidden, mask)  # (B, L', H)
         return text.proj(text.pooler(BaseModelOutput(last_hidden_state=hidden), mask))  # (B, D)
 
     # the frozen tensors by their names in the transformer (the layer numbers say where the cut is)

@@ -45,6 +45,11 @@ def concept_folds(table, data: Path, folds: int) -> np.ndarray:
     return np.asarray([zlib.crc32(concept[Path(path).name].encode()) % folds for path in table.image_paths])
 
 
+def renumber(rows: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
+    """Each caption's image as a position in `rows` (sorted), the numbering of a fold's own image array."""
+    return np.searchsorted(rows, caption_image)
+
+
 def train_fold(initial, cfg, images, texts, caption_image, steps: int, weight_decay: float, lr: float, seed: int):
     """The recipe's model trained on cached outputs of one fold's training concepts; one random caption per image."""
     torch.manual_seed(seed)
@@ -94,13 +99,12 @@ def main() -> None:
             for fold in range(args.folds):
                 fit, held = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
                 fit_caps, held_caps = (np.flatnonzero(np.isin(caption_image, rows)) for rows in (fit, held))
-                renumber = lambda rows, caps: np.searchsorted(rows, caption_image[caps])  # noqa: E731
-                trained = train_fold(model, cfg, images[fit], texts[fit_caps], renumber(fit, fit_caps), steps,
-                                     weight_decay, lr, seed=fold)
+                trained = train_fold(model, cfg, images[fit], texts[fit_caps],
+                                     renumber(fit, caption_image[fit_caps]), steps, weight_decay, lr, seed=fold)
                 with torch.no_grad():
                     image_emb = F.normalize(trained.image_from_frozen(images[held]), dim=-1).numpy()
                     text_emb = F.normalize(trained.text_from_frozen(texts[held_caps]), dim=-1).numpy()
-                scores.append(retrieval_metrics(image_emb, text_emb, renumber(held, held_caps)))
+                scores.append(retrieval_metrics(image_emb, text_emb, renumber(held, caption_image[held_caps])))
             results[name] = {k: round(float(np.mean([s[k] for s in scores])), 1)
                              for k in ("image_to_text_R@1", "text_to_image_R@1")}
         print(json.dumps({"bench": "emoji_ceiling", "recipe": "lit_frozen_minilm_effl0", "settings": args.set,

@@ -20,8 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vclr.config import Config, VclrError
-from vclr.data.dataset import CaptionTable, normalize_images, read_image, tokenize_all
+from vclr.config import Config, DataConfig, VclrError
+from vclr.data.dataset import (CaptionTable, ImageDecoder, draft_size, normalize_images, read_image,
+                               tokenize_all)
 from vclr.model import DualEncoder, get_tokenizer, image_preprocess_cfg, inference_transform
 
 logger = logging.getLogger(__name__)
@@ -48,18 +49,23 @@ def _autocast(device: torch.device):
                                                                                                     enabled=False)
 
 
+def image_decoder(model: DualEncoder, jpeg_draft: float = DataConfig.jpeg_draft) -> ImageDecoder:
+    """Files -> uint8 (3, S, S) through the model's own eval preprocess; JPEGs decoded at reduced scale down to
+    jpeg_draft x S a side (data.jpeg_draft)."""
+    return ImageDecoder(inference_transform(model), draft_size(image_preprocess_cfg(model)["size"], jpeg_draft))
+
+
 class _ImageFiles(Dataset):
     """Item i: (i, uint8 (3, S, S)) or (i, None) when file i cannot be decoded; decoded in the loader's workers."""
 
-    def __init__(self, paths: Sequence[str], transform):
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, paths: Sequence[str], decoder: ImageDecoder):
+        self.paths, self.decoder = list(paths), decoder
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = read_image(self.paths[i])
-        return i, None if image is None else self.transform(image)
+        return i, self.decoder(self.paths[i])
 
 
 class _Rows:
@@ -101,10 +107,10 @@ def encode_image_batch(model: DualEncoder, batch: torch.Tensor) -> torch.Tensor:
 
 
 def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int = 256, num_workers: int = 0,
-                      spill_to: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      spill_to: Path | None = None, jpeg_draft: float = DataConfig.jpeg_draft) -> tuple[np.ndarray, np.ndarray]:
     """-> (embeddings (M, D) of the readable images, their positions (M,) in `paths`), in the order of `paths`.
     `spill_to`: write the embeddings into this .npy file as they come (returned memory-mapped)."""
-    loader = DataLoader(_ImageFiles(paths, inference_transform(model)), batch_size=batch_size,
+    loader = DataLoader(_ImageFiles(paths, image_decoder(model, jpeg_draft)), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate_kept)
     out, kept = _Rows(len(paths), model.embed_dim, spill_to), []
     with tqdm(total=len(paths), desc="embedding images", unit="img", leave=False, disable=len(paths) <= batch_size,
@@ -159,7 +165,7 @@ def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size
     batch_size = batch_size or cfg.eval.batch_size
     spill = (lambda name: Path(spill_dir) / name) if spill_dir is not None else (lambda name: None)
     image_embeddings, kept = embed_image_paths(model, table.image_paths, batch_size, cfg.data.num_workers,
-                                               spill("images.npy"))
+                                               spill("images.npy"), cfg.data.jpeg_draft)
     unreadable = sorted(set(range(len(table))) - set(kept.tolist()))
     if unreadable:
         logger.warning("%s: %d unreadable images left out (first: %s)", table.source, len(unreadable),

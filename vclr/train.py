@@ -180,7 +180,8 @@ def make_validator(cfg: Config, source: TrainingSource, model: DualEncoder, acce
     if table is None:
         raise VclrError("train.eval_every needs validation data: pass data.val=TABLE, data.val_fraction=0.1 or "
                         "data.test=TABLE")
-    return Validator(table, model, get_tokenizer(cfg.model), accelerator, cfg.eval.batch_size, cfg.eval.ks)
+    return Validator(table, model, get_tokenizer(cfg.model), accelerator, cfg.eval.batch_size, cfg.eval.ks,
+                     cfg.data.jpeg_draft)
 
 
 def start_trackers(trainer: Trainer) -> None:

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vclr.config import DataConfig
 from vclr.data.dataset import CaptionTable, decode_images, normalize_images, tokenize_all
-from vclr.embed import encode_image_batch, embed_tokens
+from vclr.embed import encode_image_batch, embed_tokens, image_decoder
 from vclr.metrics import retrieval_metrics
-from vclr.model import DualEncoder, image_preprocess_cfg, inference_transform
+from vclr.model import DualEncoder, image_preprocess_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,9 @@ class Validator:
     """`validator(model)` -> {"val_image_to_text_R@1": ..., "val_rsum": ..., "val_s": seconds} on one table."""
 
     def __init__(self, table: CaptionTable, model: DualEncoder, tokenizer, accelerator, batch_size: int = 256,
-                 ks: Sequence[int] = (1, 5, 10)):
+                 ks: Sequence[int] = (1, 5, 10), jpeg_draft: float = DataConfig.jpeg_draft):
         self.accelerator, self.batch_size, self.ks = accelerator, batch_size, tuple(ks)
-        images = decode_images(table.image_paths, inference_transform(model))
+        images = decode_images(table.image_paths, image_decoder(model, jpeg_draft))
         kept = [i for i, image in enumerate(images) if image is not None]
         if len(kept) < len(images):
             logger.warning("validation set %s: %d unreadable images left out", table.source, len(images) - len(kept))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from vclr.config import VclrError
+from vclr.config import DataConfig, VclrError
 from vclr.data.images import read_image
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,27 @@ def decode_transform(image_size: int, augment: bool = False,
     return T.Compose([geometry, T.PILToTensor()])
 
 
+def draft_size(image_size: int, jpeg_draft: float) -> int:
+    """The side, in pixels, that reduced-scale JPEG decoding keeps (data.jpeg_draft x the model's input size);
+    0 (full-size decoding) when jpeg_draft is 0."""
+    return math.ceil(image_size * jpeg_draft) if jpeg_draft > 0 else 0
+
+
+class ImageDecoder:
+    """An image file (path or file object) -> uint8 (3, S, S) through `geometry`, or None when it is unreadable.
+
+    The one decoding step of every PIL path (training items and caches, shards, embedding, validation): read_image
+    with reduced-scale JPEG decoding down to `draft_to` pixels a side, then the model's resize and crop.
+    """
+
+    def __init__(self, geometry: Callable[[Image.Image], torch.Tensor], draft_to: int = 0):
+        self.geometry, self.draft_to = geometry, draft_to
+
+    def __call__(self, source) -> torch.Tensor | None:
+        image = read_image(source, draft_to=self.draft_to)
+        return None if image is None else self.geometry(image)
+
+
 def read_bytes(path: str) -> bytes | None:
     """A file's encoded bytes, or None (with a warning) when it cannot be read or is empty."""
     try:
@@ -258,14 +280,10 @@ def read_bytes(path: str) -> bytes | None:
     return data or None
 
 
-def decode_images(paths: Sequence[str], transform) -> list[torch.Tensor | None]:
-    """Every image through `transform` (PIL -> uint8 tensor), decoded on threads; None where unreadable."""
-    def decode(path: str) -> torch.Tensor | None:
-        image = read_image(path)
-        return None if image is None else transform(image)
-
+def decode_images(paths: Sequence[str], decoder: ImageDecoder) -> list[torch.Tensor | None]:
+    """Every image through `decoder` (-> uint8 tensor), decoded on threads; None where unreadable."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes outside the GIL
-        return list(tqdm(pool.map(decode, paths, chunksize=64), total=len(paths), desc="decoding images",
+        return list(tqdm(pool.map(decoder, paths, chunksize=64), total=len(paths), desc="decoding images",
                          unit="img", leave=False))
 
 
@@ -299,14 +317,15 @@ class ImageTextDataset(Dataset):
     """
 
     def __init__(self, table: CaptionTable, tokenizer, image_size: int, seed: int = 0, augment: bool = False,
-                 cache_images: bool = True, cache_max_gb: float = 4.0, encoded: bool = False, decode_now: bool = True):
+                 cache_images: bool = True, cache_max_gb: float = 4.0, encoded: bool = False, decode_now: bool = True,
+                 jpeg_draft: float = DataConfig.jpeg_draft):
         self.table = table
         self.seed = seed
         self.epoch = 0
         self.image_size = image_size
         self.encoded = encoded
         self.encoded_cache: list[bytes | None] | None = None
-        self.transform = decode_transform(image_size, augment)
+        self.decoder = ImageDecoder(decode_transform(image_size, augment), draft_size(image_size, jpeg_draft))
         texts, caption_image = table.flat_captions()
         self.tokens = tokenize_all(tokenizer, texts)  # (C, L)
         self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in table.captions])])  # (N + 1,)
@@ -333,7 +352,7 @@ class ImageTextDataset(Dataset):
             logger.info("not caching images: %.1f GB > data.cache_max_gb=%.1f", cache_gb, self.cache_max_gb)
 
     def _fill_cache(self) -> None:
-        images = decode_images(self.table.image_paths, self.transform)
+        images = decode_images(self.table.image_paths, self.decoder)
         bad = [i for i, image in enumerate(images) if image is None]
         if bad:
             logger.warning("%s: skipped %d unreadable images", self.table.source, len(bad))
@@ -379,8 +398,7 @@ class ImageTextDataset(Dataset):
             return self.encoded_cache[i] if self.encoded_cache is not None else read_bytes(self.table.image_paths[i])
         if self.cache is not None:
             return self.cache[i]
-        image = read_image(self.table.image_paths[i])
-        return None if image is None else self.transform(image)
+        return self.decoder(self.table.image_paths[i])
 
     def __getitem__(self, i: int):
         image = i if self.rows_only else self.image(i)

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from vclr.data.dataset import METADATA_NAMES, DataError, decode_transform, read_bytes, read_image, stable_id
+from vclr.config import DataConfig
+from vclr.data.dataset import (METADATA_NAMES, DataError, ImageDecoder, decode_transform, draft_size, read_bytes,
+                               stable_id)
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +81,13 @@ class ShardPairs:
     None-image rows are dropped by the collate."""
 
     def __init__(self, tokenizer, image_size: int, seed: int, caption_columns: Sequence[str], encoded: bool,
-                 augment: bool):
+                 augment: bool, jpeg_draft: float = DataConfig.jpeg_draft):
         self.tokenizer = tokenizer
         self.seed = seed
         self.epoch = 0
         self.caption_columns = tuple(caption_columns)
         self.encoded = encoded
-        self.transform = decode_transform(image_size, augment)
+        self.decoder = ImageDecoder(decode_transform(image_size, augment), draft_size(image_size, jpeg_draft))
 
     def __call__(self, row: dict) -> dict:
         image_key = sample_image_key(row)
@@ -101,11 +102,9 @@ class ShardPairs:
         key = str(row.get("__key__", "")) + str(row.get("__url__", ""))
         draw = np.random.default_rng((self.seed, self.epoch, zlib.crc32(key.encode()))).integers(len(captions))
         tokens = self.tokenizer([captions[draw]])[0]  # (L,)
-        return {"image": data if self.encoded else self._decode(data), "tokens": tokens, "image_id": stable_id(data)}
-
-    def _decode(self, data: bytes) -> torch.Tensor | None:
-        image = read_image(io.BytesIO(data))  # same limits and mode handling as files; None when unreadable
-        return None if image is None else self.transform(image)  # (3, S, S) uint8
+        # decoded as files are (same limits and mode handling): (3, S, S) uint8, or None when unreadable
+        image = data if self.encoded else self.decoder(io.BytesIO(data))
+        return {"image": image, "tokens": tokens, "image_id": stable_id(data)}
 
 
 def stream_shards(shards: list[Path], pairs: ShardPairs, rank: int, world: int, epoch: int):

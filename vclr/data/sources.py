@@ -50,7 +50,7 @@ class MapSource:
             table, self.held_out = split_held_out(table, cfg.data.val_fraction)
         self.dataset = ImageTextDataset(table, tokenizer, image_size, seed=cfg.train.seed, augment=cfg.data.augment,
                                         cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb,
-                                        encoded=cfg.data.decode_on == "device",
+                                        encoded=cfg.data.decode_on == "device", jpeg_draft=cfg.data.jpeg_draft,
                                         # images are decoded in setup, unless a locked image tower's cache makes
                                         # pixels unnecessary (vclr.locked_cache)
                                         decode_now=False)
@@ -84,7 +84,7 @@ class ShardSource:
         self.cfg, self.shards = cfg, shards
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
         self.pairs = ShardPairs(tokenizer, image_size, cfg.train.seed, cfg.data.caption_columns,
-                                cfg.data.decode_on == "device", cfg.data.augment)
+                                cfg.data.decode_on == "device", cfg.data.augment, cfg.data.jpeg_draft)
         logger.info("streaming %d shards from %s", len(shards), cfg.data.train)
 
     def loader(self, epoch: int):

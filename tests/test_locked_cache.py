@@ -156,6 +156,19 @@ def test_pooled_levels_change_the_image_cache_key(lit_files):
     assert len(set(keys.values())) == 3
 
 
+def test_jpeg_draft_changes_the_image_cache_key(lit_files, tmp_path):
+    """Decoding JPEGs at another scale gives slightly other pixels: cached outputs must not be shared."""
+    from vclr.data.dataset import ImageTextDataset, load_caption_table
+    from vclr.locked_cache import image_cache_key
+
+    data = make_synthetic(tmp_path / "shapes", num_train=8, num_test=2, seed=0)
+    model = build_model(_locked(lit_files))
+    table = load_caption_table(data / "train")
+    keys = [image_cache_key(model, model.image_split(), ImageTextDataset(
+        table, get_tokenizer(model.cfg), 64, decode_now=False, jpeg_draft=draft)) for draft in (0.0, 2.0, 1.0, 2.0)]
+    assert len(set(keys)) == 3 and keys[1] == keys[3]
+
+
 def test_partly_unlocked_towers_have_cache_keys_of_their_own(lit_files):
     """The key hashes the frozen part only (its BatchNorm counters included): another cut, another key."""
     from types import SimpleNamespace

@@ -107,10 +107,16 @@ def _image_batches(model: DualEncoder, dataset: ImageTextDataset, device: torch.
         yield normalize_images(torch.stack(images).to(device), preprocess["mean"], preprocess["std"])
 
 
+def image_cache_key(model: DualEncoder, split: TowerSplit, dataset: ImageTextDataset) -> str:
+    """The frozen image part's key: its weights, the data, the model's preprocessing and how far JPEGs are decoded
+    (data.jpeg_draft changes the pixels a little)."""
+    return cache_key("images", split, dataset, {**image_preprocess_cfg(model), "draft_to": dataset.decoder.draft_to})
+
+
 def _image_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device) -> torch.Tensor:
     """Per-row outputs of the frozen image part; afterwards the dataset serves row numbers instead of pixels."""
     split = model.image_split()
-    key = cache_key("images", split, dataset, image_preprocess_cfg(model))
+    key = image_cache_key(model, split, dataset)
     folder = _cached("images", key)
     if folder is None:
         logger.info("computing the locked image tower's outputs once for %d images", len(dataset))

@@ -64,3 +64,36 @@ def test_hf_text_configs_build_from_a_local_dir(name, tiny_hf_text_dir):
     out = model(torch.randn(2, 3, size, size), get_tokenizer(model.cfg)(["a red circle", "a blue star"]))
     dim = json.loads((MODEL_CONFIG_DIR / f"{name}.json").read_text())["embed_dim"]
     assert out["image_features"].shape == out["text_features"].shape == (2, dim)
+
+
+def test_patch_dropout_is_open_clips_flip_in_training_only():
+    """Training drops patches exactly as open_clip's own model with the same setting; eval sees every patch."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="vclr-tiny-vit", patch_dropout=0.5))
+    reference = open_clip.create_model("vclr-tiny-vit", force_patch_dropout=0.5, output_dict=True)
+    reference.load_state_dict(model.clip.state_dict())
+    plain = build_model(ModelConfig(name="vclr-tiny-vit"))
+    plain.load_state_dict(model.state_dict())
+    tokens_seen = []
+    model.clip.visual.transformer.register_forward_pre_hook(lambda _, args: tokens_seen.append(args[0].shape[1]))
+    images = torch.randn(3, 3, 64, 64)  # 8x8 patches of 8 px + the class token
+
+    model.train(), reference.train()
+    torch.manual_seed(1)
+    ours = model.encode_image(images)
+    torch.manual_seed(1)
+    theirs = reference.encode_image(images)
+    assert tokens_seen == [1 + 32]
+    torch.testing.assert_close(ours, theirs)
+
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model.encode_image(images), plain.encode_image(images))
+    assert tokens_seen[-1] == 1 + 64
+
+
+@pytest.mark.parametrize("name", ["vclr-tiny-rn", "vclr-lit-effl0-minilm"])
+def test_patch_dropout_needs_a_vit(name):
+    with pytest.raises(ConfigError, match="model.patch_dropout=0.5 needs an open_clip ViT image tower"):
+        build_model(ModelConfig(name=name, patch_dropout=0.5))

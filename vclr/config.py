@@ -58,12 +58,16 @@ class ModelConfig:
     # colour and shape that the last one has abstracted away: they carry over to images unlike the tower's training
     # data (OpenMoji validation split, EfficientNet-Lite0: see configs/lit_frozen_minilm_effl0.yaml)
     image_pool_levels: tuple[int, ...] = ()
+    # FLIP: training drops this share of an open_clip ViT image tower's patches (random per image, each step), so
+    # its steps cost about (1 - p) as much; validation, embedding and search see every patch
+    patch_dropout: float = 0.0
 
     def __post_init__(self):
         _check(self.init_temperature > 0, "model.init_temperature", self.init_temperature, "> 0")
         _check(self.max_logit_scale > 1, "model.max_logit_scale", self.max_logit_scale, "> 1")
         _check(self.projector_hidden_dim > 0, "model.projector_hidden_dim", self.projector_hidden_dim, "> 0")
         _check(0 <= self.projector_dropout < 1, "model.projector_dropout", self.projector_dropout, "[0, 1)")
+        _check(0 <= self.patch_dropout < 1, "model.patch_dropout", self.patch_dropout, "[0, 1)")
         _check(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups",
                self.lock_image_unlocked_groups, ">= 0")
         _check(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", self.lock_text_unlocked_layers,

@@ -388,6 +388,17 @@ def _text_cfg_override(cfg: ModelConfig, model_cfg: dict, load_weights: bool = T
     return {"text_cfg": text_cfg}
 
 
+def _patch_dropout_override(cfg: ModelConfig, model_cfg: dict) -> dict:
+    """open_clip's own FLIP patch dropout for its ViT image towers (a timm or ResNet tower has no patches to drop)."""
+    if not cfg.patch_dropout:
+        return {}
+    vision = model_cfg["vision_cfg"]
+    if vision.get("timm_model_name") or not isinstance(vision.get("layers"), int):
+        raise ConfigError(f"model.patch_dropout={cfg.patch_dropout} needs an open_clip ViT image tower; {cfg.name}'s "
+                          "is a timm or ResNet tower: set model.patch_dropout=0")
+    return {"force_patch_dropout": cfg.patch_dropout}
+
+
 def load_image_tower_weights(clip: nn.Module, path: str) -> None:
     """Load a timm state dict into the image tower's trunk; every trunk tensor must be in the file."""
     trunk = getattr(clip.visual, "trunk", None)
@@ -441,7 +452,8 @@ def build_model(cfg: ModelConfig, logit_bias: bool = False, tower_weights: bool 
     with _quiet_random_init_warning():
         bias = {"init_logit_bias": cfg.init_logit_bias} if logit_bias and "init_logit_bias" not in model_cfg else {}
         clip = open_clip.create_model(cfg.name, pretrained=pretrained, pretrained_text=False, output_dict=True,
-                                      **_text_cfg_override(cfg, model_cfg, tower_weights), **bias)
+                                      **_text_cfg_override(cfg, model_cfg, tower_weights),
+                                      **_patch_dropout_override(cfg, model_cfg), **bias)
     if pretrained:
         logger.info("loaded pretrained weights %s into %s", pretrained, cfg.name)
     if cfg.image_tower_weights:

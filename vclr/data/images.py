@@ -39,6 +39,9 @@ def read_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, draft_t
                 image = image.point(lambda v: v / 256).convert("L")
             if image.mode in ("P", "LA", "PA") or (image.mode == "L" and "transparency" in image.info):
                 image = image.convert("RGBA")  # palette transparency becomes alpha, then RGB
+            if image.mode == "RGB":  # most photos: decode in place, no full-size copy
+                image.load()
+                return image
             return image.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         logger.warning("unreadable image %s skipped: %s", path, e)

@@ -9,7 +9,9 @@ them for the same number of steps at the same batch size and precision, and prin
 samples/s of each (steady state: the first --warmup-steps are excluded, so compilation and cuDNN autotuning do not
 count), their ratio, FLOPs per sample (counted with torch's FlopCounterMode on one training step) and MFU against
 the GPU's dense bf16 peak. vclr runs with its fast GPU path: batched nvJPEG decoding (data.decode_on=device), bf16,
-TF32, fused AdamW and, with --compile, torch.compile.
+TF32, fused AdamW and, with --compile, torch.compile. The levers: --decode-on loader --jpeg-draft F (PIL in the
+workers at reduced DCT scale), --patch-dropout P (FLIP, in both systems), --profile-steps N (where vclr's step time
+goes: OUT/vclr/profile/ holds the timeline, an operator table and the device's busy share).
 """
 
 from __future__ import annotations
@@ -105,15 +107,18 @@ def run_vclr(args, data: Path, out: Path) -> dict:
     run = out / "vclr"
     steps = args.warmup_steps + args.steps
     overrides = [f"model.name={args.model}", f"data.train={data}", f"data.batch_size={args.batch}",
-                 f"data.num_workers={args.workers}", "data.decode_on=device", "data.cache_images=false",
+                 f"data.num_workers={args.workers}", f"data.decode_on={args.decode_on}", "data.cache_images=false",
+                 f"data.jpeg_draft={args.jpeg_draft}", f"model.patch_dropout={args.patch_dropout}",
+                 f"train.profile_steps={args.profile_steps}",
                  f"optim.max_steps={steps}", f"optim.warmup_steps={min(10, steps)}", "optim.lr=5e-4",
                  f"train.output_dir={run}", "train.log_every=1", f"train.checkpoint_every={steps + 1}",
                  f"train.mixed_precision={args.precision}", f"train.compile={str(args.compile).lower()}",
                  "train.max_minutes=0"]
     train(load_config(None, overrides))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    profile = run / "profile" / "summary.json"
     return {"samples_per_s": steady_rate(rows, args.batch, args.warmup_steps), "steps": rows[-1]["step"],
-            "final_loss": rows[-1]["loss"]}
+            "final_loss": rows[-1]["loss"], "profile": json.loads(profile.read_text()) if profile.is_file() else None}
 
 
 BATCH_TIME = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/.*?Batch \(t\): ([0-9.]+)")
@@ -130,6 +135,8 @@ def run_open_clip_train(args, data: Path, out: Path) -> dict:
            "--name", f"ref-{int(time.time())}", "--save-frequency", "0", "--seed", "0"]
     if args.compile:
         cmd.append("--torchcompile")
+    if args.patch_dropout:
+        cmd += ["--force-patch-dropout", str(args.patch_dropout)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -146,15 +153,16 @@ def run_open_clip_train(args, data: Path, out: Path) -> dict:
 # -------------------------------------------------------------------------------------------------------- figures
 
 
-def flops_per_sample(model_name: str) -> float:
-    """Forward + backward FLOPs of one training pair, counted by torch on a batch of 2 on the CPU."""
+def flops_per_sample(model_name: str, patch_dropout: float = 0.0) -> float:
+    """Forward + backward FLOPs of one training pair (patches dropped as in training), counted by torch on a batch of
+    2 on the CPU."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from vclr.config import ModelConfig
     from vclr.model import build_model, get_tokenizer, image_preprocess_cfg
 
-    cfg = ModelConfig(name=model_name)
+    cfg = ModelConfig(name=model_name, patch_dropout=patch_dropout)
     model = build_model(cfg)
     size = image_preprocess_cfg(model)["size"]
     images = torch.randn(2, 3, size, size)
@@ -196,6 +204,13 @@ def main() -> None:
     parser.add_argument("--out-dir", default="")
     parser.add_argument("--no-reference", action="store_true", help="skip open_clip_train")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: a table)")
+    parser.add_argument("--decode-on", choices=["device", "loader"], default="device",
+                        help="vclr's decoding: batched nvJPEG on the device, or PIL in the loader's workers")
+    parser.add_argument("--jpeg-draft", type=float, default=2.0, help="data.jpeg_draft (--decode-on loader)")
+    parser.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP patch dropout in both systems")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="torch.profiler over this many vclr steps: trace and tables in OUT/vclr/profile/ "
+                             "(profiling slows those steps: take speed figures from a run without it)")
     args = parser.parse_args()
 
     import torch
@@ -210,20 +225,27 @@ def main() -> None:
 
     vclr = run_vclr(args, data, out)
     reference = None if args.no_reference else run_open_clip_train(args, data, out)
-    flops = flops_per_sample(args.model)
+    flops = flops_per_sample(args.model, args.patch_dropout)
     peak, device = peak_tflops(args.peak_tflops)
     mfu = None if peak is None else round(vclr["samples_per_s"] * flops / (peak * 1e12), 4)
     print(json.dumps({
         "bench": "train", "device": device, "model": args.model, "batch": args.batch, "precision": args.precision,
         "compile": args.compile, "images": args.num_images, "image_wh": [args.width, args.height],
-        "workers": args.workers, "warmup_steps": args.warmup_steps,
+        "workers": args.workers, "warmup_steps": args.warmup_steps, "decode_on": args.decode_on,
+        "jpeg_draft": args.jpeg_draft if args.decode_on == "loader" else None, "patch_dropout": args.patch_dropout,
         "vclr_samples_per_s": round(vclr["samples_per_s"], 1), "vclr_steps": vclr["steps"],
         "open_clip_train_samples_per_s": None if reference is None else round(reference["samples_per_s"], 1),
         "ratio": None if reference is None else round(vclr["samples_per_s"] / reference["samples_per_s"], 3),
         "gflops_per_sample": round(flops / 1e9, 2), "peak_tflops": peak, "vclr_mfu": mfu,
         "open_clip_train_mfu": None if peak is None or reference is None
         else round(reference["samples_per_s"] * flops / (peak * 1e12), 4),
+        "vclr_profile": vclr["profile"], "out_dir": str(out), "commit": git_commit(),
     }))
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
 
 
 if __name__ == "__main__":

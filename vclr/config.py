@@ -195,8 +195,12 @@ class TrainConfig:
     # a fully locked tower on deterministic input (no data.augment) is run once over the training set; its outputs
     # are cached on disk ($VCLR_CACHE/locked) and training runs only the parts that train (vclr.locked_cache)
     cache_locked_towers: bool = True
+    # torch.profiler over this many optimizer steps after the first 10: a timeline, an operator table and the
+    # device's busy share in RUN/profile/ (vclr.profiling); 0 = off
+    profile_steps: int = 0
 
     def __post_init__(self):
+        _check(self.profile_steps >= 0, "train.profile_steps", self.profile_steps, ">= 0 (0 = off)")
         _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
                self.gradient_accumulation_steps, ">= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, ">= 1")

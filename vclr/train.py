@@ -31,6 +31,7 @@ from vclr.gradcache import grad_cache_step
 from vclr.locked_cache import LockedFeatures, locked_features
 from vclr.loss import CombinedLoss, gather_features, text_ids
 from vclr.model import DualEncoder, build_model, get_tokenizer, image_preprocess_cfg, param_groups
+from vclr.profiling import StepProfiler
 from vclr.validate import Validator
 
 logger = logging.getLogger(__name__)
@@ -450,6 +451,8 @@ def run_loop(trainer: Trainer) -> TrainResult:
     window_start, window_samples = time.perf_counter(), 0
     last_tick = time.perf_counter()
     clock = BudgetClock(trainer)
+    profiler = StepProfiler(cfg.train.profile_steps, state.max_steps, trainer.run_dir / "profile", acc.device,
+                            acc.is_main_process)
     try:  # the bar is closed whatever happens: an error message must not share a line with it
         for batch in batches(trainer) if not finished else ():
             losses = _step_or_explain_oom(trainer, batch)
@@ -461,6 +464,7 @@ def run_loop(trainer: Trainer) -> TrainResult:
             if not acc.sync_gradients:
                 continue
             state.step += 1
+            profiler.step()
             bar.update(1)
             last = state.step >= state.max_steps
             if cfg.train.max_minutes and state.elapsed_s > cfg.train.max_minutes * 60 and not last:
@@ -494,6 +498,7 @@ def run_loop(trainer: Trainer) -> TrainResult:
             if last:
                 break
     finally:
+        profiler.close()
         bar.close()
     return TrainResult(trainer.run_dir, state.step, first_loss, last_loss, state.elapsed_s, bool(stop_reason),
                        acc.is_main_process)

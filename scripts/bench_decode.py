@@ -7,7 +7,8 @@ For each JPEG size, images/s (wall clock, --workers processes, one thread each, 
 - `open_clip_preprocess`: the reference, open_clip's own eval transform on `Image.open(path)` (every pixel decoded);
 - `vclr_draft_<f>`: vclr's `ImageDecoder` with data.jpeg_draft=f (f=0: every pixel; 2: vclr's default);
 - on CUDA, `nvjpeg`: vclr's `decode_resize` (data.decode_on=device) on batches of --batch encoded files held in RAM.
-Also, per draft setting, the mean absolute difference (of 255) of its uint8 input from open_clip's. Prints one JSON line.
+Also, per draft setting, the mean absolute difference (of 255) of its uint8 input from open_clip's. Prints one JSON
+line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_embed import make_jpegs
+from bench_embed import git_commit, make_jpegs
 from vclr.data.dataset import ImageDecoder, decode_transform, draft_size
 from vclr.data.prepare import cache_dir
 
@@ -110,11 +110,9 @@ def main() -> None:
             if torch.cuda.is_available():
                 row["nvjpeg"] = round(nvjpeg_rate(paths, args.image_size, args.batch), 1)
             results[size_text] = row
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"benchmark": "decode", "image_size": args.image_size, "workers": args.workers,
-                      "device": device, "images_per_s": results, "commit": commit}))
+                      "device": device, "images_per_s": results, "commit": git_commit()}))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,12 @@ def open_clip_loop(model_name: str, checkpoint: Path, paths: list[Path], batch: 
     return len(paths) / (time.perf_counter() - start)
 
 
+def git_commit() -> str:
+    """The checkout's short commit, for a result line (the benchmarks import it from here)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -102,13 +108,11 @@ def main() -> None:
         update = build_index(OpenClipSource(args.model, str(checkpoint)), str(folder), Path(tmp) / "index",
                              workers=args.workers, batch_size=args.batch, rebuild=True)
         vclr_rate = len(paths) / (time.perf_counter() - start)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     print(json.dumps({"benchmark": "embed", "model": args.model, "images": len(paths), "size": args.size,
                       "batch": args.batch, "workers": args.workers, "device": str(device),
                       "torch_threads": torch.get_num_threads(), "indexed": update.added,
                       "open_clip_images_per_s": round(reference, 2), "vclr_index_images_per_s": round(vclr_rate, 2),
-                      "ratio": round(vclr_rate / reference, 3), "commit": commit}))
+                      "ratio": round(vclr_rate / reference, 3), "commit": git_commit()}))
 
 
 if __name__ == "__main__":

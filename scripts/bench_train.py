@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vclr.config import DataConfig
+
 COLORS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (230, 210, 40),
           "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -206,7 +208,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: a table)")
     parser.add_argument("--decode-on", choices=["device", "loader"], default="device",
                         help="vclr's decoding: batched nvJPEG on the device, or PIL in the loader's workers")
-    parser.add_argument("--jpeg-draft", type=float, default=2.0, help="data.jpeg_draft (--decode-on loader)")
+    parser.add_argument("--jpeg-draft", type=float, default=DataConfig.jpeg_draft,
+                        help="data.jpeg_draft (--decode-on loader)")
     parser.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP patch dropout in both systems")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="torch.profiler over this many vclr steps: trace and tables in OUT/vclr/profile/ "
@@ -214,6 +217,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+
+    from bench_embed import git_commit
 
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "no")
     epoch_steps = args.num_images // args.batch
@@ -241,11 +246,6 @@ def main() -> None:
         else round(reference["samples_per_s"] * flops / (peak * 1e12), 4),
         "vclr_profile": vclr["profile"], "out_dir": str(out), "commit": git_commit(),
     }))
-
-
-def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def encode_image_batch(model: DualEncoder, batch: torch.Tensor) -> torch.Tensor:
 
 
 def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int = 256, num_workers: int = 0,
-                      spill_to: Path | None = None, jpeg_draft: float = DataConfig.jpeg_draft) -> tuple[np.ndarray, np.ndarray]:
+                      spill_to: Path | None = None,
+                      jpeg_draft: float = DataConfig.jpeg_draft) -> tuple[np.ndarray, np.ndarray]:
     """-> (embeddings (M, D) of the readable images, their positions (M,) in `paths`), in the order of `paths`.
     `spill_to`: write the embeddings into this .npy file as they come (returned memory-mapped)."""
     loader = DataLoader(_ImageFiles(paths, image_decoder(model, jpeg_draft)), batch_size=batch_size,

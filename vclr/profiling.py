@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
+from vclr.storage import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 WAIT_STEPS = 10  # steps left alone first: compilation, autotuning, the loader's first batches
@@ -66,7 +68,8 @@ class StepProfiler:
     def _write(self, prof) -> None:
         tensorboard_trace_handler(str(self.out_dir), use_gzip=True)(prof)
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        (self.out_dir / "summary.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        table = prof.key_averages().table(sort_by=sort, row_limit=40)
+        atomic_write_bytes(self.out_dir / "summary.txt", (table + "\n").encode())
         events = prof.events()
         start = min(e.time_range.start for e in events)
         end = max(e.time_range.end for e in events)
@@ -75,5 +78,5 @@ class StepProfiler:
             kernels = [(e.time_range.start, e.time_range.end) for e in events
                        if e.device_type == torch.autograd.DeviceType.CUDA]
             summary["device_busy"] = round(busy_fraction(kernels, start, end), 4) if kernels else None
-        (self.out_dir / "summary.json").write_text(json.dumps(summary) + "\n")
+        atomic_write_bytes(self.out_dir / "summary.json", (json.dumps(summary) + "\n").encode())
         logger.info("profile of %d steps: %s (%s)", self.steps, summary, self.out_dir)

@@ -40,7 +40,8 @@ def small_demo_index(folder: Path) -> Path:
     demo_config = str(Path(vclr.__file__).parent / "configs" / "demo.yaml")
     data = folder / "data"
     code = main(["-q", "make-synthetic", "--out", str(data), "--train", "64", "--test", "200"])
-    code = code or main(["-q", "train", "--config", demo_config, "data.train=" + str(data / "train"), f"train.output_dir={folder / 'run'}",
+    code = code or main(["-q", "train", "--config", demo_config, "data.train=" + str(data / "train"),
+                         f"train.output_dir={folder / 'run'}",
                          "optim.max_steps=2", "optim.warmup_steps=1", "data.batch_size=32",
                          "train.checkpoint_every=100"])
     code = code or main(["-q", "index", "--run", str(folder / "run"), "--data", str(data / "test"),
@@ -50,11 +51,11 @@ def small_demo_index(folder: Path) -> Path:
     return folder / "index"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", help="an existing index to search (default: build a small demo-model one)")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     vclr = [sys.executable, "-m", "vclr.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         index = args.index or str(small_demo_index(Path(tmp)))

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_embed import git_commit, make_jpegs
+
+from vclr.data.cache import cache_dir
 from vclr.data.dataset import ImageDecoder, decode_transform, draft_size
-from vclr.data.prepare import cache_dir
 
 
 def _open_clip_transform(size: int):
@@ -85,7 +85,7 @@ def nvjpeg_rate(paths: list[str], size: int, batch: int) -> float:
     return len(encoded) / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="500x375,4032x3024", help="JPEG sizes, width x height, comma-separated")
     parser.add_argument("--count", type=int, default=400, help="files per size (a quarter of it above 4 Mpixels)")
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--drafts", default="0,2,1,0.8", help="data.jpeg_draft settings to measure")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", type=int, default=256, help="nvJPEG batch (CUDA only)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     drafts = [float(d) for d in args.drafts.split(",")]
     results = {}
     with ProcessPoolExecutor(args.workers) as pool:

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_demo.py --steps 60            # prints one JSON line
 
-vclr: the full `vclr.train` loop on the synthetic demo data (data loading, tokens, Accelerate, InfoNCE + triplet,
+vclr: the full `vclr.train.loop` loop on the synthetic demo data (data loading, tokens, Accelerate, InfoNCE + triplet,
 clipping, schedule). Reference: open_clip's CLIP + open_clip's ClipLoss + AdamW on pre-made tensors (no data
 pipeline at all), i.e. the ceiling for this model on this device. The ratio shows what the pipeline costs.
 """
@@ -21,8 +21,8 @@ import torch
 
 from vclr.config import BUILTIN_CONFIGS, load_config
 from vclr.data.synthetic import make_synthetic
-from vclr.model import build_model, image_preprocess_cfg
-from vclr.train import train
+from vclr.model.build import build_model, image_preprocess_cfg
+from vclr.train.loop import train
 
 CONFIG = BUILTIN_CONFIGS / "demo.yaml"
 
@@ -58,21 +58,25 @@ def reference_samples_per_s(model_name: str, batch: int, steps: int, device: tor
     return batch * steps / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--data", help="existing synthetic dataset (default: generate 4,000 images in a temp dir)")
-    args = parser.parse_args()
+    parser.add_argument("--data", help="existing synthetic dataset (default: generate --images images in a temp dir)")
+    parser.add_argument("--images", type=int, default=4000, help="train images generated when --data is not given")
+    parser.add_argument("--batch-size", type=int, default=0, help="default: the demo config's")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data) if args.data else make_synthetic(Path(tmp) / "data", 4000, 100)
+        data = Path(args.data) if args.data else make_synthetic(Path(tmp) / "data", args.images, 100)
         cfg = load_config(CONFIG, [f"data.train={data / 'train'}", f"data.test={data / 'test'}",
                                    f"train.output_dir={Path(tmp) / 'run'}", f"optim.max_steps={args.steps}",
-                                   "optim.warmup_steps=5", "train.log_every=5", "train.max_minutes=0",
-                                   f"train.checkpoint_every={args.steps}"])
+                                   f"optim.warmup_steps={min(5, args.steps)}", "train.log_every=5",
+                                   "train.max_minutes=0", f"train.checkpoint_every={args.steps}",
+                                   *([f"data.batch_size={args.batch_size}"] if args.batch_size else [])])
         result = train(cfg)
         rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [r["samples_per_s"] for r in rows if r["step"] > 10]  # skip the first steps: allocator warm-up
+    warm_up = min(10, args.steps // 2)  # the first steps are left out: allocator warm-up
+    steady = [r["samples_per_s"] for r in rows if r["step"] > warm_up]
     vclr_rate = sum(steady) / len(steady)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref_rate = reference_samples_per_s(cfg.model.name, cfg.data.batch_size, max(5, args.steps // 4), device)

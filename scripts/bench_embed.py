@@ -23,10 +23,10 @@ import open_clip
 import torch
 from PIL import Image, ImageDraw
 
-import vclr.model  # noqa: F401  (vclr's configs registered with open_clip)
-from vclr.data.prepare import cache_dir
-from vclr.model_source import OpenClipSource
-from vclr.search import build_index
+import vclr.model.build  # noqa: F401  (vclr's configs registered with open_clip)
+from vclr.data.cache import cache_dir
+from vclr.index.build import build_index
+from vclr.model.source import OpenClipSource
 
 
 def make_jpegs(folder: Path, count: int, width: int, height: int) -> list[Path]:
@@ -86,7 +86,7 @@ def git_commit() -> str:
                           cwd=Path(__file__).parent).stdout.strip()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--size", default="500x375", help="JPEG width x height")
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--folder", help="JPEG folder (default: made once under the vclr cache)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     folder = Path(args.folder or cache_dir() / "bench" / f"jpegs-{args.images}-{args.size}")
     paths = make_jpegs(folder, args.images, width, height)

@@ -28,11 +28,12 @@ import zlib
 from pathlib import Path
 
 from vclr.config import load_config
-from vclr.data.prepare import cache_dir, prepare_openmoji
-from vclr.evaluate import evaluate_run
-from vclr.model_source import RunSource
+from vclr.data.cache import cache_dir
+from vclr.data.prepare import prepare_openmoji
+from vclr.eval.evaluate import evaluate_run
+from vclr.model.source import RunSource
 from vclr.rundir import read_best, read_metrics
-from vclr.train import train
+from vclr.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 LIT: list[str] = []  # the recipes name their model (lit_frozen: 224 px, chosen on the validation split)
@@ -89,7 +90,7 @@ def run_variant(variant: str, data: Path, weights: Path, minutes: float, tmp: Pa
             **{f"test_{k}": round(v, 2) for k, v in test.items() if "_R@" in k or k in ("rsum", "num_images")}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="prepared openmoji dir (default: prepare it into the cache)")
     parser.add_argument("--weights", default=str(ROOT / "weights"), help="scripts/prepare_lit_towers.py output")
@@ -101,7 +102,7 @@ def main() -> None:
                         "variant: the settings to compare on the validation split")
     parser.add_argument("--validation-only", action="store_true", help="do not score the test concepts (while "
                         "choosing settings; they are scored once, for the chosen ones)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     data = Path(args.data) if args.data else cache_dir() / "bench" / "openmoji-128"
     if not (data / "test" / "metadata.jsonl").is_file():

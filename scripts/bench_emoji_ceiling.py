@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from vclr.config import load_config
-from vclr.data.prepare import cache_dir, prepare_openmoji
-from vclr.loss import CombinedLoss
-from vclr.metrics import retrieval_metrics
-from vclr.model import param_groups
-from vclr.train import setup, warmup_cosine
+from vclr.data.cache import cache_dir
+from vclr.data.prepare import prepare_openmoji
+from vclr.eval.metrics import retrieval_metrics
+from vclr.train.loop import setup
+from vclr.train.loss import CombinedLoss
+from vclr.train.optim import param_groups, warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 # (name, steps, weight decay, lr): the recipe's settings around its validation-chosen ones
@@ -70,13 +71,14 @@ def train_fold(initial, cfg, images, texts, caption_image, steps: int, weight_de
     return model.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="prepared openmoji dir (default: prepare it into the cache)")
     parser.add_argument("--weights", default=str(ROOT / "weights"), help="scripts/prepare_lit_towers.py output")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--max-steps", type=int, default=0, help="cap every setting's steps (the smoke test: 2)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     data = Path(args.data) if args.data else cache_dir() / "bench" / "openmoji-128"
     if not (data / "train" / "metadata.jsonl").is_file():
@@ -95,6 +97,7 @@ def main() -> None:
         fold_of = concept_folds(dataset.table, data, args.folds)
         results = {}
         for name, steps, weight_decay, lr in SETTINGS:
+            steps = min(steps, args.max_steps or steps)
             scores = []
             for fold in range(args.folds):
                 fit, held = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)

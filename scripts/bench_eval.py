@@ -5,8 +5,8 @@
 
 Embeddings are synthetic unit vectors, 5 captions per image, each caption near its image (so ranks spread over
 1..N). Each case runs in its own process so that its peak resident memory (ru_maxrss) is its own. The evaluator is
-`vclr.metrics.retrieval_metrics`: exact, blocked to ~1 GiB of scores at a time, never the dense matrix (the 1M x 200k
-one alone would be 800 GB in float32).
+`vclr.eval.metrics.retrieval_metrics`: exact, blocked to ~1 GiB of scores at a time, never the dense matrix (the
+1M x 200k one alone would be 800 GB in float32).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-CASES = {"coco5k": (5_000, 5), "large": (200_000, 5)}  # images, captions per image
+CASES = {"coco5k": (5_000, 5), "large": (200_000, 5), "smoke": (200, 5)}  # images, captions per image (smoke: the test)
 
 
 def synthetic_embeddings(images: int, per_image: int, d: int, seed: int = 0):
@@ -38,7 +38,7 @@ def synthetic_embeddings(images: int, per_image: int, d: int, seed: int = 0):
 
 
 def run_case(name: str, d: int) -> dict:
-    from vclr.metrics import retrieval_metrics
+    from vclr.eval.metrics import retrieval_metrics
 
     images, per_image = CASES[name]
     start = time.perf_counter()
@@ -56,12 +56,12 @@ def run_case(name: str, d: int) -> dict:
             **{k: round(v, 3) for k, v in metrics.items() if "R@" in k or k == "rsum"}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="coco5k,large")
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case, args.d)), flush=True)
         return

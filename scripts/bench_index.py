@@ -3,13 +3,14 @@
     python scripts/bench_index.py                       # 1M x 512: exact, IVF-Flat, HNSW, OPQ+IVF-PQ, then auto
     python scripts/bench_index.py --n 200000 --kinds flat,ivf_flat
 
-Vectors: `structured_vectors.structured_pairs` (beside this script), CLIP-like clustered unit "image" vectors with
-paired "text" queries shifted by a modality gap. Each type is tuned (`vclr.ann.tune`) on the first half of the text queries to the smallest
+Vectors: `vclr.data.synthetic_vectors.structured_pairs`, CLIP-like clustered unit "image" vectors with
+paired "text" queries shifted by a modality gap. Each type is tuned (`vclr.index.tuning.tune`) on the first
+half of the text queries to the smallest
 nprobe/efSearch reaching --target recall@10 against exact search, then measured on the held-out second half: recall
 and queries/s (all held-out queries in one batch). One JSON line per type, then one for the automatic choice: the
-rule of `vclr.ann.choose_index` (`vclr.ann.pick`: the fastest type meeting the target among those whose raw vectors
-fit the memory budget, exact search included) applied to the indexes built above, with its speed-up over exact
-search measured in the same run.
+rule of `vclr.index.tuning.choose_index` (`vclr.index.tuning.pick`: the fastest type meeting the target among those
+whose raw vectors fit the memory budget, exact search included) applied to the indexes built above, with its
+speed-up over exact search measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ import time
 
 import faiss
 
-from structured_vectors import structured_pairs
-from vclr.ann import (build, candidate_kinds, memory_bytes, pick, recall_at_k, spec_for,
-                      timed_search, tune, Tuning)
+from vclr.data.synthetic_vectors import structured_pairs
+from vclr.index.kinds import candidate_kinds, memory_bytes, spec_for
+from vclr.index.tuning import Tuning, build, pick, recall_at_k, timed_search, tune
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=512)
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--ambient-noise", type=float, default=0.3, help="full-rank noise, relative to the signal")
     parser.add_argument("--kinds", default="flat,ivf_flat,hnsw,ivf_pq")
     parser.add_argument("--memory-budget-gb", type=float, default=0.0, help="for the automatic choice (0: none)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     start = time.perf_counter()
     xb, xq = structured_pairs(args.n, args.d, seed=0, queries=args.queries, noise=args.noise,

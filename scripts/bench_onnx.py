@@ -6,9 +6,9 @@
 For each model config (random-init: the cost does not depend on the weights): export it (`vclr export`), then time
 one text query (tokenizing included) and one image query (a decoded 256x256 image, preprocessing included), each the
 median of `--repeats`, through
-- torch: the index's traced text tower (vclr.query_tower, what `vclr serve` runs for text) and the model's image
-  tower (vclr.embed), and the model's own eager `encode_text` as a second reference;
-- onnx: vclr.onnx_query (onnxruntime, `tokenizers`, PIL), what `vclr serve --backend onnx` runs.
+- torch: the index's traced text tower (vclr.index.text_tower, what `vclr serve` runs for text) and the model's image
+  tower (vclr.embed.embedding), and the model's own eager `encode_text` as a second reference;
+- onnx: vclr.search.onnx (onnxruntime, `tokenizers`, PIL), what `vclr serve --backend onnx` runs.
 The cosine between the backends' vectors is reported too. One JSON line per model.
 """
 
@@ -39,11 +39,11 @@ def bench(model_name: str, repeats: int, folder: Path) -> dict:
     import torch
     from PIL import Image
 
-    from vclr.embed import embed_pil_images, embed_texts
-    from vclr.export_onnx import export_onnx
-    from vclr.model_source import model_source
-    from vclr.onnx_query import OnnxQueryEncoder
-    from vclr.query_tower import TOKENIZER_FILE, TOWER_FILE, TextQueryEncoder, text_query_files
+    from vclr.embed.embedding import embed_pil_images, embed_texts
+    from vclr.export.onnx import export_onnx
+    from vclr.index.text_tower import TOKENIZER_FILE, TOWER_FILE, TextQueryEncoder, text_query_files
+    from vclr.model.source import model_source
+    from vclr.search.onnx import OnnxQueryEncoder
 
     source = model_source(model=model_name)
     torch.manual_seed(0)  # random-init weights: the export loads the model again, and must get the same ones
@@ -71,12 +71,12 @@ def bench(model_name: str, repeats: int, folder: Path) -> dict:
     return line
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vclr-tiny-rn,ViT-B-32")
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--out", help="append the JSON lines to this file too")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for model_name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             line = bench(model_name, args.repeats, Path(tmp))

@@ -5,7 +5,7 @@
     python scripts/bench_serve.py --images 100000 --seconds 5      # a quick look
 
 The index (built once, cached in $VCLR_CACHE/bench/serve-*): `--images` synthetic-but-structured vectors
-(scripts/structured_vectors.py: clusters in a low-dimensional subspace, as real embeddings are) of the dimension of a
+(vclr.data.synthetic_vectors: clusters in a low-dimensional subspace, as real embeddings are) of the dimension of a
 real model config (`--model`, default the demo's vclr-tiny-rn, random-init and saved as a vclr run, so the service
 loads it and its text tower as it would any run), in an IVF-Flat index tuned to recall@10 >= 0.95 on the matching
 synthetic caption vectors. Image paths cycle over 256 small PNG files, so image fetches read real files.
@@ -37,7 +37,7 @@ from urllib.parse import quote
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from structured_vectors import structured_pairs  # noqa: E402
+from vclr.data.synthetic_vectors import structured_pairs  # noqa: E402
 
 ROUTES = ("text", "upload", "fetch")
 ADJECTIVES = ("red", "blue", "green", "small", "large", "old", "bright", "dark", "striped", "round", "square", "tall",
@@ -69,8 +69,8 @@ def build_bench_index(folder: Path, images: int, model_name: str, backend: str) 
     else:
         _build(folder, images, model_name)
     if backend == "onnx" and not (folder / "onnx" / "export.json").is_file():
-        from vclr.export_onnx import export_onnx
-        from vclr.model_source import model_source
+        from vclr.export.onnx import export_onnx
+        from vclr.model.source import model_source
 
         export_onnx(model_source(run=str(folder / "run")), folder / "onnx")
     return index_dir
@@ -79,20 +79,19 @@ def build_bench_index(folder: Path, images: int, model_name: str, backend: str) 
 def _build(folder: Path, images: int, model_name: str) -> None:
     import torch
     from PIL import Image
-    from safetensors.torch import save_file
 
-    from vclr.config import load_config, save_config
-    from vclr.index import IndexOptions, RetrievalIndex
-    from vclr.model import build_model
-    from vclr.model_source import RunSource, model_identity, with_run_from_index
-    from vclr.query_tower import text_query_files
+    from vclr.config import load_config
+    from vclr.index.format import IndexOptions, RetrievalIndex
+    from vclr.index.text_tower import text_query_files
+    from vclr.model.build import build_model
+    from vclr.model.source import RunSource, model_identity, with_run_from_index
+    from vclr.rundir import save_model_as_run
 
     run = folder / "run"
     cfg = load_config(None, [f"model.name={model_name}", f"train.output_dir={run}"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    save_config(cfg, run / "config.yaml")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+    save_model_as_run(run, cfg, model)
     files = folder / "images"
     files.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -105,14 +104,15 @@ def _build(folder: Path, images: int, model_name: str) -> None:
           file=sys.stderr)
     xb, xq = structured_pairs(images, model.embed_dim)
     source = RunSource(str(run))
-    manifest = model_identity(source, cfg) | {"dataset": "structured vectors (scripts/structured_vectors.py)"}
+    manifest = model_identity(source, cfg) | {"dataset": "structured vectors (vclr.data.synthetic_vectors)"}
     manifest["model_source"] = with_run_from_index(manifest["model_source"], folder / "index")
     index = RetrievalIndex.build(xb, np.zeros((0, model.embed_dim), np.float32), [],
                                  [paths[i % len(paths)] for i in range(images)], [], manifest,
                                  IndexOptions(kind="ivf_flat"))
     # the images' own tuning used image queries (there are no captions): tune again with the caption vectors,
     # which sit across the modality gap as text queries do
-    from vclr.ann import exact_neighbours, spec_for, tune
+    from vclr.index.kinds import spec_for
+    from vclr.index.tuning import exact_neighbours, tune
 
     spec = spec_for("ivf_flat", images, model.embed_dim)
     tuning = tune(index.image_index, spec, xq, exact_neighbours(xb, xq, 10), 10, 0.95)
@@ -259,11 +259,11 @@ def percentiles(seconds_list: list[float]) -> dict:
 
 def in_process_reference(index_dir: Path, backend: str, onnx_dir: Path, repeats: int = 200) -> float:
     """Median ms of one text query answered in this process (the service's floor), on the same index."""
-    from vclr.search import Searcher
+    from vclr.search.searcher import Searcher
 
     encoder = None
     if backend == "onnx":
-        from vclr.onnx_query import OnnxQueryEncoder
+        from vclr.search.onnx import OnnxQueryEncoder
 
         encoder = OnnxQueryEncoder.load(onnx_dir)
     searcher = Searcher.open(index_dir, load_model=False, encoder=encoder)
@@ -278,7 +278,7 @@ def in_process_reference(index_dir: Path, backend: str, onnx_dir: Path, repeats:
     return round(statistics.median(times) * 1000, 2)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--model", default="vclr-tiny-rn", help="the model config whose towers answer")
@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--serve-args", default="", help="extra `vclr serve` flags, e.g. '--max-queue 32'")
     parser.add_argument("--out", help="append the JSON lines to this file too")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     folder = cache_dir() / f"serve-{args.model}-{args.images}"
     index_dir = build_bench_index(folder, args.images, args.model, args.backend)
     manifest = json.loads((index_dir / "manifest.json").read_text())

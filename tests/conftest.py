@@ -1,14 +1,14 @@
+"""pytest fixtures shared by the suite: an isolated working directory for every test, and small datasets and models
+built once a session. Plain helpers live in tests/helpers.py."""
+
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing is fetched from a hub in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent  # for the scripts/ and the sources; configs come from the package
-sys.path.insert(0, str(REPO_ROOT / "scripts"))  # test helpers shared with the benchmarks (structured_vectors)
 
 
 @pytest.fixture(autouse=True)
@@ -30,42 +30,6 @@ def small_shapes(tmp_path_factory):
     from vclr.data.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("small_shapes"), num_train=1500, num_test=200, seed=1)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class StopAfterCheckpoint(Exception):
-    """A training 'killed' right after writing a checkpoint (see die_after_checkpoint)."""
-
-
-def die_after_checkpoint(monkeypatch, step: int):
-    """Make the trainer raise StopAfterCheckpoint right after it writes checkpoint `step`. -> the real save."""
-    import vclr.train as train_mod
-
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(trainer):
-        path = real_save(trainer)
-        if trainer.state.step == step:
-            raise StopAfterCheckpoint
-        return path
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    return real_save
-
-
-def train_overrides(data, run, **extra):
-    values = {"data.train": data / "train", "data.test": data / "test", "train.output_dir": run,
-              "optim.max_steps": 150, "optim.warmup_steps": 10, "data.batch_size": 64,
-              "loss.triplet_warmup_steps": 50, "train.checkpoint_every": 75, "train.max_minutes": 0}
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
 
 
 @pytest.fixture(scope="session")
@@ -104,21 +68,14 @@ def tiny_lit_model_name(tmp_path_factory):
     return "tiny-lit"
 
 
-def untrained_index(data: Path, run: Path) -> Path:
-    """An index of `data` embedded by an untrained tiny model saved as a run (for tests of the service and the query
-    path, not of the model): RUN and RUN_index beside it."""
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-init open_clip state dict saved to a file, as a user's local checkpoint would be."""
+    import open_clip
     import torch
-    from safetensors.torch import save_file
 
-    from vclr.config import load_config, save_config
-    from vclr.model import build_model
-    from vclr.search import build_index
-
-    cfg = load_config(None, [f"train.output_dir={run}"])
+    import vclr.model.build  # noqa: F401  (registers vclr's model configs with open_clip)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    save_config(cfg, run / "config.yaml")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
-    index_dir = run.parent / f"{run.name}_index"
-    build_index(run, str(data), index_dir)
-    return index_dir
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-rn.pt"
+    torch.save(open_clip.create_model(TINY_MODEL).state_dict(), path)
+    return path

@@ -1,4 +1,4 @@
-"""Runs vclr training once per case under `accelerate launch` (the multi-process half of test_distributed.py).
+"""Runs vclr training once per case under `accelerate launch` (the multi-process half of test_train_distributed.py).
 
     accelerate launch --num_processes 2 --cpu tests/dist_train_worker.py CASES.json
 
@@ -11,7 +11,7 @@ import sys
 import torch.distributed as dist
 
 from vclr.config import load_config
-from vclr.train import train
+from vclr.train.loop import train
 
 if __name__ == "__main__":
     for overrides in json.loads(open(sys.argv[1]).read()):

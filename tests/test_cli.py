@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from helpers import REPO_ROOT
 
-from conftest import REPO_ROOT
 from vclr.cli import main
 from vclr.config import BUILTIN_CONFIGS, ModelConfig, config_hash
-from vclr.index import RetrievalIndex
+from vclr.index.format import RetrievalIndex
 
 CONFIG = str(BUILTIN_CONFIGS / "demo.yaml")
 
@@ -90,7 +90,7 @@ def test_user_errors(argv, expected, tmp_path, fake_index, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from vclr.config import VclrError
+    from vclr.errors import VclrError
 
     with pytest.raises(VclrError):
         main(["--debug", "search", "--index", str(tmp_path / "nowhere"), "--text", "x"])
@@ -103,7 +103,8 @@ def test_models_lists_configs(capsys):
 
 
 def _every_command() -> list[list[str]]:
-    from vclr.cli import COMMANDS, PREPARE_DATASETS
+    from vclr.cli.data_cmds import PREPARE_DATASETS
+    from vclr.cli.main import COMMANDS
 
     commands = [[name] for name, *_ in COMMANDS] + [["prepare", name] for name in PREPARE_DATASETS]
     return [[]] + commands + [["embed"]]  # the top level, every subcommand, every prepare dataset, an alias
@@ -121,8 +122,9 @@ def test_every_help_ends_with_a_runnable_example(command, capsys):
     expected = ["vclr", *(["index"] if command == ["embed"] else command)]
     assert example.split()[:len(expected)] == expected, example
     # and parses: the example's arguments are accepted by the parser (nothing is run)
-    from vclr.cli import build_parser
     import shlex
+
+    from vclr.cli.main import build_parser
 
     args = build_parser().parse_args(shlex.split(example)[1:])
     assert callable(args.func)
@@ -148,7 +150,7 @@ def test_builtin_configs_resolve_by_name_from_any_directory():
 
 LOAD_SCRIPT = """
 import sys
-from vclr.cli import _setup_logging
+from vclr.cli.main import _setup_logging
 _setup_logging(quiet=False, verbose=sys.argv[2] == "verbose")
 from transformers import BertModel
 BertModel.from_pretrained(sys.argv[1])  # the tiny BERT dir has a pooler the model does not use: a LOAD REPORT

@@ -4,7 +4,8 @@
 import pytest
 import yaml
 
-from vclr.config import BUILTIN_CONFIGS, Config, ConfigError, config_to_dict, load_config, save_config
+from vclr.config import BUILTIN_CONFIGS, Config, ModelConfig, config_to_dict, load_config, save_config
+from vclr.errors import ConfigError
 
 CONFIG_FILES = sorted(BUILTIN_CONFIGS.rglob("*.yaml"))
 
@@ -76,3 +77,33 @@ def test_text_fields_take_values_as_typed(tmp_path):
     unquoted.write_text("train:\n  mixed_precision: no\n")
     assert load_config(unquoted).train.mixed_precision == "no"
     assert load_config(None, ["eval.ks=[1, 2]"]).eval.ks == (1, 2)
+
+
+def test_every_model_field_decides_whether_it_enters_the_config_hash():
+    """A ModelConfig field added without being placed in one of the hash sets fails here: the hash decides which
+    indexes, caches and exports a model may use."""
+    import dataclasses
+
+    from vclr.config import HASHED_FIELDS, LOCATION_FIELDS, NEWER_FIELDS, UNHASHED_FIELDS
+
+    placed = [name for fields in (HASHED_FIELDS, NEWER_FIELDS, LOCATION_FIELDS, UNHASHED_FIELDS) for name in fields]
+    assert sorted(placed) == sorted(f.name for f in dataclasses.fields(ModelConfig))  # each field exactly once
+
+
+def test_config_hash_follows_the_field_sets_and_accepts_earlier_records():
+    import hashlib
+    import json
+    from dataclasses import asdict, replace
+
+    from vclr.config import config_hash, config_hashes
+
+    base = ModelConfig()
+    assert config_hash(replace(base, patch_dropout=0.5)) == config_hash(base)  # training-only
+    assert config_hash(replace(base, image_pool_levels=(2, 3))) != config_hash(base)
+    assert config_hash(replace(base, text_tower_dir="/a")) == config_hash(replace(base, text_tower_dir="/b"))
+    # what the previous vclr recorded: every field but the two newer ones at their default, image_pool_levels and
+    # patch_dropout included
+    values = json.loads(json.dumps(asdict(base)))
+    values.pop("init_logit_bias"), values.pop("projector_dropout")
+    earlier = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    assert config_hashes(base) == (config_hash(base), earlier)

@@ -6,10 +6,11 @@ import datasets
 import pytest
 import torch
 
-from vclr.data.dataset import DataError, ImageTextDataset, load_caption_table
-from vclr.data.synthetic import make_synthetic
-from vclr.model import get_tokenizer
 from vclr.config import ModelConfig
+from vclr.data.dataset import ImageTextDataset, load_caption_table
+from vclr.data.synthetic import make_synthetic
+from vclr.errors import DataError
+from vclr.model.build import get_tokenizer
 
 
 @pytest.fixture(scope="module")

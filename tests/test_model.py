@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from vclr.config import ConfigError, ModelConfig
-from vclr.model import MODEL_CONFIG_DIR, build_model, get_tokenizer, image_preprocess_cfg, list_models
+from vclr.config import ModelConfig
+from vclr.errors import ConfigError
+from vclr.model.build import MODEL_CONFIG_DIR, build_model, get_tokenizer, image_preprocess_cfg, list_models
 
 VCLR_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json") if "hf_model_name" not in p.read_text())
 HF_TEXT_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json") if "hf_model_name" in p.read_text())

@@ -9,8 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def _run(argv, **kwargs):
@@ -32,7 +31,8 @@ def test_wheel_installs_offline_and_runs_the_demo_outside_the_repo(tmp_path):
           "-w", str(wheels), str(source)])
     wheel = next(wheels.glob("vclr-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"vclr/configs/demo.yaml", "vclr/model_configs/vclr-tiny-rn.json", "vclr/cli.py"} <= names
+    assert {"vclr/configs/demo.yaml", "vclr/model/configs/vclr-tiny-rn.json", "vclr/cli/main.py",
+            "vclr/serve/static/index.html", "vclr/serve/static/page.js", "vclr/serve/static/page.css"} <= names
 
     # a fresh venv that reuses the dependencies installed here (offline), and gets vclr from the wheel only
     venv = tmp_path / "venv"

@@ -8,8 +8,14 @@ import sys
 import pytest
 
 from vclr import storage
-from vclr.storage import (atomic_write_text, directory_problem, recover_set_aside, remove_stale_temp_dirs, temp_dir,
-                          write_directory)
+from vclr.storage import (
+    atomic_write_text,
+    directory_problem,
+    recover_set_aside,
+    remove_stale_temp_dirs,
+    temp_dir,
+    write_directory,
+)
 
 
 def _this_host() -> str:

@@ -1,0 +1,56 @@
+"""vclr: train, index, search and evaluate image-text retrieval models.
+
+    import vclr
+    vclr.build_index(vclr.model_source(model="ViT-B-32", pretrained="vit.pt"), "photos/", "photos-index")
+    hits = vclr.Searcher.open("photos-index").by_text("a dog on the beach", k=10)
+
+The names below are imported on first use (PEP 562), so `import vclr` costs nothing: `vclr --help` and a text query
+through an index's traced tower stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "VclrError": "vclr.errors",
+    "load_config": "vclr.config",
+    "model_source": "vclr.model.source",
+    "train": "vclr.train.loop",
+    "build_index": "vclr.index.build",
+    "add_to_index": "vclr.index.build",
+    "delete_from_index": "vclr.index.build",
+    "Searcher": "vclr.search.searcher",
+    "Hit": "vclr.search.searcher",
+    "search_by_text": "vclr.search.searcher",
+    "evaluate_run": "vclr.eval.evaluate",
+    "export_onnx": "vclr.export.onnx",
+}
+__all__ = ["__version__", "VclrError", "load_config", "model_source", "train", "build_index", "add_to_index",
+           "delete_from_index", "Searcher", "Hit", "search_by_text", "evaluate_run", "export_onnx"]
+
+if TYPE_CHECKING:
+    from vclr.config import load_config
+    from vclr.errors import VclrError
+    from vclr.eval.evaluate import evaluate_run
+    from vclr.export.onnx import export_onnx
+    from vclr.index.build import add_to_index, build_index, delete_from_index
+    from vclr.model.source import model_source
+    from vclr.search.searcher import Hit, Searcher, search_by_text
+    from vclr.train.loop import train
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vclr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -19,24 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
+from vclr.errors import ConfigError
 from vclr.storage import atomic_write_text
-
-
-class VclrError(Exception):
-    """A user-facing error: the CLI prints its message on one line, without a traceback."""
-
-
-class ConfigError(VclrError):
-    pass
-
-
-IndexKind = Literal["auto", "flat", "ivf_flat", "hnsw", "ivf_pq"]  # vclr.ann; "auto": the measured choice
-INDEX_CHOICES: tuple[str, ...] = typing.get_args(IndexKind)  # the one list: IndexOptions, CLI choices, errors
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "vclr-tiny-rn"  # an open_clip model config: vclr's own (vclr/model_configs) or any of open_clip's
+    name: str = "vclr-tiny-rn"  # an open_clip model config: vclr's own (vclr/model/configs) or any of open_clip's
     pretrained: str = ""  # "" = random init; a local checkpoint path; or an open_clip tag (downloads: needs internet)
     init_temperature: float = 0.07  # CLIP's starting softmax temperature; stored as log(1/T) like open_clip
     learn_temperature: bool = True  # learnable temperature is one of InfoNCE's best-known wins (CLIP, ALIGN)
@@ -193,10 +182,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (Accelerate's dynamo backend "inductor")
     channels_last: bool = False  # NHWC memory format for conv towers (faster tensor-core convolutions)
     # a fully locked tower on deterministic input (no data.augment) is run once over the training set; its outputs
-    # are cached on disk ($VCLR_CACHE/locked) and training runs only the parts that train (vclr.locked_cache)
+    # are cached on disk ($VCLR_CACHE/locked) and training runs only the parts that train (vclr.train.locked_cache)
     cache_locked_towers: bool = True
     # torch.profiler over this many optimizer steps after the first 10: a timeline, an operator table and the
-    # device's busy share in RUN/profile/ (vclr.profiling); 0 = off
+    # device's busy share in RUN/profile/ (vclr.train.profiling); 0 = off
     profile_steps: int = 0
 
     def __post_init__(self):
@@ -285,7 +274,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return ""
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
         raise ConfigError(
-            f"config field {key}={value!r} has the wrong type: expected {annotation.__name__}, got {type(value).__name__}"
+            f"config field {key}={value!r} has the wrong type: expected {annotation.__name__}, "
+            f"got {type(value).__name__}"
         )
     return value
 
@@ -296,11 +286,12 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {where}; known keys: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {where}; "
+                          f"known keys: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"config section '{prefix}{name}' must be a mapping, got {value!r}")
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
@@ -371,26 +362,45 @@ def config_to_dict(cfg: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists: plain YAML/JSON
 
 
-# fields added after index manifests began recording config hashes: at their default they are left out of the hash,
-# so an index built before they existed still matches the run that built it
-_NEWER_FIELDS = {"init_logit_bias", "projector_dropout"}
+# Every ModelConfig field is in exactly one of these sets (tests/test_config.py fails until a new field is placed):
+# the config hash says which indexes, caches and exports a model may use, so each field is a decision.
+# - hashed: it changes what the model computes;
+HASHED_FIELDS = {"name", "pretrained", "init_temperature", "learn_temperature", "max_logit_scale", "projector",
+                 "projector_hidden_dim", "lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn",
+                 "lock_text", "lock_text_unlocked_layers"}
+# - hashed only away from their default: added after index manifests began recording config hashes, so an index
+#   built before they existed still matches the run that built it;
+NEWER_FIELDS = {"init_logit_bias", "projector_dropout", "image_pool_levels"}
+# - hashed as "set" or "": where a model's initial tower weights were read from. The trained weights define the
+#   model, not these paths, so a run moved elsewhere (its text tower then read from its own copy) keeps its hash;
+LOCATION_FIELDS = {"text_tower_dir", "image_tower_weights"}
+# - not hashed: training-only settings that leave the embeddings unchanged (FLIP patch dropout is off in eval).
+UNHASHED_FIELDS = {"patch_dropout"}
+# fields that an earlier vclr hashed at every value (before they were placed above): indexes and exports it wrote
+# carry that hash, which `config_hashes` still accepts
+LEGACY_ALWAYS_HASHED = {"image_pool_levels", "patch_dropout"}
 
 
-# where a model's initial tower weights were read from: the trained weights define the model, not these paths, so a
-# run moved elsewhere (its text tower then read from its own copy) keeps its hash
-_LOCATION_FIELDS = {"text_tower_dir", "image_tower_weights"}
-
-
-def config_hash(section: Any) -> str:
-    """Short stable hash of a config (section); the index manifest uses the model section's."""
+def config_hash(section: Any, always_hashed: frozenset[str] = frozenset()) -> str:
+    """Short stable hash of a config (section); the index manifest uses the model section's. `always_hashed`: fields
+    hashed at every value, as an earlier vclr did (config_hashes)."""
     values = json.loads(json.dumps(dataclasses.asdict(section)))
     for field_ in dataclasses.fields(section):
-        if field_.name in _NEWER_FIELDS and getattr(section, field_.name) == field_.default:
+        if field_.name in always_hashed:
+            continue
+        if field_.name in UNHASHED_FIELDS or (field_.name in NEWER_FIELDS
+                                              and getattr(section, field_.name) == field_.default):
             values.pop(field_.name)
-        if field_.name in _LOCATION_FIELDS and values[field_.name]:
+        if field_.name in LOCATION_FIELDS and values[field_.name]:
             values[field_.name] = "set"
     blob = json.dumps(values, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_hashes(section: Any) -> tuple[str, ...]:
+    """The hash this vclr records first, then the one earlier versions recorded for the same config: what an index or
+    export built from it may carry."""
+    return tuple(dict.fromkeys([config_hash(section), config_hash(section, frozenset(LEGACY_ALWAYS_HASHED))]))
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -2,6 +2,8 @@
 trainer, so that searching and serving need neither the training code nor Accelerate.
 
     RUN/config.yaml               the resolved config (vclr.config)
+    RUN/run.json                  {"format_version": FORMAT_VERSION}: the layout this vclr wrote (runs without it
+                                  are of format 1 too)
     RUN/metrics.jsonl             one JSON row per logged step
     RUN/model.safetensors         the final weights
     RUN/data_report.json          what the training data held and what was skipped
@@ -23,12 +25,24 @@ import logging
 import shutil
 from pathlib import Path
 
-from vclr.config import Config, ModelConfig, VclrError, load_config, save_config
-from vclr.storage import (CHECKSUMS, atomic_write_text, directory_problem, publish_directory, read_manifest,
-                          remove_stale_temp_dirs, temp_dir, write_directory)
+from vclr.config import Config, ModelConfig, load_config, save_config
+from vclr.errors import VclrError
+from vclr.storage import (
+    CHECKSUMS,
+    atomic_write_bytes,
+    atomic_write_text,
+    directory_problem,
+    publish_directory,
+    read_manifest,
+    remove_stale_temp_dirs,
+    temp_dir,
+    write_directory,
+)
 
 logger = logging.getLogger(__name__)
 
+FORMAT_VERSION = 1  # bumped when a file of the run directory changes meaning; readers refuse newer versions
+FORMAT_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
@@ -49,7 +63,21 @@ def load_run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise VclrError(f"run dir {run_dir} has no {CONFIG_FILE}: is it a `vclr train` output_dir?")
+    check_format(run_dir)
     return load_config(run_dir / CONFIG_FILE)
+
+
+def check_format(run_dir: Path) -> None:
+    """A clear error for a run written by a newer vclr (a layout this one does not know)."""
+    if not (run_dir / FORMAT_FILE).is_file():
+        return  # written before run.json existed: format 1
+    try:
+        version = json.loads((run_dir / FORMAT_FILE).read_text(encoding="utf-8"))["format_version"]
+    except (ValueError, KeyError, TypeError):
+        raise VclrError(f"{run_dir / FORMAT_FILE} is damaged: it must hold {{\"format_version\": N}}") from None
+    if version > FORMAT_VERSION:
+        raise VclrError(f"run dir {run_dir} has format {version}, newer than this vclr reads ({FORMAT_VERSION}): "
+                        "upgrade vclr")
 
 
 def inference_model_config(run_dir: str | Path, model: ModelConfig) -> ModelConfig:
@@ -118,7 +146,21 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def write_run_config(run_dir: str | Path, cfg: Config) -> None:
+    """The resolved config and the run directory's format version."""
+    atomic_write_text(Path(run_dir) / FORMAT_FILE, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
     save_config(cfg, Path(run_dir) / CONFIG_FILE)
+
+
+def save_model_as_run(run_dir: str | Path, cfg: Config, model) -> Path:
+    """A model (a DualEncoder, trained or not) saved as a run: its config and weights, so that every command that
+    takes a run takes it (tests, benchmarks, converted checkpoints). -> the run directory."""
+    from safetensors.torch import save  # torch only when a model is saved
+
+    run_dir = Path(run_dir)
+    write_run_config(run_dir, cfg)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    atomic_write_bytes(run_dir / MODEL_FILE, save(state))
+    return run_dir
 
 
 def save_text_tower_files(run_dir: str | Path, text_tower_dir: str | Path) -> None:

@@ -29,8 +29,8 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def _alive(pid: int) -> bool:
 def _dead_writers_dirs(parent: Path, name: str | None) -> list[tuple[Path, re.Match]]:
     """Temp and set-aside directories in `parent` (of `name`, or of any name) whose writer, on this host, has died.
     Only this host's are judged (a pid means nothing on another machine); a live writer's are never returned."""
-    host, found = _owner().rsplit("-", 1)[0], []
+    host = _owner().rsplit("-", 1)[0]
+    found: list[tuple[Path, re.Match]] = []
     if not parent.is_dir():
         return found
     for entry in parent.iterdir():

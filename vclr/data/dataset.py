@@ -13,10 +13,10 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,17 +25,15 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from vclr.config import DataConfig, VclrError
+from vclr.config import DataConfig
+from vclr.data.batch import IMAGE_INPUTS, ImageInput
 from vclr.data.images import read_image
+from vclr.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-
-
-class DataError(VclrError):
-    pass
 
 
 @dataclass
@@ -159,7 +157,7 @@ def load_class_labels(source: str | os.PathLike, image_paths: Sequence[str], lab
     """Integer labels aligned with `image_paths` (a loaded table's), and the class names indexed by label."""
     table_file, table, _ = _read_table(source)
     _require_columns(table_file, table, (image_column, label_column, name_column),
-                     "set --label-column / --name-column")
+                     "name them with `label_column` / `name_column`")
     root = _image_root(table_file, image_root)
     by_path, names = {}, {}
     for row in table.select_columns([image_column, label_column, name_column]):
@@ -312,18 +310,23 @@ class ImageTextDataset(Dataset):
 
     The caption choice is a pure function of (seed, epoch, i), so a resumed run that skips batches sees the same
     captions as an uninterrupted one. With `cache_images` all images are decoded once into one uint8 tensor.
-    With `encoded`, item i's image is the file's bytes instead, decoded later on the training device
-    (`vclr.data.device_decode`); `cache_images` then keeps the bytes in RAM.
+    `image_input` says what an item carries for its image (TrainBatch.image_input): "pixels"; "encoded", the file's
+    bytes, decoded later on the training device (`vclr.data.device_decode`; `cache_images` then keeps the bytes in
+    RAM); or "rows", the image's row number, for a locked image tower whose outputs are cached per row
+    (vclr.train.locked_cache computes them through `image(i)`).
     """
 
-    def __init__(self, table: CaptionTable, tokenizer, image_size: int, seed: int = 0, augment: bool = False,
-                 cache_images: bool = True, cache_max_gb: float = 4.0, encoded: bool = False, decode_now: bool = True,
-                 jpeg_draft: float = DataConfig.jpeg_draft):
+    def __init__(self, table: CaptionTable, tokenizer, image_size: int, *, seed: int = 0, augment: bool = False,
+                 cache_images: bool = True, cache_max_gb: float = 4.0, image_input: ImageInput = "pixels",
+                 decode_now: bool = True, jpeg_draft: float = DataConfig.jpeg_draft):
+        if image_input not in IMAGE_INPUTS:
+            raise ValueError(f"image_input must be one of {IMAGE_INPUTS}, got {image_input!r}")
         self.table = table
         self.seed = seed
         self.epoch = 0
         self.image_size = image_size
-        self.encoded = encoded
+        self.image_input = image_input
+        self.encoded = image_input == "encoded"
         self.encoded_cache: list[bytes | None] | None = None
         self.decoder = ImageDecoder(decode_transform(image_size, augment), draft_size(image_size, jpeg_draft))
         texts, caption_image = table.flat_captions()
@@ -333,9 +336,6 @@ class ImageTextDataset(Dataset):
         self.image_ids = [stable_id(os.path.abspath(path)) for path in table.image_paths]
         self.cache: torch.Tensor | None = None
         self.unreadable_on_the_fly: set[int] = set()  # found while decoding lazily (this process's items only)
-        # rows_only: items carry their image's row number instead of pixels (the locked image tower's outputs are
-        # cached per row: vclr.locked_cache)
-        self.rows_only = False
         self.cache_images, self.cache_max_gb, self.augment = cache_images, cache_max_gb, augment
         if decode_now:
             self.prepare_images()
@@ -401,31 +401,9 @@ class ImageTextDataset(Dataset):
         return self.decoder(self.table.image_paths[i])
 
     def __getitem__(self, i: int):
-        image = i if self.rows_only else self.image(i)
+        image = i if self.image_input == "rows" else self.image(i)
         if image is None:
             self.unreadable_on_the_fly.add(i)
             return None  # unreadable on the fly: collate drops it
         caption = self.caption_index(i)
         return image, self.tokens[caption], self.image_ids[i], caption
-
-
-def collate_pairs(items: list) -> dict:
-    """Stack (image, tokens, image id[, caption row]) items, dropping unreadable items (None). An image given as its
-    row number (rows_only) comes out under "image_rows".
-
-    Decoded images stack into "images" (B, 3, S, S) uint8; encoded ones stay a list of bytes under "encoded"
-    (bytes, not tensors, so that Accelerate's device placement leaves them on the CPU for the batched decoder).
-    """
-    items = [item for item in items if item is not None]
-    if not items:
-        return {"images": torch.zeros(0, dtype=torch.uint8), "tokens": torch.zeros(0, dtype=torch.long),
-                "image_ids": torch.zeros(0, dtype=torch.long)}
-    images, tokens, image_ids, *caption_rows = zip(*items)
-    batch = {"tokens": torch.stack(tokens), "image_ids": torch.tensor(image_ids, dtype=torch.long)}  # (B, L), (B,)
-    if caption_rows:
-        batch["caption_rows"] = torch.tensor(caption_rows[0], dtype=torch.long)  # (B,) rows of dataset.tokens
-    if isinstance(images[0], int):
-        return {"image_rows": torch.tensor(images, dtype=torch.long), **batch}  # (B,)
-    if isinstance(images[0], bytes):
-        return {"encoded": list(images), **batch}  # B x bytes
-    return {"images": torch.stack(images), **batch}  # (B, 3, S, S) uint8

@@ -4,8 +4,8 @@
     table.image_paths, table.captions           # captions: from `name.txt` beside `name.jpg`, else none
 
 Recursive; symbolic links are followed only when they point inside the folder (a link out of it is skipped, so an
-index never exposes files the folder's owner did not put there). Unreadable files are found when decoded (vclr.embed)
-and listed in the index report.
+index never exposes files the folder's owner did not put there). Unreadable files are found when decoded
+(vclr.embed.embedding) and listed in the index report.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vclr.data.dataset import METADATA_NAMES, CaptionTable, DataError, load_caption_table
+from vclr.data.dataset import METADATA_NAMES, CaptionTable, load_caption_table
+from vclr.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 

@@ -14,37 +14,28 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import logging
-import io
 import os
 import struct
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vclr.config import VclrError
+from vclr.data.cache import cache_dir
 from vclr.data.dataset import load_caption_table
 from vclr.data.shards import sample_captions, sample_image_key
+from vclr.errors import PrepareError
 from vclr.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-
-
-def cache_dir() -> Path:
-    """Where fetched packages and derived data are kept: $VCLR_CACHE, else ~/.cache/vclr (read at each call)."""
-    return Path(os.environ.get("VCLR_CACHE") or Path.home() / ".cache" / "vclr")
-
-
-class PrepareError(VclrError):
-    pass
 
 
 def write_split(out_dir: Path, split: str, rows: Iterable[dict]) -> int:
@@ -169,7 +160,7 @@ def prepare_fashion_mnist(out_dir: str | os.PathLike, source: str | os.PathLike 
     counts = {}
     for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
         if not (src / images_name).is_file() or not (src / labels_name).is_file():
-            raise PrepareError(f"{src} lacks {images_name} / {labels_name}; pass --source to the Fashion-MNIST folder")
+            raise PrepareError(f"{src} lacks {images_name} / {labels_name}; give the Fashion-MNIST folder as `source`")
         images, labels = read_idx(src / images_name), read_idx(src / labels_name)
         if len(images) != len(labels) or images.ndim != 3:
             raise PrepareError(f"{src}: {split} images {images.shape} and labels {labels.shape} do not match")
@@ -200,7 +191,7 @@ def prepare_folder(images_dir: str | os.PathLike, captions_file: str | os.PathLi
                    test_fraction: float = 0.1, seed: int = 0) -> dict[str, int]:
     """A folder of images + a CSV/JSONL of captions -> train/test splits in the standard format."""
     if not 0 <= test_fraction < 1:
-        raise PrepareError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+        raise PrepareError(f"`test_fraction` must be in [0, 1), got {test_fraction}")
     captions_file, images_dir, out = Path(captions_file), Path(images_dir), Path(out_dir)
     if not images_dir.is_dir():
         raise PrepareError(f"image folder {images_dir} does not exist")
@@ -277,7 +268,7 @@ def prepare_openmoji(out_dir: str | os.PathLike, source: str | os.PathLike | Non
                      limit: int | None = None) -> dict[str, int]:
     """OpenMoji colour emoji -> PNGs with name/keyword captions; train/test split by concept, never by image."""
     if skin_tones not in ("drop", "group", "keep"):
-        raise PrepareError(f"--skin-tones must be drop, group or keep, got {skin_tones!r}")
+        raise PrepareError(f"`skin_tones` must be drop, group or keep, got {skin_tones!r}")
     package, out = openmoji_source(source), Path(out_dir)
     meta_file = package / "data" / "openmoji.json"
     if not meta_file.is_file():

@@ -19,14 +19,15 @@ import json
 import logging
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from vclr.config import DataConfig
-from vclr.data.dataset import (METADATA_NAMES, DataError, ImageDecoder, decode_transform, draft_size, read_bytes,
-                               stable_id)
+from vclr.data.batch import TrainBatch, collate_pairs
+from vclr.data.dataset import METADATA_NAMES, ImageDecoder, decode_transform, draft_size, read_bytes, stable_id
+from vclr.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class ShardPairs:
         self.epoch = 0
         self.caption_columns = tuple(caption_columns)
         self.encoded = encoded
+        self.image_input = "encoded" if encoded else "pixels"  # what its rows carry (vclr.data.batch)
         self.decoder = ImageDecoder(decode_transform(image_size, augment), draft_size(image_size, jpeg_draft))
 
     def __call__(self, row: dict) -> dict:
@@ -130,9 +132,7 @@ def stream_shards(shards: list[Path], pairs: ShardPairs, rank: int, world: int, 
     return stream.map(pairs, remove_columns=list(stream.column_names or []))
 
 
-def collate_stream(rows: list[dict]) -> dict:
-    """Stream rows -> the same batch dict as `collate_pairs`."""
-    from vclr.data.dataset import collate_pairs
-
+def collate_stream(rows: list[dict], image_input: str = "pixels") -> TrainBatch:
+    """Stream rows -> the same TrainBatch as `collate_pairs`."""
     return collate_pairs([(r["image"], r["tokens"], r["image_id"]) if r["image"] is not None else None
-                          for r in rows])
+                          for r in rows], image_input)

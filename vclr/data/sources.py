@@ -11,15 +11,19 @@ A new kind of data is one class here with these three members, and one branch in
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
-from vclr.config import Config, VclrError
-from vclr.data.dataset import CaptionTable, ImageTextDataset, collate_pairs, load_caption_table, split_held_out
+from vclr.config import Config
+from vclr.data.batch import collate_pairs
+from vclr.data.dataset import CaptionTable, ImageTextDataset, load_caption_table, split_held_out
 from vclr.data.shards import ShardPairs, collate_stream, find_shards, stream_shards
+from vclr.errors import VclrError
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +47,25 @@ class MapSource:
 
     uneven_epochs = False
 
-    def __init__(self, cfg: Config, accelerator, tokenizer, image_size: int):
+    def __init__(self, cfg: Config, accelerator, tokenizer, image_size: int, cached_image_rows: bool = False):
         table = load_caption_table(cfg.data.train, cfg.data.image_column, cfg.data.caption_columns)
         self.held_out: CaptionTable | None = None
         if cfg.data.val_fraction and not cfg.data.val:  # validation images never train
             table, self.held_out = split_held_out(table, cfg.data.val_fraction)
         self.dataset = ImageTextDataset(table, tokenizer, image_size, seed=cfg.train.seed, augment=cfg.data.augment,
                                         cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb,
-                                        encoded=cfg.data.decode_on == "device", jpeg_draft=cfg.data.jpeg_draft,
+                                        image_input="rows" if cached_image_rows else
+                                        "encoded" if cfg.data.decode_on == "device" else "pixels",
+                                        jpeg_draft=cfg.data.jpeg_draft,
                                         # images are decoded in setup, unless a locked image tower's cache makes
-                                        # pixels unnecessary (vclr.locked_cache)
+                                        # pixels unnecessary (vclr.train.locked_cache)
                                         decode_now=False)
         if len(self.dataset) < cfg.data.batch_size:
             raise VclrError(f"data.train has {len(self.dataset)} usable images, fewer than data.batch_size="
                             f"{cfg.data.batch_size}; lower the batch size or add data")
         loader = DataLoader(self.dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.train.seed), collate_fn=collate_pairs,
+                            generator=torch.Generator().manual_seed(cfg.train.seed),
+                            collate_fn=partial(collate_pairs, image_input=self.dataset.image_input),
                             **loader_options(cfg, accelerator.device))
         self._loader = accelerator.prepare(loader)
 
@@ -90,19 +97,23 @@ class ShardSource:
     def loader(self, epoch: int):
         """A new stream for `epoch`, shuffled by (seed, epoch)."""
         stream = stream_shards(self.shards, self.pairs, self.rank, self.world, epoch)
-        return DataLoader(stream, batch_size=self.cfg.data.batch_size, drop_last=True, collate_fn=collate_stream,
+        collate = partial(collate_stream, image_input=self.pairs.image_input)
+        return DataLoader(stream, batch_size=self.cfg.data.batch_size, drop_last=True, collate_fn=collate,
                           **loader_options(self.cfg, self.device))
 
     def report(self) -> dict:
         return {"skipped_or_repaired": {}, "usable_pairs": None, "shards": len(self.shards)}
 
 
-def open_training_source(cfg: Config, accelerator, tokenizer, image_size: int) -> TrainingSource:
-    """Shards when data.train is a folder of them, else a prepared table (vclr.train.check_inputs ran first)."""
+def open_training_source(cfg: Config, accelerator, tokenizer, image_size: int, *,
+                         cached_image_rows: bool = False) -> TrainingSource:
+    """Shards when data.train is a folder of them, else a prepared table (vclr.train.loop.check_inputs ran first).
+    `cached_image_rows`: a table's items carry their image's row (a locked image tower cached per row); streamed
+    shards have no stable rows and carry their images."""
     shards = find_shards(cfg.data.train)
     if shards:
         return ShardSource(cfg, accelerator, tokenizer, image_size, shards)
-    return MapSource(cfg, accelerator, tokenizer, image_size)
+    return MapSource(cfg, accelerator, tokenizer, image_size, cached_image_rows=cached_image_rows)
 
 
 def validation_table(cfg: Config, source: TrainingSource) -> CaptionTable | None:

@@ -17,9 +17,9 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -190,6 +190,7 @@ def make_synthetic(
             render_scene(scene, image_size, item_rng).save(split_dir / file_name)
             captions = scene_captions(scene, item_rng.randint(min_captions, max_captions), item_rng)
             rows.append({"file_name": file_name, "captions": captions})
-        atomic_write_text(split_dir / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))  # written last: its presence marks a complete split
+        # written last: its presence marks a complete split
+        atomic_write_text(split_dir / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         logger.info("wrote %d %s images to %s", len(rows), split, split_dir)
     return out

@@ -1,0 +1,109 @@
+"""Every scripts/bench_*.py runs end to end at tiny sizes and prints its JSON lines, so that none can rot. The figures
+are not checked here (they are the scripts' job on real sizes); that each script completes and reports is."""
+
+import contextlib
+import importlib
+import json
+import logging
+import shutil
+
+import pytest
+from helpers import REPO_ROOT
+
+SCRIPTS = REPO_ROOT / "scripts"
+
+
+def run_script(name: str, argv: list[str], capsys, monkeypatch) -> list[dict]:
+    """scripts/NAME.py's main(argv) in this process (torch and open_clip are imported once for all): -> its JSON
+    lines."""
+    # under its own name, from scripts/ (the scripts share helpers, and worker processes import them by name)
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    module = importlib.import_module(name)
+    capsys.readouterr()
+    with _logging_kept():  # the scripts set up logging as programs do (and call the CLI, which does too)
+        module.main(argv)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines, f"{name} printed no JSON line"
+    return lines
+
+
+@contextlib.contextmanager
+def _logging_kept():
+    """Every logger's level and the root's handlers as they were: later tests capture INFO records."""
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
+    levels, handlers = [lg.level for lg in loggers], list(logging.getLogger().handlers)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        logging.getLogger().handlers[:] = handlers
+
+
+def test_every_benchmark_has_a_smoke_test():
+    tested = {name for name, _ in CASES} | {"bench_emoji", "bench_emoji_ceiling"}
+    assert {path.stem for path in SCRIPTS.glob("bench_*.py")} == tested
+
+
+CASES = [
+    ("bench_index", ["--n", "3000", "--d", "16", "--queries", "100", "--kinds", "flat,ivf_flat"]),
+    ("bench_eval", ["--cases", "smoke", "--d", "8"]),
+    ("bench_decode", ["--sizes", "128x96", "--count", "4", "--drafts", "0,2", "--workers", "1"]),
+    ("bench_embed", ["--images", "8", "--size", "128x96", "--model", "vclr-tiny-rn", "--batch", "4", "--workers", "0",
+                     "--folder", "jpegs"]),
+    ("bench_demo", ["--steps", "6", "--images", "300", "--batch-size", "32"]),
+    ("bench_train", ["--model", "vclr-tiny-rn", "--batch", "8", "--num-images", "32", "--width", "128",
+                     "--height", "96", "--steps", "2", "--warmup-steps", "1", "--workers", "0", "--precision", "no",
+                     "--no-reference", "--data-dir", "train-data", "--out-dir", "train-out"]),
+    ("bench_onnx", ["--models", "vclr-tiny-rn", "--repeats", "2"]),
+    ("bench_cli", ["--repeats", "1"]),
+    ("bench_serve", ["--images", "300", "--model", "vclr-tiny-rn", "--levels", "1", "--seconds", "1", "--warmup", "0"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, argv", CASES, ids=[name for name, _ in CASES])
+def test_benchmark_runs_at_tiny_sizes(name, argv, capsys, monkeypatch):
+    lines = run_script(name, argv, capsys, monkeypatch)
+    assert all(line.get("bench", line.get("benchmark")) for line in lines)
+
+
+def _emoji_like(folder, concepts: int = 12):
+    """A tiny dataset in `vclr prepare openmoji`'s layout (a concept per emoji, name captions), 64 px."""
+    from PIL import Image
+
+    for split, offset in (("train", 0), ("test", concepts)):
+        (folder / split).mkdir(parents=True)
+        rows = []
+        for i in range(offset, offset + concepts):
+            Image.new("RGB", (64, 64), (20 * i % 255, 90, 255 - 20 * i % 255)).save(folder / split / f"{i}.png")
+            rows.append({"file_name": f"{i}.png", "captions": [f"emoji {i}", f"a picture of thing {i}"],
+                         "concept": f"thing {i}"})
+        (folder / split / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+@pytest.mark.slow
+def test_bench_emoji_runs_at_tiny_sizes(tmp_path, capsys, monkeypatch):
+    data = _emoji_like(tmp_path / "emoji")
+    [line] = run_script("bench_emoji", ["--data", str(data), "--variants", "scratch", "--minutes", "0.05",
+                                        "--set", "data.batch_size=8", "optim.warmup_steps=1"], capsys, monkeypatch)
+    assert line["variant"] == "scratch" and line["steps"] > 0 and "test_image_to_text_R@1" in line
+
+
+@pytest.mark.slow
+def test_bench_emoji_ceiling_runs_at_tiny_sizes(tmp_path, capsys, monkeypatch, tiny_lit_model_name,
+                                                tiny_hf_text_dir):
+    """The LiT recipe's cached-tower path, with a tiny LiT-shaped model standing in for EfficientNet + MiniLM."""
+    import timm
+    import torch
+
+    data = _emoji_like(tmp_path / "emoji", concepts=20)
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_hf_text_dir, weights / "all-MiniLM-L6-v2")
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(),
+               weights / "efficientnet_lite0_timm.pt")
+    [line] = run_script("bench_emoji_ceiling", ["--data", str(data), "--weights", str(weights), "--folds", "2",
+                                                "--max-steps", "2", "--set", f"model.name={tiny_lit_model_name}",
+                                                "data.batch_size=8", "optim.warmup_steps=1"], capsys, monkeypatch)
+    assert line["folds"] == 2 and line["images"] == 20

@@ -1,0 +1,38 @@
+"""train.profile_steps: the device's busy share against a naive reference; a short training writes its profile."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import train_overrides
+
+from vclr.config import load_config
+from vclr.train.loop import train
+from vclr.train.profiling import busy_fraction
+
+
+def naive_busy(intervals, start, end, resolution=0.01):
+    """Sample the window on a fine grid: covered if any interval holds the point."""
+    points = np.arange(start, end, resolution) + resolution / 2
+    return float(np.mean([any(a <= p < b for a, b in intervals) for p in points]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_busy_fraction_counts_overlapping_kernels_once(seed):
+    rng = np.random.default_rng(seed)
+    starts = rng.uniform(-2, 20, 12)
+    intervals = [(float(a), float(a + rng.uniform(0.1, 4))) for a in starts]  # streams overlap; some stick out
+    assert busy_fraction(intervals, 0.0, 20.0) == pytest.approx(naive_busy(intervals, 0.0, 20.0), abs=2e-3)
+    assert busy_fraction([], 0.0, 1.0) == 0.0
+
+
+def test_training_writes_a_profile_of_the_asked_steps(small_shapes, tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, train_overrides(small_shapes, run, **{"optim.max_steps": 16, "train.profile_steps": 3,
+                                                                  "train.checkpoint_every": 100})))
+    profile = run / "profile"
+    summary = json.loads((profile / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["wall_ms_per_step"] > 0
+    assert "aten::" in (profile / "summary.txt").read_text()  # the operator table
+    traces = list(profile.glob("*.pt.trace.json.gz"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000

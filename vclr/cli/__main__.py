@@ -1,0 +1,7 @@
+"""`python -m vclr.cli ...` (what `accelerate launch -m vclr.cli` runs)."""
+
+import sys
+
+from vclr.cli.main import main
+
+sys.exit(main())

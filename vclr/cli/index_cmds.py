@@ -1,0 +1,229 @@
+"""`vclr index`, `index-add`, `index-delete`, `search`, `serve` and `export`: the commands over indexes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from vclr.cli.common import add_model_arguments, flags_for, model_source_of, print_hits
+from vclr.errors import VclrError
+from vclr.index.kinds import INDEX_CHOICES
+
+
+def add_index_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--data", help="a folder of images (any tree; captions optional: name.txt beside name.jpg) or a "
+                                  "prepared dataset (default: the run's data.test)")
+    p.add_argument("--out", required=True, help="index dir to write; an existing index of the same model and data "
+                                                "is brought up to date (new, changed and removed files only)")
+    p.add_argument("--rebuild", action="store_true", help="build afresh even if --out holds an up-to-date index")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images (default 0: in "
+                                                          "the main process)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per embedding batch (default: the config's, 512)")
+    p.add_argument("--max-ram-gb", type=float, default=4.0, help="embeddings beyond this stream to memory-mapped "
+                                                                 "files beside the index (default 4)")
+    p.add_argument("--index-type", choices=INDEX_CHOICES, default="auto",
+                   help="auto: exact up to 50k items, else every type that fits the memory budget is built and "
+                        "measured, and the fastest one meeting --recall-target is kept (exact search included)")
+    p.add_argument("--recall-target", type=float, default=0.95,
+                   help="recall@10 vs exact search, measured with cross-modal queries (default 0.95)")
+    p.add_argument("--memory-budget-gb", type=float, default=0.0, help="index memory budget (0 = no limit)")
+
+
+def _end_launch() -> None:
+    """Under a multi-process launch: wait for every process, then tear the process group down."""
+    from vclr.embed.processes import launched_processes, process_state
+
+    if launched_processes() > 1:
+        state = process_state()
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
+def cmd_index(args) -> int:
+    from vclr.index.build import build_index
+    from vclr.index.format import IndexOptions
+
+    options = IndexOptions(kind=args.index_type, recall_target=args.recall_target,
+                           memory_budget_gb=args.memory_budget_gb)
+    if min(args.workers, args.batch_size, args.max_ram_gb) < 0:
+        raise VclrError(f"--workers, --batch-size and --max-ram-gb must be >= 0, got {args.workers}, "
+                        f"{args.batch_size} and {args.max_ram_gb}")
+    update = build_index(model_source_of(args), args.data, args.out, options, rebuild=args.rebuild,
+                         workers=args.workers, batch_size=args.batch_size,
+                         in_memory_max_bytes=int(args.max_ram_gb * 2**30))
+    _end_launch()
+    if update.index is None:  # under `accelerate launch`, process 0 reports
+        return 0
+    manifest = update.index.manifest
+    live_images = manifest["num_images"] - manifest["deleted_images"]
+    print(f"indexed {live_images} images and {manifest['num_texts'] - manifest['deleted_texts']} captions "
+          f"(dim {manifest['dim']}) into {args.out}: "
+          + ("a fresh build" if update.rebuilt else f"{update.added} added, {update.changed} changed, "
+                                                     f"{update.removed} removed, {update.unchanged} unchanged"))
+    if update.unreadable:
+        print(f"  {len(update.unreadable)} unreadable files skipped (listed in {Path(args.out) / 'manifest.json'}"
+              f" under unreadable_files), e.g. {update.unreadable[0]}")
+    for modality, tuning in manifest["index"].items():
+        setting = f", {tuning['param']}={tuning['value']}" if tuning["param"] else ""
+        print(f"  {modality:<7}{tuning['factory']}{setting}: cross-modal recall@{tuning['k']} "
+              f"{tuning['recall']:.3f}, {tuning['qps']:.0f} queries/s")
+    return 0
+
+
+def add_index_add_arguments(p) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--data", required=True)
+    add_model_arguments(p, required=False)
+
+
+def cmd_index_add(args) -> int:
+    from vclr.index.build import add_to_index
+
+    images, captions = add_to_index(args.index, args.data, model_source_of(args, required=False))
+    print(f"added {images} images and {captions} captions to {args.index}")
+    return 0
+
+
+def add_index_delete_arguments(p) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--image-ids")
+    p.add_argument("--text-ids")
+
+
+def cmd_index_delete(args) -> int:
+    from vclr.index.build import delete_from_index
+
+    if not args.image_ids and not args.text_ids:
+        raise VclrError("nothing to delete: pass --image-ids and/or --text-ids (comma-separated)")
+    counts = delete_from_index(args.index, _parse_ids(args.image_ids, "--image-ids"),
+                               _parse_ids(args.text_ids, "--text-ids"))
+    print(f"{args.index}: {counts['deleted_images']} of {counts['num_images']} images and "
+          f"{counts['deleted_texts']} of {counts['num_texts']} captions deleted")
+    return 0
+
+
+def _parse_ids(text: str | None, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in (text or "").split(",") if v.strip()]
+    except ValueError:
+        raise VclrError(f"{flag} must be comma-separated integer ids, got {text!r}") from None
+
+
+def add_serve_arguments(p) -> None:
+    from vclr.search.limits import ServiceLimits
+
+    defaults = ServiceLimits()
+    p.add_argument("--index", required=True)
+    add_model_arguments(p, required=False)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="torch: the model (or the index's traced text tower); onnx: an export made by `vclr export`, "
+                        "answered with onnxruntime alone (no PyTorch needed)")
+    p.add_argument("--onnx", metavar="DIR", help="with --backend onnx: the export folder (`vclr export --out DIR`)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it into RAM")
+    p.add_argument("--api-key", default=os.environ.get("VCLR_API_KEY"),
+                   help="require this key (X-API-Key header) on every API request (default: $VCLR_API_KEY; none)")
+    p.add_argument("--rate-limit", type=float, default=0.0, metavar="PER_SECOND",
+                   help="requests a second allowed per client address, bursts of twice that (default 0: no limit)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="URL",
+                   help="let pages from this origin call the API (repeatable; default none: CORS off)")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="queries embedded and searched together")
+    p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                   help="how long a lone query waits for others to join its batch")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="waiting queries beyond this are answered 503 (try again) at once")
+    p.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds before a query gets 503")
+    p.add_argument("--cache-size", type=int, default=defaults.cache_size, help="text query embeddings kept (LRU)")
+    p.add_argument("--threads", type=int, default=defaults.threads,
+                   help="compute threads for the model and FAISS (default 0: one per core)")
+    p.add_argument("--reload-every", type=float, default=defaults.reload_every_s, metavar="SECONDS",
+                   help="check the index folder for a new save this often and swap it in (0: never)")
+
+
+def cmd_serve(args) -> int:
+    from vclr.search.limits import ServiceLimits
+    from vclr.serve.app import Access, exposure_warning, serve
+
+    if not 0 < args.port < 65536:
+        raise VclrError(f"--port must be 1..65535, got {args.port}")
+    if args.backend == "onnx" and not args.onnx:
+        raise VclrError("--backend onnx needs --onnx DIR: the folder written by `vclr export --format onnx --out DIR`")
+    if args.backend == "onnx" and (args.run or args.model):
+        raise VclrError("--backend onnx answers with the export in --onnx; --run/--model name a PyTorch model")
+    if args.rate_limit < 0:
+        raise VclrError(f"--rate-limit must be >= 0 (0: no limit), got {args.rate_limit}")
+    limits = ServiceLimits(args.max_batch, args.batch_wait_ms, args.max_queue, args.timeout, args.cache_size,
+                           args.threads, args.reload_every)
+    access = Access(args.api_key or None, args.rate_limit, tuple(args.cors_origin))
+    warning = exposure_warning(args.host, access)
+    if warning:
+        print(flags_for(warning), file=sys.stderr)
+    print(f"serving {args.index} on http://{args.host}:{args.port}  (Ctrl-C stops)")
+    serve(args.index, model_source_of(args, required=False), args.host, args.port, args.mmap, limits, access,
+          onnx_dir=args.onnx if args.backend == "onnx" else None)
+    return 0
+
+
+def add_export_arguments(p) -> None:
+    add_model_arguments(p, required=False)
+    p.add_argument("--index", help="export the model this index was built with (instead of --run/--model)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="the export folder: text.onnx, image.onnx, tokenizer.json, "
+                                                "export.json (preprocessing, model identity, checksums)")
+
+
+def cmd_export(args) -> int:
+    from vclr.export.onnx import export_onnx
+
+    if args.index and (args.run or args.model):
+        raise VclrError("pass either --index (its model) or --run/--model, not both")
+    source = model_source_of(args, required=False)
+    if source is None and not args.index:
+        raise VclrError("name the model to export: --run DIR, --model NAME [--pretrained TAG|FILE], or --index DIR")
+    report = export_onnx(source, args.out, index_dir=args.index)
+    print(f"exported {report['model']} to {args.out}: text and image towers as ONNX (dynamic batch), checked "
+          f"against PyTorch: cosine >= {report['min_cosine']:.6f}")
+    return 0
+
+
+def add_search_arguments(p) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--text", help="text -> images")
+    p.add_argument("--image", help="image file -> captions, or images when the index has no captions (or --images)")
+    p.add_argument("--like", type=int, metavar="ID", help="indexed image id -> the images most like it")
+    p.add_argument("--images", action="store_true", help="with --image: return images even if there are captions")
+    p.add_argument("-k", type=int, default=5)
+    add_model_arguments(p, required=False)
+    p.add_argument("--json", action="store_true", help="print the hits as a JSON list: rank, score, id and path "
+                                                       "(images) or caption (captions)")
+
+
+def cmd_search(args) -> int:
+    from vclr.search.limits import check_k, check_text_query
+
+    if sum(x is not None for x in (args.text, args.image, args.like)) != 1:
+        raise VclrError("give exactly one of --text, --image or --like")
+    if args.text is not None:
+        check_text_query(args.text)
+    if args.image is not None and not Path(args.image).is_file():
+        raise VclrError(f"query image {args.image} does not exist")
+    check_k(args.k)  # every argument is checked before anything heavy is imported or loaded
+    from vclr.search.searcher import Searcher
+
+    # a text query needs only the index's own text tower; the model is loaded if the query needs it
+    searcher = Searcher.open(args.index, model_source_of(args, required=False), load_model=False)
+    if args.text is not None:
+        hits = searcher.by_text(args.text, args.k)
+    elif args.image is not None:
+        hits = searcher.by_image_file(args.image, args.k, images=args.images or None)
+    else:
+        hits = searcher.like(args.like, args.k)
+    if args.json:
+        print(json.dumps([hit.to_json() for hit in hits]))
+    else:
+        print_hits(hits)
+    return 0

@@ -1,0 +1,179 @@
+"""Embed collections and queries with a model: float32, L2-normalised numpy arrays.
+
+    model, cfg = model_source(run="runs/demo").load()       # or model="ViT-B-32", pretrained=...
+    emb = embed_table(model, cfg, load_collection("photos/"))
+
+Images go through one pipeline: paths -> DataLoader workers decode (PIL) and apply the model's own open_clip
+preprocessing (short side resized with its interpolation, centre crop, its mean/std) -> batches on the model's device
+(bf16 autocast on CUDA) -> unit vectors. A file that cannot be decoded is dropped and named, never embedded blank.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vclr.config import Config, DataConfig
+from vclr.data.dataset import CaptionTable, ImageDecoder, draft_size, normalize_images, read_image, tokenize_all
+from vclr.errors import VclrError
+from vclr.model.build import get_tokenizer, image_preprocess_cfg, inference_transform
+from vclr.model.dual_encoder import DualEncoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Embeddings:
+    image_embeddings: np.ndarray  # (N, D) float32, unit norm
+    text_embeddings: np.ndarray  # (C, D) float32, unit norm
+    caption_image: np.ndarray  # (C,) int64: the image (row of image_embeddings) of each caption
+    image_paths: list[str]
+    texts: list[str]
+    unreadable: list[str] = field(default_factory=list)  # image files that could not be decoded, left out
+    rows: np.ndarray | None = None  # (N,) the table row of each embedded image (unreadable rows are missing)
+
+
+def model_device(model: DualEncoder) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device):
+    """bf16 on CUDA (tensor cores; embeddings are normalised, so bf16 costs no retrieval quality); none on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                    enabled=False)
+
+
+def image_decoder(model: DualEncoder, jpeg_draft: float = DataConfig.jpeg_draft) -> ImageDecoder:
+    """Files -> uint8 (3, S, S) through the model's own eval preprocess; JPEGs decoded at reduced scale down to
+    jpeg_draft x S a side (data.jpeg_draft)."""
+    return ImageDecoder(inference_transform(model), draft_size(image_preprocess_cfg(model)["size"], jpeg_draft))
+
+
+class _ImageFiles(Dataset):
+    """Item i: (i, uint8 (3, S, S)) or (i, None) when file i cannot be decoded; decoded in the loader's workers."""
+
+    def __init__(self, paths: Sequence[str], decoder: ImageDecoder):
+        self.paths, self.decoder = list(paths), decoder
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return i, self.decoder(self.paths[i])
+
+
+class _Rows:
+    """Where embeddings go as they are computed: a list in RAM, or rows of a memory-mapped .npy file for collections
+    whose vectors do not fit in RAM (then at most one batch is held)."""
+
+    def __init__(self, capacity: int, dim: int, spill_to: Path | None = None):
+        self.dim, self.count, self.parts = dim, 0, []
+        self.file = np.lib.format.open_memmap(spill_to, mode="w+", dtype=np.float32, shape=(max(capacity, 1), dim)
+                                              ) if spill_to is not None else None
+
+    def append(self, batch: torch.Tensor) -> None:  # (B, D)
+        if self.file is None:
+            self.parts.append(batch)
+        else:
+            self.file[self.count:self.count + len(batch)] = batch.numpy()
+        self.count += len(batch)
+
+    def result(self) -> np.ndarray:  # (count, D)
+        if self.file is not None:
+            self.file.flush()
+            return self.file[:self.count]
+        return torch.cat(self.parts).numpy().astype(np.float32) if self.parts else np.zeros((0, self.dim), np.float32)
+
+
+def _collate_kept(items: list) -> tuple[list[int], torch.Tensor | None, list[int]]:
+    kept = [(i, image) for i, image in items if image is not None]
+    failed = [i for i, image in items if image is None]
+    return [i for i, _ in kept], torch.stack([image for _, image in kept]) if kept else None, failed
+
+
+@torch.no_grad()
+def encode_image_batch(model: DualEncoder, batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> (B, D) float32 unit vectors."""
+    device, preprocess = model_device(model), image_preprocess_cfg(model)
+    batch = normalize_images(batch.to(device, non_blocking=True), preprocess["mean"], preprocess["std"])
+    with _autocast(device):
+        return model.encode_image(batch, normalize=True).float().cpu()
+
+
+def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int = 256, num_workers: int = 0,
+                      spill_to: Path | None = None,
+                      jpeg_draft: float = DataConfig.jpeg_draft) -> tuple[np.ndarray, np.ndarray]:
+    """-> (embeddings (M, D) of the readable images, their positions (M,) in `paths`), in the order of `paths`.
+    `spill_to`: write the embeddings into this .npy file as they come (returned memory-mapped)."""
+    loader = DataLoader(_ImageFiles(paths, image_decoder(model, jpeg_draft)), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate_kept)
+    out, kept = _Rows(len(paths), model.embed_dim, spill_to), []
+    with tqdm(total=len(paths), desc="embedding images", unit="img", leave=False, disable=len(paths) <= batch_size,
+              dynamic_ncols=True) as bar:
+        for positions, batch, failed in loader:
+            if batch is not None:
+                out.append(encode_image_batch(model, batch))
+                kept += positions
+            bar.update(len(positions) + len(failed))
+    return out.result(), np.asarray(kept, dtype=np.int64)  # (M, D), (M,)
+
+
+@torch.no_grad()
+def embed_tokens(model: DualEncoder, tokens: torch.Tensor, batch_size: int = 512,
+                 spill_to: Path | None = None) -> np.ndarray:
+    device, out = model_device(model), _Rows(len(tokens), model.embed_dim, spill_to)
+    for start in tqdm(range(0, len(tokens), batch_size), desc="embedding texts", unit="batch", leave=False,
+                      disable=len(tokens) <= batch_size):
+        with _autocast(device):
+            out.append(model.encode_text(tokens[start:start + batch_size].to(device), normalize=True).float().cpu())
+    return out.result()  # (C, D)
+
+
+def embed_texts(model: DualEncoder, cfg: Config, texts: Sequence[str], batch_size: int = 512,
+                spill_to: Path | None = None) -> np.ndarray:
+    return embed_tokens(model, tokenize_all(get_tokenizer(cfg.model), texts), batch_size, spill_to)
+
+
+def embed_pil_images(model: DualEncoder, images: Sequence) -> np.ndarray:
+    """Embed decoded RGB PIL images (search queries, uploads). -> (B, D)"""
+    transform = inference_transform(model)
+    return encode_image_batch(model, torch.stack([transform(image) for image in images])).numpy()
+
+
+def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
+    """Embed images given by path (search queries); an unreadable file is an error here."""
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise VclrError(f"query image {path} does not exist")
+        image = read_image(path)
+        if image is None:
+            raise VclrError(f"query image {path} is not a readable image")
+        images.append(image)
+    return embed_pil_images(model, images)
+
+
+def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size: int | None = None,
+                spill_dir: Path | None = None) -> Embeddings:
+    """Embed every readable image of a table and the captions of those images. `spill_dir`: stream the vectors into
+    memory-mapped files there (images.npy, texts.npy) instead of RAM."""
+    batch_size = batch_size or cfg.eval.batch_size
+    spill = (lambda name: Path(spill_dir) / name) if spill_dir is not None else (lambda name: None)
+    image_embeddings, kept = embed_image_paths(model, table.image_paths, batch_size, cfg.data.num_workers,
+                                               spill("images.npy"), cfg.data.jpeg_draft)
+    unreadable = sorted(set(range(len(table))) - set(kept.tolist()))
+    if unreadable:
+        logger.warning("%s: %d unreadable images left out (first: %s)", table.source, len(unreadable),
+                       table.image_paths[unreadable[0]])
+    captions = [table.captions[i] for i in kept]
+    texts = [c for caps in captions for c in caps]
+    caption_image = np.repeat(np.arange(len(kept)), [len(c) for c in captions]).astype(np.int64)  # (C,)
+    return Embeddings(image_embeddings, embed_texts(model, cfg, texts, batch_size, spill("texts.npy")), caption_image,
+                      [table.image_paths[i] for i in kept], texts, [table.image_paths[i] for i in unreadable], kept)

@@ -1,0 +1,9 @@
+"""Evaluation: metrics, reports, plots and sweeps.
+
+Owns the pure metric functions (`metrics`, numpy; `metrics_torch`, the same ranks on torch), evaluation of a model
+on a dataset (`evaluate`: retrieval both ways, zero-shot, kNN, clustering, pair verification), figures (`plots`)
+and config grids that train and evaluate each point (`sweep`).
+
+May import everything below it: vclr.config ... vclr.index, and vclr.train for sweeps only. `metrics` imports
+nothing of vclr, so that training's validation can use it.
+"""

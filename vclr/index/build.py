@@ -1,0 +1,253 @@
+"""Build and update an index directory: embed a collection with a model and write it (vclr.index.format).
+
+    build_index(model_source(run="runs/demo"), "data/shapes/test", "indexes/demo")
+    build_index(model_source(model="ViT-B-32", pretrained="vit.pt"), "photos/", "indexes/photos")
+    build_index(..., "photos/", "indexes/photos")      # again: embeds only new or changed files, drops deleted ones
+    add_to_index("indexes/photos", "more-photos/")     # append another collection with the index's model
+    delete_from_index("indexes/photos", image_ids=[3, 7])
+
+An index records its model source (`model_source` in the manifest), so growing, searching and serving it need no
+model arguments. Re-indexing a folder compares each file's size and mtime (and its caption sidecar's) with the
+index's record, embeds what is new or changed in chunks that are saved as they complete (a killed run loses nothing
+saved, and the next run continues), and marks removed files deleted: the index then answers as a fresh build would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vclr.config import Config, ModelConfig, config_hashes
+from vclr.errors import VclrError
+from vclr.index.format import IndexOptions, RetrievalIndex
+from vclr.model.source import ModelSource, as_source, model_identity, source_from_manifest, with_run_from_index
+from vclr.rundir import weights_file
+
+# the data and embedding code import torchvision and open_clip (seconds): imported where an index is built, so that
+# the searcher (which imports this module for `recorded_source`) stays light
+if TYPE_CHECKING:
+    from vclr.data.dataset import CaptionTable
+    from vclr.model.dual_encoder import DualEncoder
+
+logger = logging.getLogger(__name__)
+
+
+SAVE_EVERY = 20_000  # images embedded between saves of a growing index: what a kill can cost at most
+
+
+IN_MEMORY_MAX_BYTES = 4 * 2**30  # embeddings beyond this stream to memory-mapped files beside the index
+
+
+@dataclass
+class IndexUpdate:
+    """What `build_index` did."""
+
+    index: RetrievalIndex | None  # None in the other processes of a multi-process launch
+    added: int = 0  # new files embedded
+    changed: int = 0  # files embedded again (their size, mtime or captions changed)
+    removed: int = 0  # files gone from the collection, deleted from the index
+    unchanged: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    rebuilt: bool = True  # a fresh build (no index there, another model, or --rebuild)
+
+
+def _collection(cfg: Config, data: str | None) -> tuple[str, CaptionTable]:
+    from vclr.data.folder import load_collection
+
+    source = data or cfg.data.test or cfg.data.train
+    if not source:
+        raise VclrError("no dataset to index: give `data` (a folder of images, or a prepared dataset)")
+    return str(source), load_collection(source, cfg.data.image_column, cfg.data.caption_columns)
+
+
+def file_state(path: str) -> str:
+    """What says a file changed: its size and mtime, and those of its caption sidecar."""
+    image, sidecar = os.stat(path), Path(path).with_suffix(".txt")
+    sidecar_state = f"{sidecar.stat().st_size}:{sidecar.stat().st_mtime_ns}" if sidecar.is_file() else "-"
+    return f"{image.st_size}:{image.st_mtime_ns}:{sidecar_state}"
+
+
+def _weights_identity(identity: dict) -> dict:
+    """The model identity plus the state of its weights file (a retrained run keeps its config but not its weights)."""
+    described = identity["model_source"]
+    weights = described.get("pretrained") if described["kind"] == "open_clip" else None
+    if described["kind"] == "run":
+        weights = str(weights_file(described["run_dir"]))
+    if weights and Path(weights).is_file():
+        return dict(identity, weights_state=file_state(weights))
+    return identity
+
+
+def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_dir: str | os.PathLike,
+                options: IndexOptions = IndexOptions(), rebuild: bool = False, workers: int = 0,
+                save_every: int = SAVE_EVERY, batch_size: int = 0,
+                in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> IndexUpdate:
+    """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
+    already holds an index of the same model and collection, bring it up to date instead of rebuilding it."""
+    from vclr.embed.embedding import embed_table
+
+    source = as_source(source)
+    embed, device, is_main = _embedding_plan(Path(out_dir), in_memory_max_bytes)
+    model, cfg = source.load(device)
+    cfg = _with_loader(cfg, workers, batch_size)
+    dataset, table = _collection(cfg, data)
+    identity = _weights_identity(model_identity(source, cfg)) | {"dataset": str(Path(dataset).resolve())}
+    identity["model_source"] = with_run_from_index(identity["model_source"], out_dir)
+    existing = None if rebuild else _existing_index(Path(out_dir), identity, cfg.model)
+    if existing is None:
+        spill = embed is embed_table and _vector_bytes(table, model.embed_dim) > in_memory_max_bytes
+        update = _fresh_build(model, cfg, table, identity, options, Path(out_dir), embed, spill)
+    else:
+        update = _update(existing, model, cfg, table, Path(out_dir), save_every, embed)
+    if not is_main:
+        return IndexUpdate(None)  # process 0 built and saved the index
+    logger.info("indexed %s into %s: %d added, %d changed, %d removed, %d unchanged, %d unreadable", dataset, out_dir,
+                update.added, update.changed, update.removed, update.unchanged, len(update.unreadable))
+    return update
+
+
+def _embedding_plan(out_dir: Path, in_memory_max_bytes: int):
+    """(embed function, device, is this process the one that writes) — one process, or a multi-process launch where
+    every process embeds a share on its own device (vclr.embed.processes)."""
+    from vclr.embed.embedding import embed_table
+    from vclr.embed.processes import collection_embedder, launched_processes, process_state
+
+    if launched_processes() == 1:
+        return embed_table, None, True
+    state = process_state()
+    return collection_embedder(out_dir, in_memory_max_bytes), state.device, state.is_main_process
+
+
+def _with_loader(cfg: Config, workers: int, batch_size: int) -> Config:
+    """The embedding loader's workers and batch (0: the config's)."""
+    data = replace(cfg.data, num_workers=workers or cfg.data.num_workers)
+    return replace(cfg, data=data, eval=replace(cfg.eval, batch_size=batch_size or cfg.eval.batch_size))
+
+
+def _existing_index(out_dir: Path, identity: dict, model_cfg: ModelConfig) -> RetrievalIndex | None:
+    if not (out_dir / "manifest.json").is_file():
+        return None
+    index = RetrievalIndex.load(out_dir)
+    recorded = {key: index.manifest.get(key) for key in identity}
+    if recorded.get("model_config_hash") in config_hashes(model_cfg):  # recorded by an earlier vclr: the same model
+        recorded["model_config_hash"] = identity["model_config_hash"]
+    if recorded != identity:
+        logger.info("%s was built with another model or collection: building it afresh", out_dir)
+        return None
+    return index
+
+
+def _vector_bytes(table: CaptionTable, dim: int) -> int:
+    return 4 * dim * (len(table) + sum(len(c) for c in table.captions))
+
+
+def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity: dict, options: IndexOptions,
+                 out_dir: Path, embed=None, spill: bool = False) -> IndexUpdate:
+    """Embed and index everything. `spill`: the vectors stream to memory-mapped files in a scratch folder beside the
+    index, and the index is trained on a sample and filled `options.chunk` vectors at a time."""
+    from vclr.embed.embedding import embed_table
+    from vclr.index.text_tower import text_query_files
+
+    embed = embed or embed_table
+    scratch = out_dir.parent / f".{out_dir.name}.embeddings"
+    if spill:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        logger.info("embeddings larger than RAM allows: streaming them to %s", scratch)
+    try:
+        emb = embed_table(model, cfg, table, spill_dir=scratch) if spill else embed(model, cfg, table)
+        if emb is None:  # another process of a multi-process launch: its share is embedded
+            return IndexUpdate(None)
+        manifest = dict(identity, unreadable_files={p: file_state(p) for p in emb.unreadable})
+        index = RetrievalIndex.build(emb.image_embeddings, emb.text_embeddings, emb.caption_image, emb.image_paths,
+                                     emb.texts, manifest, options,
+                                     image_states=[file_state(p) for p in emb.image_paths])
+        index.attachments.update(text_query_files(model, cfg))
+        index.save(out_dir)
+    finally:
+        if spill:
+            shutil.rmtree(scratch, ignore_errors=True)  # mapped arrays stay readable until released
+    return IndexUpdate(index, added=len(emb.image_paths), unreadable=emb.unreadable)
+
+
+def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: CaptionTable, out_dir: Path,
+            save_every: int, embed=None) -> IndexUpdate:
+    """Delete what is gone or changed, then embed what is new or changed, saving after every `save_every` images."""
+    from vclr.data.dataset import CaptionTable
+    from vclr.embed.embedding import embed_table
+
+    embed = embed or embed_table
+    live = index.store.live_image_states()  # path -> (id, state)
+    current = {path: file_state(path) for path in table.image_paths}
+    # files that could not be decoded last time are tried again only when they changed
+    unreadable = {path: state for path, state in index.manifest.get("unreadable_files", {}).items()
+                  if current.get(path) == state}
+    gone = [path for path in live if path not in current]
+    changed = {path for path, (_, state) in live.items() if path in current and current[path] != state}
+    todo = [row for row, path in enumerate(table.image_paths)
+            if (path not in live or path in changed) and path not in unreadable]
+    update = IndexUpdate(index, rebuilt=False, removed=len(gone), unreadable=sorted(unreadable),
+                         unchanged=len(table) - len(todo) - len(unreadable))
+    if not gone and not todo:
+        return update
+    if gone or changed:
+        index.delete(image_ids=[live[path][0] for path in [*gone, *changed]])
+    for start in range(0, max(len(todo), 1), save_every):
+        rows = todo[start:start + save_every]
+        if rows:
+            chunk = CaptionTable(table.source, [table.image_paths[r] for r in rows], [table.captions[r] for r in rows])
+            emb = embed(model, cfg, chunk)
+            if emb is None:  # another process of a multi-process launch: its share of the chunk is embedded
+                continue
+            index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts, emb.caption_image,
+                      image_states=[current[p] for p in emb.image_paths])
+            update.changed += sum(1 for p in emb.image_paths if p in changed)
+            update.added += sum(1 for p in emb.image_paths if p not in changed)
+            unreadable.update({path: current[path] for path in emb.unreadable})
+        index.manifest["unreadable_files"] = unreadable
+        if embed is embed_table or _is_main():
+            index.save(out_dir)  # each chunk is kept: a killed run continues from here
+    update.unreadable = sorted(unreadable)
+    return update
+
+
+def _is_main() -> bool:
+    from vclr.embed.processes import process_state
+
+    return process_state().is_main_process
+
+
+def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | os.PathLike | None = None
+                 ) -> tuple[int, int]:
+    """Embed another dataset with the index's model and append it, without rebuilding. -> (images, captions)."""
+    from vclr.embed.embedding import embed_table
+
+    index = RetrievalIndex.load(index_dir)
+    source = as_source(source) if source else recorded_source(index, index_dir)
+    model, cfg = source.load()
+    index.check_model(model.embed_dim, config_hashes(cfg.model))  # before spending time on embedding
+    _, table = _collection(cfg, data)
+    emb = embed_table(model, cfg, table)
+    image_ids, text_ids = index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts,
+                                    emb.caption_image, image_states=[file_state(p) for p in emb.image_paths])
+    index.save(index_dir)
+    return len(image_ids), len(text_ids)
+
+
+def delete_from_index(index_dir: str | Path, image_ids: Sequence[int] = (), text_ids: Sequence[int] = ()) -> dict:
+    index = RetrievalIndex.load(index_dir)
+    index.delete(image_ids, text_ids)
+    index.save(index_dir)
+    return {k: index.manifest[k] for k in ("num_images", "num_texts", "deleted_images", "deleted_texts")}
+
+
+def recorded_source(index: RetrievalIndex, index_dir: str | Path) -> ModelSource:
+    source = source_from_manifest(index.manifest, index_dir)
+    if source is None:
+        raise VclrError("the index records no model: give `run` or `model` (with `pretrained`)")
+    return source

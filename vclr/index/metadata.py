@@ -1,0 +1,135 @@
+"""Metadata of an index: item id -> image path / caption, in SQLite (stdlib; fast at 1M rows).
+
+Ids are row positions in the index's embedding arrays: images 0..N-1, captions 0..C-1, append-only. A deleted item
+keeps its id and is marked, so ids never shift under a client that holds them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, deleted INTEGER DEFAULT 0,
+                                   state TEXT);
+CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY, text TEXT NOT NULL, image_id INTEGER NOT NULL,
+                                  deleted INTEGER DEFAULT 0);
+CREATE INDEX IF NOT EXISTS texts_by_image ON texts (image_id);
+"""
+
+
+class MetadataStore:
+    def __init__(self, path: str | Path = ":memory:", read_only: bool = False):
+        uri = f"file:{path}?mode=ro" if read_only else str(path)
+        self.db = sqlite3.connect(uri, uri=read_only, check_same_thread=False)
+        # counts and deleted ids are asked for on every search: scanning 1M rows each time cost ~30 ms a query
+        self._cached: dict[tuple[str, str], object] = {}
+        if not read_only:
+            self.db.executescript(SCHEMA)
+            self.upgrade()
+
+    def upgrade(self) -> None:
+        """Stores of vclr <= 0.1 have no `state` column (a file's size and mtime, for incremental re-indexing)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
+        if "state" not in columns:
+            with self.db:
+                self.db.execute("ALTER TABLE images ADD COLUMN state TEXT")
+
+    # ------------------------------------------------------------------------------------------------- writing
+
+    def add_images(self, paths: Sequence[str], states: Sequence[str | None] | None = None) -> np.ndarray:
+        start = self.count("images")
+        states = states if states is not None else [None] * len(paths)
+        self._cached.clear()
+        with self.db:
+            self.db.executemany("INSERT INTO images (id, path, state) VALUES (?, ?, ?)",
+                                ((start + i, str(p), s) for i, (p, s) in enumerate(zip(paths, states))))
+        return np.arange(start, start + len(paths), dtype=np.int64)
+
+    def add_texts(self, texts: Sequence[str], image_ids: Sequence[int]) -> np.ndarray:
+        start = self.count("texts")
+        self._cached.clear()
+        with self.db:
+            self.db.executemany("INSERT INTO texts (id, text, image_id) VALUES (?, ?, ?)",
+                                ((start + i, t, int(m)) for i, (t, m) in enumerate(zip(texts, image_ids))))
+        return np.arange(start, start + len(texts), dtype=np.int64)
+
+    def mark_deleted(self, table: str, ids: Iterable[int]) -> None:
+        self._cached.clear()
+        with self.db:
+            self.db.executemany(f"UPDATE {_table(table)} SET deleted = 1 WHERE id = ?", ((int(i),) for i in ids))
+
+    def save_to(self, path: str | Path) -> None:
+        """A consistent copy of the whole store (SQLite's online backup)."""
+        target = sqlite3.connect(str(path))
+        try:
+            self.db.backup(target)
+        finally:
+            target.close()
+
+    # ------------------------------------------------------------------------------------------------- reading
+
+    def count(self, table: str) -> int:
+        if ("count", table) not in self._cached:
+            self._cached["count", table] = self.db.execute(f"SELECT COUNT(*) FROM {_table(table)}").fetchone()[0]
+        return self._cached["count", table]
+
+    def deleted_ids(self, table: str) -> np.ndarray:
+        """(n,) sorted ids of the deleted items (read-only: the same array is handed out until the next change)."""
+        if ("deleted", table) not in self._cached:
+            rows = self.db.execute(f"SELECT id FROM {_table(table)} WHERE deleted = 1 ORDER BY id").fetchall()
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            ids.flags.writeable = False
+            self._cached["deleted", table] = ids
+        return self._cached["deleted", table]
+
+    def is_live(self, table: str, item_id: int) -> bool:
+        """An id of the table that is not deleted."""
+        deleted = self.deleted_ids(table)
+        position = np.searchsorted(deleted, item_id)
+        return 0 <= item_id < self.count(table) and not (position < len(deleted) and deleted[position] == item_id)
+
+    def image_paths(self, ids: Sequence[int] | None = None) -> list[str]:
+        return self._column("images", "path", ids)
+
+    def texts(self, ids: Sequence[int] | None = None) -> list[str]:
+        return self._column("texts", "text", ids)
+
+    def first_captions(self, image_ids: Sequence[int]) -> list[str | None]:
+        """Each image's first live caption (None if it has none): what a result shows under the image."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return []
+        rows = self.db.execute(f"SELECT image_id, text FROM texts WHERE deleted = 0 AND image_id IN "
+                               f"({','.join('?' * len(ids))}) ORDER BY id DESC", ids).fetchall()
+        first = dict(rows)  # rows come newest first: the oldest (first) caption of each image wins
+        return [first.get(i) for i in ids]
+
+    def live_image_states(self) -> dict[str, tuple[int, str | None]]:
+        """path -> (id, file state) of every image not deleted."""
+        rows = self.db.execute("SELECT path, id, state FROM images WHERE deleted = 0").fetchall()
+        return {path: (image_id, state) for path, image_id, state in rows}
+
+    def caption_image(self) -> np.ndarray:
+        rows = self.db.execute("SELECT image_id FROM texts ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def _column(self, table: str, column: str, ids: Sequence[int] | None) -> list[str]:
+        if ids is None:
+            return [r[0] for r in self.db.execute(f"SELECT {column} FROM {_table(table)} ORDER BY id")]
+        ids = [int(i) for i in ids]
+        found = dict(self.db.execute(f"SELECT id, {column} FROM {_table(table)} WHERE id IN "
+                                     f"({','.join('?' * len(ids))})", ids).fetchall()) if ids else {}
+        return [found[i] for i in ids]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _table(name: str) -> str:
+    if name not in ("images", "texts"):
+        raise ValueError(f"no table {name!r}")
+    return name

@@ -1,0 +1,215 @@
+"""Query an index: text -> images, image -> images ("more like this"), image -> captions.
+
+    searcher = Searcher.open("indexes/photos")         # the index, and the encoder its queries go through
+    hits = searcher.by_text("a dog on a beach", k=5)   # list[Hit]: rank, score, id, path or caption, weak
+    hits = searcher.by_image_file("query.jpg", k=5)    # captions when the index has them, else images
+    hits = searcher.like(42, k=5)                      # images like indexed image 42
+    hits = search_by_text("indexes/photos", "a dog on a beach", k=5)   # the index knows its model
+
+A searcher holds one `QueryEncoder` (vclr.search.encoders): by default the index's traced text tower, so a cold
+text query imports torch alone and the model loads only for an image query. Each hit says whether it is `weak`: no
+better than the best an unrelated query reaches by chance in this collection (vclr.search.calibration).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from vclr.errors import VclrError
+from vclr.index.format import RetrievalIndex
+from vclr.model.source import ModelSource, as_source
+from vclr.search.calibration import PHRASES, unrelated_pair_scores, weak_match_threshold
+from vclr.search.encoders import QueryEncoder, default_encoder, read_query_image
+from vclr.search.limits import check_k, check_text_query
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    id: int
+    path: str | None = None  # an image hit
+    caption: str | None = None  # a caption hit
+    weak: bool = False  # the score is no better than unrelated pairs reach by chance (vclr.search.calibration)
+
+    @property
+    def value(self) -> str:
+        return self.path if self.path is not None else self.caption
+
+    def to_json(self) -> dict:
+        kind = {"path": self.path} if self.path is not None else {"caption": self.caption}
+        return {"rank": self.rank, "score": self.score, "id": self.id, **kind, "weak": self.weak}
+
+
+class QueryCache:
+    """The embeddings of the latest distinct text queries (least recently used ones go first); thread-safe."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self._vectors, self._lock = capacity, OrderedDict(), threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, text: str) -> np.ndarray | None:
+        with self._lock:
+            vector = self._vectors.get(text)
+            if vector is None:
+                self.misses += 1
+                return None
+            self._vectors.move_to_end(text)
+            self.hits += 1
+            return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._vectors[text] = vector
+            self._vectors.move_to_end(text)
+            while len(self._vectors) > self.capacity:
+                self._vectors.popitem(last=False)
+
+
+@dataclass
+class Searcher:
+    """An index and the one query encoder that embeds its queries (vclr.search.encoders): the model of a source,
+    the index's traced text tower (the model loads for image queries only), or an ONNX export."""
+
+    index: RetrievalIndex
+    encoder: QueryEncoder
+    index_dir: Path | None = None
+    text_cache: QueryCache | None = None  # text query -> embedding (the service keeps one)
+    _weak_below: dict = field(default_factory=dict, repr=False)  # (query, searched) -> threshold, computed once
+
+    @classmethod
+    def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
+             mmap: bool = False, load_model: bool = True, encoder: QueryEncoder | None = None) -> Searcher:
+        """`source`: the model that embeds queries (default: the index's traced text tower, else the model it
+        records); `load_model=False`: the model loads only when a query needs it (a cold text query through the
+        traced tower never does); `encoder`: every query goes through it (an ONNX export: torch is never
+        imported)."""
+        index = RetrievalIndex.load(index_dir, mmap=mmap)
+        if encoder is None:
+            encoder = default_encoder(index, index_dir, as_source(source) if source else None)
+            if load_model:
+                encoder.load_model()
+        encoder.check_index(index)
+        return cls(index, encoder, Path(index_dir))
+
+    def reopen(self) -> Searcher:
+        """The newest save of this searcher's index with the encoder that fits it (`QueryEncoder.reopen` decides
+        what is kept) and the query cache when the encoder is the same."""
+        index = RetrievalIndex.load(self.index_dir, mmap=isinstance(self.index.image_embeddings, np.memmap))
+        encoder = self.encoder.reopen(self.index, index)
+        cache = self.text_cache
+        if encoder is not self.encoder and cache is not None:
+            cache = QueryCache(cache.capacity)
+        return Searcher(index, encoder, self.index_dir, text_cache=cache)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, D) unit vectors: from the cache, else by the encoder."""
+        cached = [self.text_cache.get(t) for t in texts] if self.text_cache else [None] * len(texts)
+        todo = list(dict.fromkeys(t for t, vector in zip(texts, cached) if vector is None))  # a text asked twice: once
+        fresh = dict(zip(todo, self.encoder.embed_texts(todo))) if todo else {}
+        vectors = [vector if vector is not None else fresh[text] for text, vector in zip(texts, cached)]
+        if self.text_cache:
+            for text, vector in zip(texts, vectors):
+                self.text_cache.put(text, vector)
+        return np.stack(vectors) if vectors else np.zeros((0, self.index.d), np.float32)
+
+    def embed_images(self, images: Sequence) -> np.ndarray:
+        """Decoded RGB PIL images (vclr.search.encoders.read_query_image) -> (N, D) unit vectors."""
+        return self.encoder.embed_images(images)
+
+    @property
+    def has_captions(self) -> bool:
+        return self.index.manifest["num_texts"] - self.index.manifest["deleted_texts"] > 0
+
+    def image_hits(self, vectors: np.ndarray, k: int, query: str) -> list[list[Hit]]:
+        """Queries (N, D) of kind `query` ("text"/"image") -> their top-k images each, searched in one batch."""
+        D, I = self.index.search_images(vectors, k)
+        weak_below = self.weak_below(query, "images")
+        return [[Hit(r + 1, float(s), int(i), path=p, weak=bool(s <= weak_below))
+                 for r, (s, i, p) in enumerate(zip(scores, ids, self.index.store.image_paths(ids)))]
+                for scores, ids in zip(D, I)]
+
+    def caption_hits(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Image queries (N, D) -> their top-k captions each, searched in one batch."""
+        D, I = self.index.search_texts(vectors, k)
+        weak_below = self.weak_below("image", "texts")
+        return [[Hit(r + 1, float(s), int(i), caption=t, weak=bool(s <= weak_below))
+                 for r, (s, i, t) in enumerate(zip(scores, ids, self.index.store.texts(ids)))]
+                for scores, ids in zip(D, I)]
+
+    def by_text(self, text: str, k: int = 5) -> list[Hit]:
+        """Images ranked for a text query."""
+        text = check_text_query(text)
+        check_k(k)
+        return self.image_hits(self.embed_texts([text]), k, "text")[0]
+
+    def wants_images(self, images: bool | None) -> bool:
+        """Does an image query get images (asked for, or no captions to give) rather than captions?"""
+        return bool(images) or not self.has_captions
+
+    def by_image_embedding(self, embedding: np.ndarray, k: int, images: bool | None = None) -> list[Hit]:
+        """An image embedding (1, d) -> captions when the index has them, else images ("more like this");
+        `images=True` asks for images either way. `k` is checked by the caller."""
+        if self.wants_images(images):
+            return self.image_hits(embedding, k, "image")[0]
+        return self.caption_hits(embedding, k)[0]
+
+    def weak_below(self, query: str, searched: str) -> float:
+        """The score at or under which a hit of a `query` ("text"/"image") among `searched` ("images"/"texts") is a
+        weak match: no better than the best an unrelated query reaches by chance (vclr.search.calibration)."""
+        if (query, searched) not in self._weak_below:
+            live = self.index.manifest[f"num_{searched}"] - self.index.manifest[f"deleted_{searched}"]
+            scores = self._image_pair_scores() if (query, searched) == ("image", "images") else \
+                self._cross_pair_scores()
+            self._weak_below[query, searched] = weak_match_threshold(scores, live)
+        return self._weak_below[query, searched]
+
+    def _cross_pair_scores(self) -> np.ndarray:
+        """Random unrelated (caption, image) pairs; without captions, everyday phrases against the images."""
+        images = self.index.image_embeddings
+        if self.has_captions:
+            return unrelated_pair_scores(self.index.text_embeddings, images, related=self.index.caption_image)
+        phrases = self.embed_texts(PHRASES)
+        return unrelated_pair_scores(phrases, images, related=np.full(len(phrases), -1))
+
+    def _image_pair_scores(self) -> np.ndarray:
+        return unrelated_pair_scores(self.index.image_embeddings, self.index.image_embeddings)
+
+    def first_captions(self, hits: Sequence[Hit]) -> list[str | None]:
+        """The first caption of each image hit (None for captionless images and for caption hits)."""
+        image_ids = [h.id for h in hits if h.path is not None]
+        by_id = dict(zip(image_ids, self.index.store.first_captions(image_ids))) if self.has_captions else {}
+        return [by_id.get(h.id) if h.path is not None else None for h in hits]
+
+    def by_image_file(self, image_path: str | Path, k: int = 5, images: bool | None = None) -> list[Hit]:
+        """A query image file -> captions when the index has them, else images (`images=True`: images)."""
+        check_k(k)
+        return self.by_image_embedding(self.embed_images([read_query_image(image_path)]), k, images)
+
+    def like(self, image_id: int, k: int = 5) -> list[Hit]:
+        """Images most like indexed image `image_id` (itself left out)."""
+        check_k(k)
+        if not self.index.store.is_live("images", image_id):
+            last = self.index.manifest["num_images"] - 1
+            raise VclrError(f"no image with id {image_id} in the index (ids are 0..{last}, deleted ones excluded)")
+        query = np.asarray(self.index.image_embeddings[image_id:image_id + 1], dtype=np.float32)  # (1, d)
+        hits = [h for h in self.image_hits(query, k + 1, "image")[0] if h.id != image_id][:k]
+        return [replace(h, rank=r + 1) for r, h in enumerate(hits)]
+
+
+def search_by_text(index_dir: str | Path, text: str, k: int = 5, source: ModelSource | None = None) -> list[Hit]:
+    text = check_text_query(text)
+    check_k(k)
+    return Searcher.open(index_dir, source).by_text(text, k)

@@ -1,0 +1,105 @@
+"""Retrieval recall on a validation set while training (`train.eval_every`): the exact evaluator's recall@k both ways
+and rsum, with each process embedding its share of the images and captions and the embeddings gathered across
+processes (Accelerate's `gather_for_metrics`).
+
+The validation images are decoded once (uint8, at the model's eval preprocessing) and its captions tokenised once,
+so an evaluation costs only the two towers' forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vclr.config import DataConfig
+from vclr.data.dataset import CaptionTable, decode_images, normalize_images, tokenize_all
+from vclr.embed.embedding import embed_tokens, encode_image_batch, image_decoder
+from vclr.eval.metrics import retrieval_metrics
+from vclr.model.build import image_preprocess_cfg
+from vclr.model.dual_encoder import DualEncoder
+
+logger = logging.getLogger(__name__)
+
+
+class Validator:
+    """`validator(model)` -> {"val_image_to_text_R@1": ..., "val_rsum": ..., "val_s": seconds} on one table."""
+
+    def __init__(self, table: CaptionTable, model: DualEncoder, tokenizer, accelerator, batch_size: int = 256,
+                 ks: Sequence[int] = (1, 5, 10), jpeg_draft: float = DataConfig.jpeg_draft):
+        self.accelerator, self.batch_size, self.ks = accelerator, batch_size, tuple(ks)
+        images = decode_images(table.image_paths, image_decoder(model, jpeg_draft))
+        kept = [i for i, image in enumerate(images) if image is not None]
+        if len(kept) < len(images):
+            logger.warning("validation set %s: %d unreadable images left out", table.source, len(images) - len(kept))
+        self.images = torch.stack([images[i] for i in kept])  # (N, 3, S, S) uint8
+        captions = [table.captions[i] for i in kept]
+        self.tokens = tokenize_all(tokenizer, [c for caps in captions for c in caps])  # (C, L)
+        self.caption_image = np.repeat(np.arange(len(kept)), [len(c) for c in captions])  # (C,)
+        self._frozen_cache: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+        logger.info("validation set %s: %d images, %d captions", table.source, len(kept), len(self.tokens))
+
+    def _share(self, rows: int) -> slice:
+        """This process's contiguous share of `rows` (shares are in rank order, so the gather keeps row order)."""
+        bounds = np.linspace(0, rows, self.accelerator.num_processes + 1).astype(int)
+        rank = self.accelerator.process_index
+        return slice(bounds[rank], bounds[rank + 1])
+
+    def _gathered(self, local: np.ndarray) -> np.ndarray:
+        parts = self.accelerator.gather_for_metrics([local], use_gather_object=True)  # one array per process
+        return np.concatenate(parts)
+
+    def _batches(self, rows: torch.Tensor):
+        return (rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size))
+
+    def _frozen(self, model: DualEncoder) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This process's share of the validation set through the model's locked parts, computed at the first
+        validation and kept: when training runs on cached locked towers, validating costs only the parts that
+        train, as a training step does."""
+        cached = model.cached_inputs
+        if self._frozen_cache is None:
+            device, preprocess = next(model.parameters()).device, image_preprocess_cfg(model)
+            images = texts = None
+            if "image" in cached:
+                part = model.frozen_image_part()
+                images = torch.cat([part(normalize_images(b.to(device), preprocess["mean"], preprocess["std"]))
+                                    for b in self._batches(self.images[self._share(len(self.images))])])
+            if "text" in cached:
+                part = model.frozen_text_part()
+                tokens = model.trim_padding(self.tokens[self._share(len(self.tokens))])  # one length: rows stack
+                texts = torch.cat([part(b.to(device)) for b in self._batches(tokens)])
+            self._frozen_cache = (images, texts)
+        return self._frozen_cache
+
+    def _embed(self, model: DualEncoder) -> tuple[np.ndarray, np.ndarray]:
+        frozen_images, frozen_texts = self._frozen(model)
+        if frozen_images is not None:
+            images = torch.cat([F.normalize(model.image_from_frozen(b), dim=-1).float().cpu()
+                                for b in self._batches(frozen_images)]).numpy()
+        else:
+            parts = [encode_image_batch(model, b) for b in self._batches(self.images[self._share(len(self.images))])]
+            images = torch.cat(parts).numpy() if parts else np.zeros((0, model.embed_dim), np.float32)
+        if frozen_texts is not None:
+            texts = torch.cat([F.normalize(model.text_from_frozen(b), dim=-1).float().cpu()
+                               for b in self._batches(frozen_texts)]).numpy()
+        else:
+            texts = embed_tokens(model, self.tokens[self._share(len(self.tokens))], self.batch_size)
+        return images, texts
+
+    @torch.no_grad()
+    def __call__(self, model: DualEncoder) -> dict[str, float]:
+        start, was_training = time.perf_counter(), model.training
+        model.eval()
+        try:
+            local_images, local_texts = self._embed(model)
+        finally:
+            model.train(was_training)
+        metrics = retrieval_metrics(self._gathered(local_images), self._gathered(local_texts), self.caption_image,
+                                    self.ks)
+        row = {f"val_{k}": round(v, 4) for k, v in metrics.items() if "_R@" in k or k == "rsum"}
+        row["val_s"] = round(time.perf_counter() - start, 2)
+        return row

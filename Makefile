@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
 	@# bytecode for every installed module, as pip writes it when PYTHONDONTWRITEBYTECODE is unset: without it each
 	@# process compiles torch and open_clip again (13 s instead of 7 s to import them here; the suite starts hundreds)
-	-$(VENV)/bin/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1
+	$(VENV)/bin/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true  # a few test files of packages do not compile
 	touch $(STAMP)
 
 # DEMO_ARGS: extra `vclr demo` arguments, e.g. a shortened demo (CI runs one before the tests, as a user would)

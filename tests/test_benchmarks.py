@@ -41,7 +41,7 @@ def _logging_kept():
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = {name for name, _ in CASES} | {"bench_emoji", "bench_emoji_ceiling"}
+    tested = {name for name, _ in CASES} | {"bench_emoji", "bench_emoji_ceiling", "bench_weak"}
     assert {path.stem for path in SCRIPTS.glob("bench_*.py")} == tested
 
 
@@ -107,3 +107,12 @@ def test_bench_emoji_ceiling_runs_at_tiny_sizes(tmp_path, capsys, monkeypatch, t
                                                 "--max-steps", "2", "--set", f"model.name={tiny_lit_model_name}",
                                                 "data.batch_size=8", "optim.warmup_steps=1"], capsys, monkeypatch)
     assert line["folds"] == 2 and line["images"] == 20
+
+
+@pytest.mark.slow
+def test_bench_weak_runs_at_tiny_sizes(small_shapes, tmp_path, capsys, monkeypatch):
+    from helpers import untrained_index
+
+    index = untrained_index(small_shapes / "test", tmp_path / "run")
+    [line] = run_script("bench_weak", ["--index", str(index), "--captions", "20"], capsys, monkeypatch)
+    assert line["captions_drawn"] == 20 and 0 <= line["unrelated_marked_weak"] <= 1

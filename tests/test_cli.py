@@ -36,7 +36,7 @@ def _assert_one_line_error(capsys, code, expected):
     (["search", "--index", "{index}", "--text", "a red circle", "-k", "0"], "k must be an integer from 1 to 1000"),
     (["search", "--index", "{index}", "--text", "a red circle", "-k", "-3"], "k must be an integer from 1 to 1000"),
     (["search", "--index", "{tmp}/nowhere", "--text", "a red circle"], "does not exist"),
-    (["search", "--index", "{index}"], "exactly one of --text, --image or --like"),
+    (["search", "--index", "{index}"], "give at least one of --text, --image or --like"),
     (["search", "--index", "{index}", "--text", "x" * 1001], "limit is 1000"),
     (["train", "--config", CONFIG, "optim.no_such_key=1"], "unknown config key 'optim.no_such_key'"),
     (["train", "--config", CONFIG, "data.batch_size=many"], "data.batch_size='many' has the wrong type"),

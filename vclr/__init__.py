@@ -2,7 +2,10 @@
 
     import vclr
     vclr.build_index(vclr.model_source(model="ViT-B-32", pretrained="vit.pt"), "photos/", "photos-index")
-    hits = vclr.Searcher.open("photos-index").by_text("a dog on the beach", k=10)
+    index = vclr.open_index("photos-index")
+    hits = index.search("golden retriever", Path("pool.jpg"), negatives=["fruit"], weights=[2, 1], k=10)
+    model, cfg = vclr.open_run("vclr-demo/run")
+    report = vclr.evaluate("vclr-demo/run", "vclr-demo/data/test")
 
 The names below are imported on first use (PEP 562), so `import vclr` costs nothing: `vclr --help` and a text query
 through an index's traced tower stay fast.
@@ -15,8 +18,13 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# public name -> the module that defines it (and the name there, where it differs)
 _EXPORTS = {
+    "open_index": "vclr.search.api",
+    "Index": "vclr.search.api",
+    "Query": "vclr.search.query",
+    "open_run": "vclr.model.source",
+    "evaluate": "vclr.eval.evaluate:evaluate_run",
     "VclrError": "vclr.errors",
     "load_config": "vclr.config",
     "model_source": "vclr.model.source",
@@ -30,16 +38,20 @@ _EXPORTS = {
     "evaluate_run": "vclr.eval.evaluate",
     "export_onnx": "vclr.export.onnx",
 }
-__all__ = ["__version__", "VclrError", "load_config", "model_source", "train", "build_index", "add_to_index",
-           "delete_from_index", "Searcher", "Hit", "search_by_text", "evaluate_run", "export_onnx"]
+__all__ = ["__version__", "open_index", "Index", "Query", "open_run", "evaluate", "VclrError", "load_config",
+           "model_source", "train", "build_index", "add_to_index", "delete_from_index", "Searcher", "Hit",
+           "search_by_text", "evaluate_run", "export_onnx"]
 
 if TYPE_CHECKING:
     from vclr.config import load_config
     from vclr.errors import VclrError
     from vclr.eval.evaluate import evaluate_run
+    from vclr.eval.evaluate import evaluate_run as evaluate
     from vclr.export.onnx import export_onnx
     from vclr.index.build import add_to_index, build_index, delete_from_index
-    from vclr.model.source import model_source
+    from vclr.model.source import model_source, open_run
+    from vclr.search.api import Index, open_index
+    from vclr.search.query import Query
     from vclr.search.searcher import Hit, Searcher, search_by_text
     from vclr.train.loop import train
 
@@ -47,7 +59,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'vclr' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    module, _, attribute = _EXPORTS[name].partition(":")
+    value = getattr(importlib.import_module(module), attribute or name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

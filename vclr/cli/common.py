@@ -28,9 +28,12 @@ def flags_for(message: str) -> str:
     return re.sub(r"`(\w+)`", lambda m: ARGUMENT_FLAGS.get(m.group(1), m.group(0)), message)
 
 
-def print_hits(hits) -> None:
+def print_hits(hits, dated: bool = False) -> None:
+    """One line a hit: rank, score, path or caption (and the date taken, for a search sorted by date); a weak
+    match is marked."""
     for hit in hits:
-        print(f"{hit.rank:>3}  {hit.score:+.4f}  {hit.value}")
+        date = f"  {(hit.taken or '-')[:10]}" if dated else ""
+        print(f"{hit.rank:>3}  {hit.score:+.4f}{date}  {hit.value}{'  (weak match)' if hit.weak else ''}")
 
 
 def parse_ks(text: str) -> list[int]:

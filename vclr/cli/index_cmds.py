@@ -192,38 +192,60 @@ def cmd_export(args) -> int:
 
 def add_search_arguments(p) -> None:
     p.add_argument("--index", required=True)
-    p.add_argument("--text", help="text -> images")
-    p.add_argument("--image", help="image file -> captions, or images when the index has no captions (or --images)")
-    p.add_argument("--like", type=int, metavar="ID", help="indexed image id -> the images most like it")
-    p.add_argument("--images", action="store_true", help="with --image: return images even if there are captions")
+    p.add_argument("--text", action="append", default=[], metavar="[W:]TEXT",
+                   help="what to look for; repeat to combine, weight with a prefix: --text 2:dog (default weight 1)")
+    p.add_argument("--image", action="append", default=[], metavar="[W:]FILE",
+                   help="an image to look for (alone: its captions, or images when the index has none or --images)")
+    p.add_argument("--like", action="append", default=[], type=int, metavar="ID",
+                   help="an indexed image id: images like it (itself left out)")
+    p.add_argument("--not-text", action="append", default=[], metavar="TEXT", help="what to steer away from")
+    p.add_argument("--not-image", action="append", default=[], metavar="FILE", help="an image to steer away from")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep images whose folder=GLOB (2024/**), ext=jpg,heic, after=DATE or before=DATE")
+    p.add_argument("--after", metavar="DATE", help="taken on or after this date (EXIF, else file time), 2024-06-01")
+    p.add_argument("--before", metavar="DATE", help="taken before this date")
+    p.add_argument("--sort", choices=["relevance", "date"], default="relevance",
+                   help="date: the hits scoring at least --min-score, newest first")
+    p.add_argument("--min-score", type=float, metavar="COSINE", help="leave out hits scoring below this")
+    p.add_argument("--images", action="store_true", help="with one --image: images even if there are captions")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--offset", type=int, default=0, help="skip this many hits (the next page)")
     add_model_arguments(p, required=False)
-    p.add_argument("--json", action="store_true", help="print the hits as a JSON list: rank, score, id and path "
-                                                       "(images) or caption (captions)")
+    p.add_argument("--json", action="store_true", help="print the hits as a JSON list: rank, score, id, path and "
+                                                       "taken (images) or caption (captions), weak")
+
+
+def search_query(args):
+    """The query the search flags describe (vclr.search.query), checked before anything heavy is imported."""
+    from vclr.search.query import parse_query
+
+    where = {}
+    for item in args.where:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise VclrError(f"--where takes KEY=VALUE, e.g. folder=2024/**, got {item!r}")
+        where[key.strip()] = value.strip()
+    where.update({key: value for key, value in (("after", args.after), ("before", args.before)) if value})
+    if not (args.text or args.image or args.like):
+        raise VclrError("give at least one of --text, --image or --like")
+    query = parse_query(text=args.text, image=args.image, like=args.like, not_text=args.not_text,
+                        not_image=args.not_image, where=where, sort=args.sort, min_score=args.min_score, k=args.k,
+                        offset=args.offset, images=args.images or None)
+    for term in (*query.positives, *query.negatives):
+        if term.kind == "image" and not term.value.is_file():
+            raise VclrError(f"query image {term.value} does not exist")
+    return query
 
 
 def cmd_search(args) -> int:
-    from vclr.search.limits import check_k, check_text_query
-
-    if sum(x is not None for x in (args.text, args.image, args.like)) != 1:
-        raise VclrError("give exactly one of --text, --image or --like")
-    if args.text is not None:
-        check_text_query(args.text)
-    if args.image is not None and not Path(args.image).is_file():
-        raise VclrError(f"query image {args.image} does not exist")
-    check_k(args.k)  # every argument is checked before anything heavy is imported or loaded
+    query = search_query(args)  # every argument is checked before anything heavy is imported or loaded
     from vclr.search.searcher import Searcher
 
     # a text query needs only the index's own text tower; the model is loaded if the query needs it
     searcher = Searcher.open(args.index, model_source_of(args, required=False), load_model=False)
-    if args.text is not None:
-        hits = searcher.by_text(args.text, args.k)
-    elif args.image is not None:
-        hits = searcher.by_image_file(args.image, args.k, images=args.images or None)
-    else:
-        hits = searcher.like(args.like, args.k)
+    hits = searcher.search(query)
     if args.json:
         print(json.dumps([hit.to_json() for hit in hits]))
     else:
-        print_hits(hits)
+        print_hits(hits, dated=query.sort == "date")
     return 0

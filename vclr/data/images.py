@@ -1,9 +1,11 @@
-"""Decoding one image file safely: PIL only (no torch), so that a service answering through an ONNX export uses the
-very decoder that the training data and the index went through."""
+"""Reading one image file safely, and what a search filter asks of it: PIL only (no torch), so that a service
+answering through an ONNX export uses the very decoder that the training data and the index went through."""
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import warnings
 from typing import BinaryIO
 
@@ -45,4 +47,47 @@ def read_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, draft_t
             return image.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         logger.warning("unreadable image %s skipped: %s", path, e)
+        return None
+
+
+def image_facts(path: str, root: str | None = None) -> dict:
+    """What a filter asks of an image file, from its header and the file system, without decoding it: its folder
+    (relative to `root`, the indexed collection), type, size in bytes, pixel size, and the date it was taken (EXIF
+    DateTimeOriginal, else the file's modification time) as a POSIX timestamp with where it came from."""
+    folder = os.path.dirname(os.path.relpath(path, root) if root else path).replace(os.sep, "/")
+    facts = {"folder": "" if folder == "." else folder, "ext": _ext(path), "bytes": None, "width": None,
+             "height": None, "taken": None, "taken_from": None}
+    try:
+        stat = os.stat(path)
+    except OSError:  # gone since it was indexed: what its path says is all there is
+        return facts
+    facts.update(bytes=stat.st_size, taken=stat.st_mtime, taken_from="mtime")
+    try:
+        with Image.open(path) as image:
+            facts["width"], facts["height"] = image.size
+            taken = image.getexif().get_ifd(EXIF_IFD).get(DATE_TIME_ORIGINAL)
+    except Exception:  # unreadable or not an image: what the file system says is still true
+        return facts
+    when = _exif_time(taken)
+    if when is not None:
+        facts.update(taken=when, taken_from="exif")
+    return facts
+
+
+EXIF_IFD, DATE_TIME_ORIGINAL = 0x8769, 36867  # the EXIF sub-IFD and its DateTimeOriginal tag
+EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff", "heif": "heic"}
+
+
+def _ext(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return EXT_ALIASES.get(ext, ext)
+
+
+def _exif_time(value) -> float | None:
+    """EXIF's 'YYYY:MM:DD HH:MM:SS' (local time, as cameras write it) -> a POSIX timestamp; None if malformed."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.datetime.strptime(value.strip().rstrip("\x00")[:19], "%Y:%m:%d %H:%M:%S").timestamp()
+    except ValueError:
         return None

@@ -54,6 +54,7 @@ class IndexUpdate:
     unchanged: int = 0
     unreadable: list[str] = field(default_factory=list)
     rebuilt: bool = True  # a fresh build (no index there, another model, or --rebuild)
+    facts_recorded: int = 0  # images whose facts (folder, type, date...) were recorded, new ones and older ones
 
 
 def _collection(cfg: Config, data: str | None) -> tuple[str, CaptionTable]:
@@ -168,6 +169,7 @@ def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity:
                                      emb.texts, manifest, options,
                                      image_states=[file_state(p) for p in emb.image_paths])
         index.attachments.update(text_query_files(model, cfg))
+        record_facts(index)
         index.save(out_dir)
     finally:
         if spill:
@@ -194,6 +196,9 @@ def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: Capti
     update = IndexUpdate(index, rebuilt=False, removed=len(gone), unreadable=sorted(unreadable),
                          unchanged=len(table) - len(todo) - len(unreadable))
     if not gone and not todo:
+        update.facts_recorded = record_facts(index)  # an index built before facts were recorded: no embedding
+        if update.facts_recorded and (embed is embed_table or _is_main()):
+            index.save(out_dir)
         return update
     if gone or changed:
         index.delete(image_ids=[live[path][0] for path in [*gone, *changed]])
@@ -206,6 +211,7 @@ def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: Capti
                 continue
             index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts, emb.caption_image,
                       image_states=[current[p] for p in emb.image_paths])
+            update.facts_recorded += record_facts(index)
             update.changed += sum(1 for p in emb.image_paths if p in changed)
             update.added += sum(1 for p in emb.image_paths if p not in changed)
             unreadable.update({path: current[path] for path in emb.unreadable})
@@ -214,6 +220,21 @@ def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: Capti
             index.save(out_dir)  # each chunk is kept: a killed run continues from here
     update.unreadable = sorted(unreadable)
     return update
+
+
+def record_facts(index: RetrievalIndex, root: str | None = None) -> int:
+    """Record what filters ask (vclr.data.images.image_facts: folder, type, size, date taken) for every live image
+    that has none yet: new images, and every image of an index built before facts were recorded, whose vectors are
+    kept as they are. Folders are relative to `root` (default: the collection the index records). -> how many."""
+    from vclr.data.images import image_facts
+
+    root = root or index.manifest.get("dataset")
+    if root and Path(root).is_file():  # a caption table: paths are relative to its folder
+        root = str(Path(root).parent)
+    missing = index.store.without_facts()
+    if missing:
+        index.store.set_facts([image_id for image_id, _ in missing], [image_facts(path, root) for _, path in missing])
+    return len(missing)
 
 
 def _is_main() -> bool:
@@ -235,6 +256,7 @@ def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | o
     emb = embed_table(model, cfg, table)
     image_ids, text_ids = index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts,
                                     emb.caption_image, image_states=[file_state(p) for p in emb.image_paths])
+    record_facts(index, str(Path(data).resolve()))
     index.save(index_dir)
     return len(image_ids), len(text_ids)
 

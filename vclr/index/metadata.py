@@ -1,11 +1,16 @@
-"""Metadata of an index: item id -> image path / caption, in SQLite (stdlib; fast at 1M rows).
+"""Metadata of an index: item id -> image path / caption, and each image's facts, in SQLite (stdlib; fast at 1M rows).
 
 Ids are row positions in the index's embedding arrays: images 0..N-1, captions 0..C-1, append-only. A deleted item
 keeps its id and is marked, so ids never shift under a client that holds them.
+
+Each image row also holds what a search filter asks (vclr.data.images.image_facts): its folder relative to the
+collection, file type, size, pixel size and the date it was taken; `select_images` turns a `where` into the ids
+that match, in SQL.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,11 +37,13 @@ class MetadataStore:
             self.upgrade()
 
     def upgrade(self) -> None:
-        """Stores of vclr <= 0.1 have no `state` column (a file's size and mtime, for incremental re-indexing)."""
+        """Columns that older stores lack: `state` (a file's size and mtime, for incremental re-indexing; vclr <= 0.1)
+        and the image facts (filled on the next `vclr index`, without embedding again)."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
-        if "state" not in columns:
-            with self.db:
-                self.db.execute("ALTER TABLE images ADD COLUMN state TEXT")
+        with self.db:
+            for name, kind in (("state", "TEXT"), *FACT_COLUMNS.items()):
+                if name not in columns:
+                    self.db.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
 
     # ------------------------------------------------------------------------------------------------- writing
 
@@ -56,6 +63,13 @@ class MetadataStore:
             self.db.executemany("INSERT INTO texts (id, text, image_id) VALUES (?, ?, ?)",
                                 ((start + i, t, int(m)) for i, (t, m) in enumerate(zip(texts, image_ids))))
         return np.arange(start, start + len(texts), dtype=np.int64)
+
+    def set_facts(self, ids: Sequence[int], facts: Sequence[dict]) -> None:
+        """Each image's facts (vclr.data.images.image_facts)."""
+        names = list(FACT_COLUMNS)
+        with self.db:
+            self.db.executemany(f"UPDATE images SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+                                ([f.get(n) for n in names] + [int(i)] for i, f in zip(ids, facts)))
 
     def mark_deleted(self, table: str, ids: Iterable[int]) -> None:
         self._cached.clear()
@@ -108,6 +122,41 @@ class MetadataStore:
         first = dict(rows)  # rows come newest first: the oldest (first) caption of each image wins
         return [first.get(i) for i in ids]
 
+    def without_facts(self) -> list[tuple[int, str]]:
+        """(id, path) of the live images whose facts are not recorded (indexes built before they were)."""
+        return self.db.execute("SELECT id, path FROM images WHERE deleted = 0 AND ext IS NULL ORDER BY id").fetchall()
+
+    def facts(self, ids: Sequence[int]) -> list[dict]:
+        """Each image's recorded facts (None values where unknown)."""
+        ids = [int(i) for i in ids]
+        names = list(FACT_COLUMNS)
+        rows = {row[0]: dict(zip(names, row[1:])) for row in self.db.execute(
+            f"SELECT id, {', '.join(names)} FROM images WHERE id IN ({','.join('?' * len(ids))})", ids)} if ids else {}
+        return [rows.get(i, dict.fromkeys(names)) for i in ids]
+
+    def select_images(self, folder: str | None = None, after: float | None = None, before: float | None = None,
+                      ext: Sequence[str] = ()) -> np.ndarray:
+        """(n,) sorted ids of the live images that match every condition given: `folder` a glob over folders
+        relative to the collection (`**` spans folders: `2024/**` is 2024 and all below it), `after` <= taken <
+        `before` (POSIX timestamps), `ext` one of these file types."""
+        clauses, args = ["deleted = 0"], []
+        if folder is not None:
+            folders = [f for (f,) in self.db.execute("SELECT DISTINCT folder FROM images WHERE deleted = 0")
+                       if f is not None and folder_matches(folder, f)]
+            clauses.append(f"folder IN ({','.join('?' * len(folders))})" if folders else "0")
+            args += folders
+        if after is not None:
+            clauses.append("taken >= ?")
+            args.append(after)
+        if before is not None:
+            clauses.append("taken < ?")
+            args.append(before)
+        if ext:
+            clauses.append(f"ext IN ({','.join('?' * len(ext))})")
+            args += list(ext)
+        rows = self.db.execute(f"SELECT id FROM images WHERE {' AND '.join(clauses)} ORDER BY id", args)
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
     def live_image_states(self) -> dict[str, tuple[int, str | None]]:
         """path -> (id, file state) of every image not deleted."""
         rows = self.db.execute("SELECT path, id, state FROM images WHERE deleted = 0").fetchall()
@@ -127,6 +176,26 @@ class MetadataStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+# the image facts a filter may ask (vclr.data.images.image_facts) and their SQLite types
+FACT_COLUMNS = {"folder": "TEXT", "ext": "TEXT", "bytes": "INTEGER", "width": "INTEGER", "height": "INTEGER",
+                "taken": "REAL", "taken_from": "TEXT"}
+
+
+def folder_matches(pattern: str, folder: str) -> bool:
+    """A folder glob: `*` and `?` within one folder name, `**` across any number of them (`a/**` is a and all
+    below it; `**/raw` is every raw folder). `[` is a plain character."""
+    pattern = pattern.strip("/")
+    regex = ""
+    for part in re.split(r"(\*\*/?|/\*\*)", pattern):
+        if part in ("**", "**/"):
+            regex += "(?:.*/)?" if part == "**/" else ".*"
+        elif part == "/**":
+            regex += "(?:/.*)?"
+        else:
+            regex += "".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in part)
+    return re.fullmatch(regex, folder) is not None
 
 
 def _table(name: str) -> str:

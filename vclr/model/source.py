@@ -251,6 +251,16 @@ def load_trained(run_dir: str | Path, device: torch.device | None = None) -> tup
     return RunSource(str(run_dir)).load(device)
 
 
+def open_run(run_dir: str | Path, checkpoint: str = "final", device: torch.device | None = None
+             ) -> tuple[DualEncoder, Config]:
+    """The model of a vclr run (its final weights, or `checkpoint="best"`) and its config, in eval mode:
+
+        model, cfg = vclr.open_run("vclr-demo/run")
+        vectors = model.encode_text(get_tokenizer(cfg.model)(["a red circle"]), normalize=True)
+    """
+    return model_source(run=str(run_dir), checkpoint=checkpoint).load(device)
+
+
 def source_from_manifest(manifest: dict, index_dir: str | Path | None = None) -> ModelSource | None:
     """The model source an index or report recorded (indexes of vclr <= 0.1 recorded only `run_dir`). A run is
     looked for first where it lies relative to `index_dir` (the index and the run moved together), then where it

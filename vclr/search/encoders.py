@@ -198,9 +198,21 @@ class TracedTextEncoder:
 
 def default_encoder(index: RetrievalIndex, index_dir: str | Path,
                     source: ModelSource | None = None) -> QueryEncoder:
-    """The encoder a searcher uses unless told: the model of `source`; else the index's traced text tower (the
-    recorded model loads for image queries only); else the recorded model."""
-    if source is not None:
+    """The encoder a searcher uses unless told: the index's traced text tower when `source` is none or the very
+    model the index records (its model then loads for image queries only); else the model of `source`; else the
+    recorded model (an index without a traced tower)."""
+    if source is not None and not records(index, source):
         return ModelEncoder(source, index)
     traced = TracedTextEncoder.load(index_dir, index)
-    return traced if traced is not None else ModelEncoder.of_index(index, index_dir)
+    if traced is None:
+        return ModelEncoder(source, index) if source is not None else ModelEncoder.of_index(index, index_dir)
+    if source is not None:
+        traced.images = ModelEncoder(source, index)
+    return traced
+
+
+def records(index: RetrievalIndex, source: ModelSource) -> bool:
+    """Is `source` the model the index records (the same run and checkpoint, or open_clip model and weights)?"""
+    recorded = dict(index.manifest.get("model_source") or {})
+    recorded.pop("run_dir_from_index", None)
+    return bool(recorded) and recorded == source.describe()

@@ -13,6 +13,7 @@ better than the best an unrelated query reaches by chance in this collection (vc
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
@@ -26,9 +27,17 @@ import numpy as np
 from vclr.errors import VclrError
 from vclr.index.format import RetrievalIndex
 from vclr.model.source import ModelSource, as_source
-from vclr.search.calibration import PHRASES, unrelated_pair_scores, weak_match_threshold
+from vclr.search.calibration import (
+    NULL_PHRASES,
+    STANDOUT_SAMPLE,
+    standout,
+    standout_threshold,
+    unrelated_pair_scores,
+    weak_match_threshold,
+)
 from vclr.search.encoders import QueryEncoder, default_encoder, read_query_image
 from vclr.search.limits import check_k, check_text_query
+from vclr.search.query import Query, Term
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +49,15 @@ class Hit:
     id: int
     path: str | None = None  # an image hit
     caption: str | None = None  # a caption hit
-    weak: bool = False  # the score is no better than unrelated pairs reach by chance (vclr.search.calibration)
+    weak: bool = False  # the score is no better than unrelated queries reach by chance (vclr.search.calibration)
+    taken: str | None = None  # an image hit's date taken (EXIF, else the file's mtime), ISO 8601 local time
 
     @property
     def value(self) -> str:
         return self.path if self.path is not None else self.caption
 
     def to_json(self) -> dict:
-        kind = {"path": self.path} if self.path is not None else {"caption": self.caption}
+        kind = {"path": self.path, "taken": self.taken} if self.path is not None else {"caption": self.caption}
         return {"rank": self.rank, "score": self.score, "id": self.id, **kind, "weak": self.weak}
 
 
@@ -87,7 +97,7 @@ class Searcher:
     encoder: QueryEncoder
     index_dir: Path | None = None
     text_cache: QueryCache | None = None  # text query -> embedding (the service keeps one)
-    _weak_below: dict = field(default_factory=dict, repr=False)  # (query, searched) -> threshold, computed once
+    _weak_below: dict = field(default_factory=dict, repr=False)  # calibration thresholds and sample, computed once
 
     @classmethod
     def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
@@ -133,13 +143,73 @@ class Searcher:
     def has_captions(self) -> bool:
         return self.index.manifest["num_texts"] - self.index.manifest["deleted_texts"] > 0
 
-    def image_hits(self, vectors: np.ndarray, k: int, query: str) -> list[list[Hit]]:
-        """Queries (N, D) of kind `query` ("text"/"image") -> their top-k images each, searched in one batch."""
-        D, I = self.index.search_images(vectors, k)
-        weak_below = self.weak_below(query, "images")
-        return [[Hit(r + 1, float(s), int(i), path=p, weak=bool(s <= weak_below))
-                 for r, (s, i, p) in enumerate(zip(scores, ids, self.index.store.image_paths(ids)))]
-                for scores, ids in zip(D, I)]
+    def image_hits(self, vectors: np.ndarray, k: int, query: str, among: np.ndarray | None = None,
+                   dated: bool = False) -> list[list[Hit]]:
+        """Queries (N, D) of kind `query` ("text"/"image") -> their top-k images each, searched in one batch;
+        `among`: only these image ids; `dated`: with each hit's date taken."""
+        D, I = self.index.search_images(vectors, k, among)
+        weak = self._weak_image_hits(vectors, D, query)  # (N, k)
+        hits = [[Hit(r + 1, float(s), int(i), path=p, weak=bool(w))
+                 for r, (s, i, p, w) in enumerate(zip(scores, ids, self.index.store.image_paths(ids), marks))]
+                for scores, ids, marks in zip(D, I, weak)]
+        if dated:
+            for row in hits:
+                for hit, facts in zip(row, self.index.store.facts([h.id for h in row])):
+                    hit.taken = _iso(facts["taken"])
+        return hits
+
+    # ------------------------------------------------------------------------------------- the one query path
+
+    def search(self, query: Query) -> list[Hit]:
+        """The hits of a query (vclr.search.query): images ranked by cosine with its combined vector, filtered,
+        sorted and paged; a lone image query gets captions when the index has them (and images were not asked for).
+        An image id among the positives is left out of its own results ("more like this")."""
+        vector = self.query_vector(query)  # (1, D)
+        kind = "text" if all(t.kind == "text" for t in query.positives) else "image"
+        if query.single_image and not self.wants_images(query.images):
+            hits = self.caption_hits(vector, query.offset + query.k)[0]
+            return [replace(h, rank=r + 1) for r, h in enumerate(hits)][query.offset:]
+        among = self.index.store.select_images(**query.where.bounds()) if not query.where.empty else None
+        own = {int(t.value) for t in query.positives if t.kind == "id"}
+        pool = query.offset + query.k + len(own)
+        if query.sort == "date":  # every hit above min_score may be the newest: take a wide pool of them
+            pool = max(pool, DATE_POOL)
+        hits = [h for h in self.image_hits(vector, pool, kind, among, dated=True)[0] if h.id not in own
+                and (query.min_score is None or h.score >= query.min_score)]
+        if query.sort == "date":
+            hits.sort(key=lambda h: h.taken or "", reverse=True)  # ISO dates sort as text; unknown dates last
+        return [replace(h, rank=query.offset + r + 1) for r, h in enumerate(hits[query.offset:][:query.k])]
+
+    def query_vector(self, query: Query) -> np.ndarray:
+        """(1, D): the L2-normalised sum of w_i * e(positive_i) minus the sum of e(negative_j) (rclip's rule)."""
+        positives, negatives = self.embed_terms(query.positives), self.embed_terms(query.negatives)  # (P, D), (M, D)
+        weights = np.asarray([t.weight for t in query.positives], dtype=np.float32)  # (P,)
+        vector = weights @ positives - negatives.sum(axis=0)  # (D,)
+        norm = float(np.linalg.norm(vector))
+        if norm < 1e-6:
+            raise VclrError("the query's terms cancel out (its positives and negatives are the same): change them")
+        return (vector / norm).astype(np.float32)[None]
+
+    def embed_terms(self, terms: Sequence[Term]) -> np.ndarray:
+        """Each term's unit embedding, (T, D) in the terms' order: texts through the encoder (batched, cached),
+        image files and uploads read as the index's images were, image ids from the index."""
+        out = np.zeros((len(terms), self.index.d), np.float32)
+        texts = [r for r, t in enumerate(terms) if t.kind == "text"]
+        images = [r for r, t in enumerate(terms) if t.kind in ("image", "upload")]
+        if texts:
+            out[texts] = self.embed_texts([terms[r].value for r in texts])
+        if images:
+            out[images] = self.embed_images([read_query_image(terms[r].value) for r in images])
+        for r, term in enumerate(terms):
+            if term.kind == "id":
+                out[r] = self._indexed_image(int(term.value))
+        return out
+
+    def _indexed_image(self, image_id: int) -> np.ndarray:
+        if not self.index.store.is_live("images", image_id):
+            last = self.index.manifest["num_images"] - 1
+            raise VclrError(f"no image with id {image_id} in the index (ids are 0..{last}, deleted ones excluded)")
+        return np.asarray(self.index.image_embeddings[image_id], dtype=np.float32)  # (D,)
 
     def caption_hits(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Image queries (N, D) -> their top-k captions each, searched in one batch."""
@@ -166,6 +236,29 @@ class Searcher:
             return self.image_hits(embedding, k, "image")[0]
         return self.caption_hits(embedding, k)[0]
 
+    def _weak_image_hits(self, vectors: np.ndarray, D: np.ndarray, query: str) -> np.ndarray:
+        """(N, k) which image hits are weak matches (vclr.search.calibration): by their standout for text queries,
+        by their score for image queries."""
+        if query == "text":
+            return standout(D, vectors, self._image_sample()) <= self.weak_standout()
+        return D <= self.weak_below(query, "images")
+
+    def weak_standout(self) -> float:
+        """The standout at or under which a text query's image hit is weak, from the null queries' best hits."""
+        if "standout" not in self._weak_below:
+            null = self.encoder.embed_texts(list(NULL_PHRASES))  # not through the query cache: not users' queries
+            D, _ = self.index.search_images(null, 1)  # (Q, 1) each null query's best live image
+            self._weak_below["standout"] = standout_threshold(standout(D, null, self._image_sample()))
+        return self._weak_below["standout"]
+
+    def _image_sample(self) -> np.ndarray:
+        """Up to STANDOUT_SAMPLE live image vectors (a fixed draw): where a query's mean and spread are measured."""
+        if "sample" not in self._weak_below:
+            live = np.setdiff1d(np.arange(self.index.image_index.ntotal), self.index.store.deleted_ids("images"))
+            rows = np.sort(np.random.default_rng(0).choice(live, min(STANDOUT_SAMPLE, len(live)), replace=False))
+            self._weak_below["sample"] = np.asarray(self.index.image_embeddings[rows], dtype=np.float32)
+        return self._weak_below["sample"]
+
     def weak_below(self, query: str, searched: str) -> float:
         """The score at or under which a hit of a `query` ("text"/"image") among `searched` ("images"/"texts") is a
         weak match: no better than the best an unrelated query reaches by chance (vclr.search.calibration)."""
@@ -177,12 +270,9 @@ class Searcher:
         return self._weak_below[query, searched]
 
     def _cross_pair_scores(self) -> np.ndarray:
-        """Random unrelated (caption, image) pairs; without captions, everyday phrases against the images."""
-        images = self.index.image_embeddings
-        if self.has_captions:
-            return unrelated_pair_scores(self.index.text_embeddings, images, related=self.index.caption_image)
-        phrases = self.embed_texts(PHRASES)
-        return unrelated_pair_scores(phrases, images, related=np.full(len(phrases), -1))
+        """Random unrelated (caption, image) pairs: what an image query's caption hits are weighed against."""
+        return unrelated_pair_scores(self.index.text_embeddings, self.index.image_embeddings,
+                                     related=self.index.caption_image)
 
     def _image_pair_scores(self) -> np.ndarray:
         return unrelated_pair_scores(self.index.image_embeddings, self.index.image_embeddings)
@@ -201,12 +291,16 @@ class Searcher:
     def like(self, image_id: int, k: int = 5) -> list[Hit]:
         """Images most like indexed image `image_id` (itself left out)."""
         check_k(k)
-        if not self.index.store.is_live("images", image_id):
-            last = self.index.manifest["num_images"] - 1
-            raise VclrError(f"no image with id {image_id} in the index (ids are 0..{last}, deleted ones excluded)")
-        query = np.asarray(self.index.image_embeddings[image_id:image_id + 1], dtype=np.float32)  # (1, d)
+        query = self._indexed_image(image_id)[None]  # (1, d)
         hits = [h for h in self.image_hits(query, k + 1, "image")[0] if h.id != image_id][:k]
         return [replace(h, rank=r + 1) for r, h in enumerate(hits)]
+
+
+DATE_POOL = 1000  # a query sorted by date orders at most this many of its best hits
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return datetime.datetime.fromtimestamp(timestamp).isoformat(timespec="seconds") if timestamp is not None else None
 
 
 def search_by_text(index_dir: str | Path, text: str, k: int = 5, source: ModelSource | None = None) -> list[Hit]:

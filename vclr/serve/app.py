@@ -2,12 +2,16 @@
 
     vclr serve --index vclr-demo/index            # http://127.0.0.1:8000
 
-GET  /                              the search page: a query box, an image upload, a grid of results with scores and
-                                    "more like this" on every image
-GET  /api/search?text=...&k=...     text -> images: {"query", "k", "hits": [{"rank", "score", "id", "kind", "value",
-                                    "url"}]} (kind "image": value is the file name, url fetches it)
-POST /api/search/image?k=...        image upload (multipart field "file") -> captions, or images when the index has no
-     [&images=true]                 captions or `images=true` (kind "caption": value is the caption)
+GET  /                              the search page: a query box, a "but not" box, folder and date filters, order by
+                                    relevance or date, an image upload, a grid of results with scores, "more like
+                                    this" on every image and "more results"
+GET  /api/search?text=...&k=...     images for a query (vclr.search.query): text (repeat; weight as 2:dog), not_text,
+     [&not_text=..&like=ID          like (indexed image ids), folder (a glob), after / before (dates taken), ext,
+      &folder=..&after=..&ext=..    sort (relevance|date), min_score, offset -> {"query", "k", "hits": [{"rank",
+      &sort=date&min_score=..]      "score", "id", "kind", "value", "url", "weak"}]} (value: the file name)
+POST /api/search/image?k=...        image upload (multipart field "file"), alone -> captions, or images when the index
+     [&images=true&text=..]         has none or `images=true`; with the parameters of GET /api/search -> images
+GET  /metrics                       Prometheus metrics (vclr.serve.metrics)
 GET  /api/like/{id}?k=...           indexed image id -> the images most like it (itself left out)
 GET  /api/image/{id}                an indexed image by id (only files that are in the index: no paths from clients)
 GET  /api/info                      the index manifest (counts, dimension, index type and its measured recall)
@@ -38,8 +42,10 @@ from urllib.parse import unquote
 from vclr.errors import Overloaded, TimedOut, VclrError
 from vclr.model.source import ModelSource
 from vclr.search.limits import MAX_K, MAX_QUERY_CHARS, ServiceLimits, check_k, check_text_query
+from vclr.search.query import parse_query
 from vclr.search.searcher import Searcher
-from vclr.serve.engine import ImageQuery, LikeQuery, LiveIndex, QueryEngine, TextQuery
+from vclr.serve.engine import ImageQuery, LikeQuery, LiveIndex, QueryEngine, SearchQuery, TextQuery
+from vclr.serve.metrics import MetricsMiddleware, ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,16 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
     _add_guards(app, access, max_upload_bytes)
+    metrics = ServiceMetrics(engine)
+    engine.batch_observer = metrics.batch_size.observe
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, refusals are counted too
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics():
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def render(query: dict):
         """Image hits by file name, first caption and URL (never the server's paths), caption hits by their text;
@@ -130,10 +146,25 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
         return engine.stats()
 
     @app.get("/api/search")
-    async def search_text(text: str = Query(""), k: int = Query(10)):
-        text = check_text_query(text)
-        check_k(k)
-        return JSONResponse(await engine.submit(TextQuery(text, k), render({"query": text, "k": k})))
+    async def search(text: list[str] = Query([], description="what to look for; repeat to combine, weight with a "
+                                                             "prefix: 2:dog"),
+                     not_text: list[str] = Query([], description="what to steer away from"),
+                     like: list[int] = Query([], description="indexed image ids to look for"),
+                     folder: str | None = Query(None, description="a folder glob: 2024/**"),
+                     after: str | None = Query(None, description="taken on or after: 2024-06-01"),
+                     before: str | None = Query(None, description="taken before"),
+                     ext: list[str] = Query([], description="file types: jpg, heic"),
+                     sort: str = Query("relevance", description="relevance, or date (newest first)"),
+                     min_score: float | None = Query(None, description="leave out hits scoring below this cosine"),
+                     k: int = Query(10, description=f"hits, 1..{MAX_K}"), offset: int = Query(0)):
+        if not text and not like:
+            check_text_query("")  # the query is empty: one message for every way of asking
+        query = parse_query(text=text, like=like, not_text=not_text, sort=sort, min_score=min_score, k=k,
+                            offset=offset, where={"folder": folder, "after": after, "before": before, "ext": ext})
+        if _plain_text(query):  # the batched, cached path
+            text = query.positives[0].value
+            return JSONResponse(await engine.submit(TextQuery(text, k), render({"query": text, "k": k})))
+        return JSONResponse(await engine.submit(SearchQuery(query), render({"query": query.describe(), "k": k})))
 
     @app.get("/api/like/{image_id}")
     async def like(image_id: int, k: int = Query(10)):
@@ -141,12 +172,24 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
         return JSONResponse(await engine.submit(LikeQuery(image_id, k), render({"id": image_id, "k": k})))
 
     @app.post("/api/search/image")
-    async def search_image(file: UploadFile, k: int = Query(10), images: bool = Query(False)):
-        check_k(k)  # before reading up to 8 MB
+    async def search_image(file: UploadFile, k: int = Query(10), images: bool = Query(False),
+                           text: list[str] = Query([]), not_text: list[str] = Query([]),
+                           folder: str | None = Query(None), after: str | None = Query(None),
+                           before: str | None = Query(None), ext: list[str] = Query([]),
+                           sort: str = Query("relevance"), min_score: float | None = Query(None),
+                           offset: int = Query(0)):
+        """An uploaded image (multipart field "file"), alone (-> its captions, or images) or with the same query
+        parameters as GET /api/search."""
+        params = dict(text=text, not_text=not_text, sort=sort, min_score=min_score, k=k, offset=offset,
+                      images=images or None, where={"folder": folder, "after": after, "before": before, "ext": ext})
+        parse_query(upload=b"x", **params)  # every parameter checked before reading up to 8 MB
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return _too_large(max_upload_bytes)
-        return JSONResponse(await engine.submit(ImageQuery(data, k, images or None), render({"k": k})))
+        query = parse_query(upload=data, **params)
+        if query.single_image and not query.offset:  # the batched path
+            return JSONResponse(await engine.submit(ImageQuery(data, k, images or None), render({"k": k})))
+        return JSONResponse(await engine.submit(SearchQuery(query), render({"query": query.describe(), "k": k})))
 
     @app.get("/api/image/{image_id}")
     def image(image_id: int):
@@ -204,6 +247,13 @@ class _Guard:
                                           f"{self.access.rate_limit:g} a second"}, status_code=429,
                                 headers={"Retry-After": "1"})
         return None
+
+
+def _plain_text(query) -> bool:
+    """One text, nothing else asked: the query engine batches and caches these."""
+    return len(query.positives) == 1 and query.positives[0].kind == "text" and query.positives[0].weight == 1 \
+        and not query.negatives and query.where.empty and query.sort == "relevance" and query.min_score is None \
+        and not query.offset
 
 
 def _too_large(max_upload_bytes: int):

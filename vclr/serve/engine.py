@@ -36,6 +36,7 @@ from vclr.errors import Overloaded, TimedOut, VclrError
 from vclr.index.format import MANIFEST
 from vclr.search.encoders import read_query_image
 from vclr.search.limits import ServiceLimits
+from vclr.search.query import Query
 from vclr.search.searcher import Hit, QueryCache, Searcher
 from vclr.storage import read_manifest
 
@@ -154,8 +155,20 @@ class LikeQuery:
 
 
 @dataclass
+class SearchQuery:
+    """Any other query (vclr.search.query.Query: several terms, negatives, filters, date order, paging): answered
+    alone through Searcher.search, the path the CLI and the Python API take."""
+
+    query: Query
+
+    @property
+    def k(self) -> int:
+        return self.query.k
+
+
+@dataclass
 class _Job:
-    query: TextQuery | ImageQuery | LikeQuery
+    query: TextQuery | ImageQuery | LikeQuery | SearchQuery
     render: Callable[[Searcher, list[Hit]], dict]  # the answer, made in the worker from the version it searched
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -183,6 +196,7 @@ class QueryEngine:
         self._worker: threading.Thread | None = None
         self.batches = self.queries = 0  # counters for /api/stats and tests
         self.largest_batch = 0
+        self.batch_observer: Callable[[int], None] | None = None  # told each batch's size (the /metrics histogram)
         if live.current.text_cache is None and limits.cache_size:
             live.current.text_cache = QueryCache(limits.cache_size)
 
@@ -239,6 +253,8 @@ class QueryEngine:
         batch = [j for j in batch if j.deadline > now]
         self.batches, self.queries = self.batches + 1, self.queries + len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
+        if self.batch_observer is not None and batch:
+            self.batch_observer(len(batch))
         texts = [j for j in batch if isinstance(j.query, TextQuery)]
         images = [j for j in batch if isinstance(j.query, ImageQuery)]
         if texts:
@@ -256,9 +272,11 @@ class QueryEngine:
                         searcher.caption_hits(vectors[group], k)
                     self._finish([images[row] for row in group], searcher, hits)
         for job in batch:
-            if isinstance(job.query, LikeQuery):
+            if isinstance(job.query, (LikeQuery, SearchQuery)):
                 try:
-                    self._finish([job], searcher, [searcher.like(job.query.image_id, job.query.k)])
+                    hits = searcher.like(job.query.image_id, job.query.k) if isinstance(job.query, LikeQuery) \
+                        else searcher.search(job.query.query)
+                    self._finish([job], searcher, [hits])
                 except VclrError as e:
                     job.finish(e, failed=True)
 
@@ -270,6 +288,11 @@ class QueryEngine:
                 job.finish(job.render(searcher, job_hits[:job.query.k]))
             except Exception as e:
                 job.finish(e, failed=True)
+
+    @property
+    def waiting(self) -> int:
+        """Queries queued for the worker."""
+        return self._queue.qsize()
 
     def stats(self) -> dict:
         cache = self.live.current.text_cache

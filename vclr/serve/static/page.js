@@ -18,8 +18,13 @@ function scoreLine(hit) {
   if (hit.weak) { line.append(" "); line.append(el("span", "badge", "weak match")); }
   return line;
 }
-async function show(request, what) {
-  say("searching…"); results.replaceChildren();
+// what the form asks besides the text, as the address bar and the API name it
+const FIELDS = ["not", "folder", "after", "before", "sort"];
+const API_NAME = {not: "not_text", folder: "folder", after: "after", before: "before", sort: "sort"};
+let page = null;  // the query on screen and how many of its hits are shown: "more results" asks for the next ones
+async function show(request, what, append = false) {
+  say("searching…");
+  if (!append) results.replaceChildren();
   let response, body;
   try { response = await request; body = await response.json(); }
   catch (error) { say("the search service did not answer: " + error, "error"); return; }
@@ -30,7 +35,7 @@ async function show(request, what) {
     return;
   }
   if (!response.ok) { say(body.error, "error"); return; }
-  results.className = body.hits.length && body.hits[0].kind === "caption" ? "captions" : "";
+  if (!append) results.className = body.hits.length && body.hits[0].kind === "caption" ? "captions" : "";
   for (const hit of body.hits) {
     const item = el("li", "hit" + (hit.weak ? " weak" : ""));
     if (hit.kind === "image") {
@@ -44,30 +49,52 @@ async function show(request, what) {
     } else {
       item.append(el("div", "caption", hit.value), scoreLine(hit));
     }
+    if (hit.taken) item.append(el("div", "score", `taken ${hit.taken.slice(0, 10)}`));
     results.append(item);
   }
-  if (!body.hits.length) say("no results");
+  $("more").hidden = !(page && body.hits.length === Number(k()));
+  if (page) page.shown += body.hits.length;
+  if (!body.hits.length) say(append ? "no more results" : "no results");
   else if (body.hits.every((hit) => hit.weak))
-    say(`No strong match for ${what}: every result scores no better than unrelated pairs do by chance ` +
-        "in this collection.", "weak");
+    say(`No strong match for ${what}: every result scores no better than queries about things this ` +
+        "collection does not hold.", "weak");
   else say(`${body.hits.length} results for ${what}`);
+}
+function apiParams(params, offset) {
+  const api = new URLSearchParams({text: params.q, k: k()});
+  for (const field of FIELDS) if (params[field]) api.append(API_NAME[field], params[field]);
+  if (offset) api.append("offset", offset);
+  return api;
 }
 function search(params, push = true) {
   if (push) history.pushState(params, "", "?" + new URLSearchParams(params));
+  page = null; $("more").hidden = true;
   if (params.q !== undefined) {
     box.value = params.q;
+    for (const field of FIELDS) $(field).value = params[field] || (field === "sort" ? "relevance" : "");
     if (!params.q.trim()) {
       results.replaceChildren(); say("Type what you are looking for, or drop an image.", "error"); return;
     }
-    show(fetch("api/search?" + new URLSearchParams({text: params.q, k: k()})), `“${params.q.trim()}”`);
+    page = {params, shown: 0};
+    show(fetch("api/search?" + apiParams(params, 0)), `“${params.q.trim()}”`);
   } else if (params.like !== undefined) {
     show(fetch(`api/like/${params.like}?k=${k()}`), `images like #${params.like}`);
   }
 }
+function formParams() {
+  const params = {q: box.value};
+  for (const field of FIELDS) if ($(field).value && !(field === "sort" && $(field).value === "relevance"))
+    params[field] = $(field).value;
+  return params;
+}
 function fromAddress(push) {
   const address = new URLSearchParams(location.search);
   if (address.has("k")) $("k").value = address.get("k");
-  if (address.has("q")) search({q: address.get("q")}, push);
+  if (address.has("q")) {
+    const params = {q: address.get("q")};
+    for (const field of FIELDS) if (address.has(field)) params[field] = address.get(field);
+    search(params, push);
+  }
   else if (address.has("like")) search({like: address.get("like")}, push);
   else { results.replaceChildren(); say(""); }
 }
@@ -79,7 +106,10 @@ function searchImage(file) {
   history.pushState({}, "", location.pathname);
   show(fetch(`api/search/image?k=${k()}&images=${images}`, {method: "POST", body: data}), file.name);
 }
-$("search").addEventListener("submit", (event) => { event.preventDefault(); search({q: box.value}); });
+$("search").addEventListener("submit", (event) => { event.preventDefault(); search(formParams()); });
+$("more").addEventListener("click", () => {
+  if (page) show(fetch("api/search?" + apiParams(page.params, page.shown)), `“${page.params.q.trim()}”`, true);
+});
 $("upload").addEventListener("change", (event) => searchImage(event.target.files[0]));
 const drop = $("drop");
 for (const name of ["dragenter", "dragover"])

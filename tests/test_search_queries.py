@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vclr
 from vclr.data.images import image_facts
 from vclr.errors import VclrError
 from vclr.index.format import IndexOptions, RetrievalIndex, exact_search
@@ -220,3 +221,55 @@ def test_filtered_search_keeps_recall_on_a_200k_ann_index():
         _, truth = exact_search(xq, xb, 10, among)
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, truth)])
         assert np.isin(I, among).all() and recall >= 0.95, (kept, recall)
+
+
+def test_indexing_records_facts_and_fills_them_into_an_older_index_without_embedding(tmp_path, monkeypatch):
+    """A folder with EXIF-dated photos in subfolders: the index records folder, type, size and date; an index whose
+    store lacks them (built before they existed) gets them on the next `vclr index`, which embeds nothing."""
+    from helpers import untrained_index
+
+    import vclr.embed.embedding as embedding
+    from vclr.index.build import build_index
+
+    photos = tmp_path / "photos"
+    for i, (folder, date) in enumerate([("2023/trip", "2023:05:01 10:00:00"), ("2024", "2024:07:14 09:30:00"),
+                                         ("2024/raw", None)]):
+        (photos / folder).mkdir(parents=True)
+        exif = Image.Exif()
+        if date:
+            exif.get_ifd(0x8769)[36867] = date
+        Image.new("RGB", (48, 32), COLOURS[i]).save(photos / folder / f"p{i}.jpg", exif=exif)
+    index_dir = untrained_index(photos, tmp_path / "run")
+    index = vclr.open_index(index_dir)
+    facts = {Path(p).name: f for p, f in zip(index.searcher.index.image_paths,
+                                              index.searcher.index.store.facts(range(3)))}
+    assert facts["p0.jpg"]["folder"] == "2023/trip" and facts["p1.jpg"]["taken_from"] == "exif"
+    assert facts["p2.jpg"]["taken_from"] == "mtime" and facts["p0.jpg"]["width"] == 48
+    assert {Path(h.path).name for h in index.search("x", where={"folder": "2024/**"}, k=5)} == {"p1.jpg", "p2.jpg"}
+    assert [Path(h.path).name for h in index.search("x", where={"before": "2024-01-01"}, k=5)] == ["p0.jpg"]
+
+    stored = RetrievalIndex.load(index_dir)  # as an index of the previous version: no facts
+    with stored.store.db:
+        stored.store.db.execute("UPDATE images SET folder = NULL, ext = NULL, taken = NULL")
+    stored.save(index_dir)
+    embedded = []
+    real = embedding.embed_table
+    monkeypatch.setattr(embedding, "embed_table", lambda *a, **k: embedded.append(1) or real(*a, **k))
+    update = build_index(tmp_path / "run", str(photos), index_dir)
+    assert embedded == [] and update.added == 0 and update.facts_recorded == 3
+    assert RetrievalIndex.load(index_dir).store.facts([0])[0]["ext"] == "jpg"
+
+
+def test_a_query_by_the_index_own_run_uses_its_traced_text_tower(small_shapes, tmp_path):
+    from helpers import untrained_index
+
+    from vclr.model.source import model_source
+    from vclr.search.encoders import ModelEncoder, TracedTextEncoder
+
+    index_dir = untrained_index(small_shapes / "test", tmp_path / "run")
+    searcher = Searcher.open(index_dir, model_source(run=str(tmp_path / "run")), load_model=False)
+    assert isinstance(searcher.encoder, TracedTextEncoder) and searcher.encoder.images is not None
+    assert not searcher.encoder.images.loaded  # a text query will not load the model
+    other = untrained_index(small_shapes / "test", tmp_path / "other")
+    searcher = Searcher.open(index_dir, model_source(run=str(other.parent / "other")), load_model=False)
+    assert isinstance(searcher.encoder, ModelEncoder)  # another run: its own model embeds the queries

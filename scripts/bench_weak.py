@@ -40,9 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", type=int, default=200, help="captions drawn from the index")
     parser.add_argument("--attributes", default=",".join(SHAPE_ATTRIBUTES),
                         help="comma-separated queries that name what the collection shows")
+    parser.add_argument("--unrelated", default=",".join(UNRELATED),
+                        help="comma-separated queries about things the collection lacks (default: 30 everyday ones; "
+                             "check that none names what the collection shows)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    assert not set(UNRELATED) & set(NULL_PHRASES), "the unrelated queries must not be calibration phrases"
+    unrelated = [q.strip() for q in args.unrelated.split(",") if q.strip()]
+    assert not set(unrelated) & set(NULL_PHRASES), "the unrelated queries must not be calibration phrases"
     searcher = Searcher.open(args.index, load_model=False)
     index = searcher.index
     rng = np.random.default_rng(args.seed)
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     matched = [hit for hit, owner in zip(tops, owners) if hit.id == owner]
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
     attribute_tops = [hits[0] for hits in searcher.image_hits(searcher.embed_texts(attributes), 1, "text")]
-    unrelated_tops = [hits[0] for hits in searcher.image_hits(searcher.embed_texts(list(UNRELATED)), 1, "text")]
+    unrelated_tops = [hits[0] for hits in searcher.image_hits(searcher.embed_texts(unrelated), 1, "text")]
     print(json.dumps({
         "bench": "weak_marks", "index": args.index, "images": index.manifest["num_images"],
         "standout_threshold": round(searcher.weak_standout(), 4),
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         "matched_marked_weak": round(float(np.mean([h.weak for h in matched])) if matched else 0.0, 4),
         "attributes": {a: {"score": round(h.score, 4), "weak": h.weak} for a, h in zip(attributes, attribute_tops)},
         "unrelated_marked_weak": round(float(np.mean([h.weak for h in unrelated_tops])), 4),
-        "unrelated_scores": {q: round(h.score, 4) for q, h in zip(UNRELATED, unrelated_tops)},
+        "unrelated_queries": len(unrelated),
+        "unrelated_scores": {q: round(h.score, 4) for q, h in zip(unrelated, unrelated_tops)},
     }))
 
 

@@ -6,9 +6,12 @@ dies after a checkpoint, an untrained model's index, photo-like image folders an
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,26 @@ from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # for scripts/ and the sources; configs come from the package
 TINY_MODEL = "vclr-tiny-rn"  # an open_clip config (vclr's own, registered with open_clip): fast on a CPU
+
+
+@contextlib.contextmanager
+def served(app):
+    """The ASGI app served by uvicorn on a free local port in a thread, until the block ends. -> its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
 
 
 def free_port() -> int:

@@ -3,12 +3,10 @@
 import io
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, untrained_index
+from helpers import served, untrained_index
 from PIL import Image
 
 from vclr.index.format import RetrievalIndex
@@ -135,21 +133,10 @@ def test_info_reports_the_index(client):
 
 @pytest.fixture(scope="module")
 def server(searcher):
-    import uvicorn
-
     from vclr.serve.app import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(searcher), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(timeout=5)
+    with served(create_app(searcher)) as url:
+        yield url + "/"
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -171,7 +158,7 @@ def _all_weak_query(client) -> str:
 def test_search_page_in_headless_chromium(server, client, searcher, tmp_path):
     """Each state a user meets, with a screenshot of it: the empty page, a deep link, a keyboard search and the back
     button, a query about nothing in the collection, an empty query, a file-picker upload, a drag-and-drop upload
-    for captions, "more like this"; labels and alt text throughout."""
+    for captions, "more like this", a combined filtered query and its next page; labels and alt text throughout."""
     from urllib.parse import quote_plus
 
     from selenium import webdriver
@@ -279,5 +266,25 @@ def test_search_page_in_headless_chromium(server, client, searcher, tmp_path):
         wait.until(lambda d: d.current_url.endswith(f"?like={like_id}") and f"images like #{like_id}" in status())
         loaded(12)
         shot("7-more-like-this")
+
+        # 8. a combined, filtered query from the form: "but not", a folder, date order; then "more results"
+        driver.get(server)
+        box = driver.find_element(By.ID, "query")
+        box.send_keys("a red circle")
+        driver.find_element(By.ID, "not").send_keys("blue")
+        driver.find_element(By.ID, "folder").send_keys("**")
+        driver.find_element(By.CSS_SELECTOR, "#sort option[value=date]").click()
+        driver.find_element(By.CSS_SELECTOR, "#search button[type=submit]").click()
+        wait.until(lambda d: "not=blue" in d.current_url and "sort=date" in d.current_url)
+        loaded(12)
+        params = {"text": "a red circle", "not_text": "blue", "folder": "**", "sort": "date", "k": 12}
+        api = client.get("/api/search", params=params).json()["hits"]  # the page shows what the API answers
+        assert [h.find_element(By.CLASS_NAME, "name").text for h in hits()] == [h["value"] for h in api]
+        driver.find_element(By.ID, "more").click()  # the next page, appended, ranks continuing
+        loaded(24)
+        after = client.get("/api/search", params={**params, "offset": 12}).json()["hits"]
+        assert [h.find_element(By.CLASS_NAME, "name").text for h in hits()[12:]] == [h["value"] for h in after]
+        assert hits()[12].find_element(By.CLASS_NAME, "score").text.startswith("#13 · score ")
+        shot("8-filtered-and-more")
     finally:
         driver.quit()

@@ -2,12 +2,10 @@
 Prometheus metrics, describes itself in a truthful OpenAPI schema, and survives fuzzing from that schema."""
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, untrained_index
+from helpers import served, untrained_index
 
 import vclr
 from vclr.cli import main
@@ -112,23 +110,11 @@ def test_the_openapi_schema_describes_every_route_and_parameter(client):
 
 @pytest.fixture(scope="module")
 def live_server(index_dir):
-    import uvicorn
-
     from vclr.search.searcher import Searcher
     from vclr.serve.app import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Searcher.open(index_dir)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=5)
+    with served(create_app(Searcher.open(index_dir))) as url:
+        yield url
 
 
 @pytest.mark.slow

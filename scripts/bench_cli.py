@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         index = args.index or str(small_demo_index(Path(tmp)))
         figures = {
             "help_s": seconds([*vclr, "--help"], args.repeats),
-            "argument_error_s": seconds([*vclr, "search", "--index", index, "--text", "a", "--like", "3"],
+            "argument_error_s": seconds([*vclr, "search", "--index", index, "--text", "a", "-k", "0"],
                                         args.repeats, expect_code=2),
             "cold_search_s": seconds([*vclr, "search", "--index", index, "--text", "a large red circle", "-k", "5"],
                                      args.repeats),

@@ -29,15 +29,19 @@ def run_script(name: str, argv: list[str], capsys, monkeypatch) -> list[dict]:
 
 @contextlib.contextmanager
 def _logging_kept():
-    """Every logger's level and the root's handlers as they were: later tests capture INFO records."""
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
-    levels, handlers = [lg.level for lg in loggers], list(logging.getLogger().handlers)
+    """Every logger's level and the root's handlers as they were: later tests capture INFO records. Loggers the
+    script created (the CLI's `vclr`, set to WARNING by -q) go back to NOTSET."""
+    manager, root = logging.Logger.manager, logging.getLogger()
+    levels = {name: logger.level for name, logger in manager.loggerDict.items() if isinstance(logger, logging.Logger)}
+    root_level, handlers = root.level, list(root.handlers)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        logging.getLogger().handlers[:] = handlers
+        for name, logger in list(manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(levels.get(name, logging.NOTSET))
+        root.setLevel(root_level)
+        root.handlers[:] = handlers
 
 
 def test_every_benchmark_has_a_smoke_test():

@@ -42,7 +42,6 @@ def _assert_one_line_error(capsys, code, expected):
     (["search", "--index", "{index}", "--text", "x", "--where", "folder"], "--where takes KEY=VALUE"),
     (["search", "--index", "{index}", "--text", "x", "--after", "june"], "after must be a date such as 2024-06-01"),
     (["search", "--index", "{index}", "--image", "{tmp}/missing.jpg"], "query image"),
-    (["search", "--index", "{index}", "--text", "x", "--not-text", "x"], "terms cancel out"),
     (["search", "--index", "{index}", "--text", "x", "--offset", "-1"], "--offset must be from 0"),
     (["train", "--config", CONFIG, "optim.no_such_key=1"], "unknown config key 'optim.no_such_key'"),
     (["train", "--config", CONFIG, "data.batch_size=many"], "data.batch_size='many' has the wrong type"),

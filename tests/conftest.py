@@ -1,6 +1,7 @@
 """pytest fixtures shared by the suite: an isolated working directory for every test, and small datasets and models
 built once a session. Plain helpers live in tests/helpers.py."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,22 @@ from helpers import TINY_MODEL
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing is fetched from a hub in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was():
+    """Every logger's level, and the root's handlers, put back after each test: the CLI (`vclr -q` sets the vclr
+    logger to WARNING) and the benchmark scripts configure logging as programs do, and a later test that captures
+    INFO records must not depend on which ran before it."""
+    manager, root = logging.Logger.manager, logging.getLogger()
+    levels = {name: lg.level for name, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    root_level, handlers = root.level, list(root.handlers)
+    yield
+    for name, lg in list(manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger):
+            lg.setLevel(levels.get(name, logging.NOTSET))
+    root.setLevel(root_level)
+    root.handlers[:] = handlers
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,8 @@
 """Every scripts/bench_*.py runs end to end at tiny sizes and prints its JSON lines, so that none can rot. The figures
 are not checked here (they are the scripts' job on real sizes); that each script completes and reports is."""
 
-import contextlib
 import importlib
 import json
-import logging
 import shutil
 
 import pytest
@@ -20,28 +18,10 @@ def run_script(name: str, argv: list[str], capsys, monkeypatch) -> list[dict]:
     monkeypatch.syspath_prepend(str(SCRIPTS))
     module = importlib.import_module(name)
     capsys.readouterr()
-    with _logging_kept():  # the scripts set up logging as programs do (and call the CLI, which does too)
-        module.main(argv)
+    module.main(argv)  # it sets up logging as a program does: conftest puts it back after the test
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines, f"{name} printed no JSON line"
     return lines
-
-
-@contextlib.contextmanager
-def _logging_kept():
-    """Every logger's level and the root's handlers as they were: later tests capture INFO records. Loggers the
-    script created (the CLI's `vclr`, set to WARNING by -q) go back to NOTSET."""
-    manager, root = logging.Logger.manager, logging.getLogger()
-    levels = {name: logger.level for name, logger in manager.loggerDict.items() if isinstance(logger, logging.Logger)}
-    root_level, handlers = root.level, list(root.handlers)
-    try:
-        yield
-    finally:
-        for name, logger in list(manager.loggerDict.items()):
-            if isinstance(logger, logging.Logger):
-                logger.setLevel(levels.get(name, logging.NOTSET))
-        root.setLevel(root_level)
-        root.handlers[:] = handlers
 
 
 def test_every_benchmark_has_a_smoke_test():

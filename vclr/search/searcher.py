@@ -116,13 +116,17 @@ class Searcher:
 
     def reopen(self) -> Searcher:
         """The newest save of this searcher's index with the encoder that fits it (`QueryEncoder.reopen` decides
-        what is kept) and the query cache when the encoder is the same."""
+        what is kept), the query cache when the encoder is the same, and the weak-match calibration of the new save
+        done now when this searcher had done its own."""
         index = RetrievalIndex.load(self.index_dir, mmap=isinstance(self.index.image_embeddings, np.memmap))
         encoder = self.encoder.reopen(self.index, index)
         cache = self.text_cache
         if encoder is not self.encoder and cache is not None:
             cache = QueryCache(cache.capacity)
-        return Searcher(index, encoder, self.index_dir, text_cache=cache)
+        fresh = Searcher(index, encoder, self.index_dir, text_cache=cache)
+        if "standout" in self._weak_below:  # calibrated here (the service's watch thread), not on a query's time
+            fresh.weak_standout()
+        return fresh
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) unit vectors: from the cache, else by the encoder."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vclr.model.source import ModelSource
-from vclr.search.query import Query, Term, TermValue
+from vclr.search.query import Query, TermValue
 from vclr.search.searcher import Hit, Searcher
 
 
@@ -56,7 +56,7 @@ class Index:
 
     def embed(self, term: TermValue) -> np.ndarray:
         """(D,) float32, L2-normalised: a text, an image file (Path) or an indexed image id, as a query sees it."""
-        return self.searcher.embed_terms([Term(Query.of(term).positives[0].value)])[0]
+        return self.searcher.embed_terms([Query.of(term).positives[0]])[0]  # the term checked as a query checks it
 
 
 def open_index(path: str | os.PathLike, *, model: ModelSource | str | os.PathLike | None = None,

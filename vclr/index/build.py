@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 
 SAVE_EVERY = 20_000  # images embedded between saves of a growing index: what a kill can cost at most
-
-
 IN_MEMORY_MAX_BYTES = 4 * 2**30  # embeddings beyond this stream to memory-mapped files beside the index
 
 

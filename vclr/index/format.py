@@ -88,7 +88,6 @@ def _build_modality(xb: np.ndarray, other: np.ndarray, options: IndexOptions, se
     return index, tuning.to_dict()
 
 
-
 @dataclass
 class RetrievalIndex:
     image_embeddings: np.ndarray  # (N, d) float32

@@ -21,7 +21,6 @@ from vclr.model.towers import TowerSplit, hf_frozen_prefix, hf_layer_split, long
 logger = logging.getLogger(__name__)
 
 
-
 class ProjectorMLP(nn.Module):
     """FC-BN-ReLU-FC head (SimCLR): a non-linear projection that the contrastive loss shapes instead of the tower."""
 

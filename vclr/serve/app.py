@@ -56,7 +56,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 KEY_COOKIE = "vclr_key"
 
 
-
 @dataclass(frozen=True)
 class Access:
     """Who may use the service: everyone who can reach it (the default, on 127.0.0.1), or holders of `api_key`;

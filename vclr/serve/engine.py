@@ -43,7 +43,6 @@ from vclr.storage import read_manifest
 logger = logging.getLogger(__name__)
 
 
-
 def bound_threads(threads: int) -> None:
     """Cap the compute threads of faiss (OpenMP) and, when it is loaded, torch: the worker is their only caller."""
     import sys

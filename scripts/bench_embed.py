@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,27 +31,31 @@ from vclr.index.build import build_index
 from vclr.model.source import OpenClipSource
 
 
+def _write_jpeg(job: tuple) -> None:
+    path, index, width, height = job
+    rng = np.random.default_rng((0, index))
+    y, x = np.mgrid[0:height, 0:width]
+    base = (np.stack([x * rng.uniform(0.2, 0.5), y * rng.uniform(0.2, 0.5), (x + y) * 0.2], -1) % 256)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, width - 60)), int(rng.integers(0, height - 60))
+        draw.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    image.save(path, quality=90)
+
+
 def make_jpegs(folder: Path, count: int, width: int, height: int) -> list[Path]:
-    """Photo-like JPEGs (smooth gradients, shapes and noise: realistic decode cost), made once and cached."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        path = folder / f"{i // 500:03d}" / f"photo{i:06d}.jpg"
-        paths.append(path)
-        if path.is_file():
-            continue
-        path.parent.mkdir(exist_ok=True)
-        y, x = np.mgrid[0:height, 0:width]
-        base = (np.stack([x * rng.uniform(0.2, 0.5), y * rng.uniform(0.2, 0.5), (x + y) * 0.2], -1) % 256)
-        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        image = Image.fromarray(pixels)
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):
-            x0, y0 = int(rng.integers(0, width - 60)), int(rng.integers(0, height - 60))
-            draw.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
-                         fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        image.save(path, quality=90)
+    """Photo-like JPEGs (smooth gradients, shapes and noise: realistic decode cost), made once (in parallel: a GPU
+    run makes tens of thousands) and cached."""
+    paths = [folder / f"{i // 500:03d}" / f"photo{i:06d}.jpg" for i in range(count)]
+    jobs = [(path, i, width, height) for i, path in enumerate(paths) if not path.is_file()]
+    for parent in {path.parent for path, *_ in jobs}:
+        parent.mkdir(parents=True, exist_ok=True)
+    if jobs:
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(_write_jpeg, jobs, chunksize=64))
     return paths
 
 
@@ -81,9 +87,15 @@ def open_clip_loop(model_name: str, checkpoint: Path, paths: list[Path], batch: 
 
 
 def git_commit() -> str:
-    """The checkout's short commit, for a result line (the benchmarks import it from here)."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+    """The checkout's short commit, for a result line (the benchmarks import it from here). A copy without git (a lent
+    GPU machine) is told it in VCLR_COMMIT."""
+    if os.environ.get("VCLR_COMMIT"):
+        return os.environ["VCLR_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ from helpers import train_overrides
 
 from vclr.config import load_config
 from vclr.train.loop import train
-from vclr.train.profiling import busy_fraction
+from vclr.train.profiling import busy_fraction, device_work
 
 
 def naive_busy(intervals, start, end, resolution=0.01):
@@ -24,6 +24,23 @@ def test_busy_fraction_counts_overlapping_kernels_once(seed):
     intervals = [(float(a), float(a + rng.uniform(0.1, 4))) for a in starts]  # streams overlap; some stick out
     assert busy_fraction(intervals, 0.0, 20.0) == pytest.approx(naive_busy(intervals, 0.0, 20.0), abs=2e-3)
     assert busy_fraction([], 0.0, 1.0) == 0.0
+
+
+def test_device_work_leaves_out_gpu_annotations():
+    """A step's GPU-side annotation spans the whole step: the busy share counts kernels and copies only (an H200 run
+    read 98% busy when the annotations counted, 38% from its kernels)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return FunctionEvent(0, name, 0, start, end, device_type=device, is_user_annotation=annotation)
+
+    events = [event("ProfilerStep#3", 0, 100, annotation=True),
+              event("## Call CompiledFxGraph", 5, 95, annotation=True), event("nvjet_sm90_gemm", 10, 30),
+              event("Memcpy HtoD", 40, 50), event("aten::mm", 0, 100, DeviceType.CPU)]
+    work = device_work(events)
+    assert sorted(work) == [(10, 30), (40, 50)]
+    assert busy_fraction(work, 0, 100) == pytest.approx(0.3)
 
 
 def test_training_writes_a_profile_of_the_asked_steps(small_shapes, tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import train_overrides
+from helpers import REPO_ROOT, train_overrides
 
 from vclr.config import load_config
 from vclr.train.loop import train
@@ -53,3 +53,25 @@ def test_training_writes_a_profile_of_the_asked_steps(small_shapes, tmp_path):
     assert "aten::" in (profile / "summary.txt").read_text()  # the operator table
     traces = list(profile.glob("*.pt.trace.json.gz"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
+def test_profile_breakdown_reads_device_time_and_idle_gaps(monkeypatch):
+    """scripts/profile_breakdown.py on a hand-made trace of 2 steps: kernel kinds, busy share and the host op that
+    held the thread during the largest gap."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    from profile_breakdown import breakdown
+
+    def x(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts * 1000, "dur": dur * 1000}  # given in ms, traces hold us
+
+    trace = {"traceEvents": [
+        x("user_annotation", "ProfilerStep#1", 0, 100), x("user_annotation", "ProfilerStep#2", 100, 100),
+        x("gpu_user_annotation", "ProfilerStep#1", 0, 100),  # a GPU-side annotation: not device work
+        x("cpu_op", "image::decode_jpegs_cuda", 5, 50), x("kernel", "nvjet_sm90_tst_128x160", 60, 20),
+        x("kernel", "triton_poi_fused_gelu_0", 70, 20),  # overlaps the matmul on another stream: counted once
+        x("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 0, 5), x("kernel", "nvjet_sm90_tst_256x128", 120, 40)]}
+    result = breakdown(trace, gaps=1)
+    assert result["steps"] == 2 and result["wall_ms_per_step"] == 100
+    assert result["device_ms_per_step"] == 37.5 and result["device_busy"] == 0.375  # (5 + 30 + 40) ms over 2 steps
+    assert result["by_kind_ms_per_step"] == {"matmul": 30, "compiled pointwise": 10, "copies": 2.5}
+    assert result["largest_gaps"] == [{"ms": 55, "host": "image::decode_jpegs_cuda"}]

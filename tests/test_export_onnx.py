@@ -58,6 +58,35 @@ def test_onnx_embeddings_equal_pytorch(exported, small_shapes):
     assert _cosines(onnx_side.embed_images(images), np.asarray(torch_side.index.image_embeddings[:8])).min() >= 0.9999
 
 
+def test_int8_export_stays_close_to_pytorch_and_says_so(exported, small_shapes, tmp_path, capsys):
+    """`vclr export --int8`: quantised towers, recorded as int8, checked against PyTorch before writing; the service's
+    encoder reads them like any export."""
+    index_dir, onnx_dir = exported
+    run = onnx_dir.parent / "run"
+    assert main(["export", "--run", str(run), "--format", "onnx", "--out", str(tmp_path / "int8"), "--int8"]) == 0
+    assert "as int8 ONNX" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "int8" / "export.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["min_cosine"] >= 0.99
+    assert json.loads((onnx_dir / "export.json").read_text())["precision"] == "fp32"
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == sorted(p.name for p in onnx_dir.iterdir())
+    int8, fp32 = OnnxQueryEncoder.load(tmp_path / "int8"), OnnxQueryEncoder.load(onnx_dir)
+    graph = (tmp_path / "int8" / "image.onnx").read_bytes()
+    assert b"DynamicQuantizeLinear" in graph and b"DynamicQuantizeLinear" not in (onnx_dir / "image.onnx").read_bytes()
+    texts = ["a red circle", "two blue squares at the top left", "a small green triangle"]
+    assert _cosines(int8.embed_texts(texts), fp32.embed_texts(texts)).min() >= 0.99
+    images = [Image.open(p).convert("RGB") for p in sorted((small_shapes / "test").rglob("*.png"))[:8]]
+    assert _cosines(int8.embed_images(images), fp32.embed_images(images)).min() >= 0.99
+
+
+def test_an_int8_export_below_the_bar_writes_nothing(exported, tmp_path, monkeypatch):
+    import vclr.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "MIN_COSINE_INT8", 1.0 + 1e-9)  # no quantised tower reaches it
+    with pytest.raises(VclrError, match="disagrees with the PyTorch model"):
+        export_onnx(model_source(run=exported[1].parent / "run"), tmp_path / "int8", int8=True)
+    assert not (tmp_path / "int8").exists()
+
+
 def test_preprocessing_equals_torchvision_on_odd_sizes():
     """Resize of the short side (truncating the long one), centre crop, normalise: as open_clip's transform does."""
 

@@ -174,6 +174,9 @@ def add_export_arguments(p) -> None:
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="the export folder: text.onnx, image.onnx, tokenizer.json, "
                                                 "export.json (preprocessing, model identity, checksums)")
+    p.add_argument("--int8", action="store_true",
+                   help="quantise both towers to int8 (onnxruntime dynamic quantisation): several times faster on "
+                        "CPUs with int8 dot-product units (AVX-512 VNNI, AVX-VNNI, AMX, ARM dotprod), approximate")
 
 
 def cmd_export(args) -> int:
@@ -184,9 +187,9 @@ def cmd_export(args) -> int:
     source = model_source_of(args, required=False)
     if source is None and not args.index:
         raise VclrError("name the model to export: --run DIR, --model NAME [--pretrained TAG|FILE], or --index DIR")
-    report = export_onnx(source, args.out, index_dir=args.index)
-    print(f"exported {report['model']} to {args.out}: text and image towers as ONNX (dynamic batch), checked "
-          f"against PyTorch: cosine >= {report['min_cosine']:.6f}")
+    report = export_onnx(source, args.out, index_dir=args.index, int8=args.int8)
+    print(f"exported {report['model']} to {args.out}: text and image towers as {report['precision']} ONNX (dynamic "
+          f"batch), checked against PyTorch: cosine >= {report['min_cosine']:.6f}")
     return 0
 
 

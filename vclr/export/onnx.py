@@ -3,12 +3,17 @@
     export_onnx(model_source(run="vclr-demo/run"), "vclr-demo/onnx")
     export_onnx(None, "photos-onnx", index_dir="indexes/photos")       # the model an index was built with
 
-Both towers are exported with torch.onnx's dynamo exporter, the batch dimension dynamic, in float32. The older
-TorchScript exporter was tried: it baked the traced batch size into the attention pool of vclr's tiny ResNet (cosine
-0.11 at another batch size). The tokenizer is written for Hugging Face `tokenizers`: open_clip's BPE vocabulary and
-merges through transformers' CLIP converter, or the text tower's own fast tokenizer. Before anything is written the
-export is checked against the PyTorch model: the tokens of a set of probe texts must be equal, and the embeddings of
-texts and of images of several sizes (preprocessed the ONNX way) must reach cosine >= MIN_COSINE.
+Both towers are exported with torch.onnx's dynamo exporter, the batch dimension dynamic, in float32; `int8=True` then
+quantises each tower with onnxruntime's dynamic quantisation (int8 weights per output channel, activations quantised per
+batch at run time: no calibration set needed). Measured on a 2-core AVX-512 VNNI/AMX machine, ViT-B-32's image tower at
+batch 32: 66 images/s int8 against 25 for onnxruntime fp32 and 28 for PyTorch fp32, cosine >= 0.9998 to PyTorch on
+random weights; unsigned int8 weights ran at 29 (no VNNI kernel), onnxruntime's pre-processing step fails on these
+graphs, and per-channel scales cost nothing and agree slightly better (0.99984 against 0.99977). The older TorchScript
+exporter was tried: it baked the traced batch size into the attention pool of vclr's tiny ResNet (cosine 0.11 at another
+batch size). The tokenizer is written for Hugging Face `tokenizers`: open_clip's BPE vocabulary and merges through
+transformers' CLIP converter, or the text tower's own fast tokenizer. Before anything is written the export is checked
+against the PyTorch model: the tokens of a set of probe texts must be equal, and the embeddings of texts and of images
+of several sizes (preprocessed the ONNX way) must reach cosine >= MIN_COSINE.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,10 @@ from vclr.storage import write_directory
 logger = logging.getLogger(__name__)
 
 MIN_COSINE = 0.9999
+# an int8 tower is approximate by design; below this it would reorder neighbours it should not (an index built with
+# int8 vectors is guarded again on the collection itself)
+MIN_COSINE_INT8 = 0.99
+PRECISIONS = ("fp32", "int8")
 EXTERNAL_DATA_BYTES = 1_500_000_000  # towers larger than this keep their weights beside the graph (ONNX's 2 GB cap)
 
 
@@ -57,8 +67,10 @@ class _Tower(torch.nn.Module):
         return self.model.encode_image(x, normalize=True)
 
 
-def export_onnx(source: ModelSource | None, out_dir: str | Path, index_dir: str | Path | None = None) -> dict:
-    """Write the export folder (atomically); -> its manifest. `source` None: the model `index_dir` records."""
+def export_onnx(source: ModelSource | None, out_dir: str | Path, index_dir: str | Path | None = None, *,
+                int8: bool = False) -> dict:
+    """Write the export folder (atomically); -> its manifest. `source` None: the model `index_dir` records. `int8`:
+    quantised towers (manifest `precision` "int8"), checked against PyTorch at MIN_COSINE_INT8."""
     _check_exporter_installed()
     if source is None:
         source = _index_source(index_dir)
@@ -69,7 +81,8 @@ def export_onnx(source: ModelSource | None, out_dir: str | Path, index_dir: str 
     tokenizer_json = _tokenizer_json(tokenizer)
     identity = model_identity(source, cfg)
     manifest = {"format_version": FORMAT_VERSION, **identity, "embed_dim": int(model.embed_dim),
-                "context_length": int(tokenizer.context_length), "image": image_cfg}
+                "context_length": int(tokenizer.context_length), "image": image_cfg,
+                "precision": "int8" if int8 else "fp32"}
     out_dir = Path(out_dir)
 
     def write_files(tmp: Path) -> None:
@@ -77,10 +90,14 @@ def export_onnx(source: ModelSource | None, out_dir: str | Path, index_dir: str 
         tokens = tokenizer(["a photo", "two red circles at the top"])  # (2, L)
         pixels = torch.randn(2, 3, image_cfg["size"], image_cfg["size"])
         for modality, example, name in (("text", tokens, TEXT_FILE), ("image", pixels, IMAGE_FILE)):
-            _export_tower(_Tower(model, modality).eval(), example, tmp / name, "tokens" if modality == "text"
-                          else "pixels")
+            path = tmp / "fp32" / name if int8 else tmp / name  # an int8 tower is quantised from its fp32 export
+            path.parent.mkdir(exist_ok=True)
+            _export_tower(_Tower(model, modality).eval(), example, path, "tokens" if modality == "text" else "pixels")
+            if int8:
+                _quantize(path, tmp / name)
+                shutil.rmtree(path.parent)
         (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")  # the check below loads the folder
-        manifest["min_cosine"] = _check(model, tokenizer, tmp)
+        manifest["min_cosine"] = _check(model, tokenizer, tmp, MIN_COSINE_INT8 if int8 else MIN_COSINE)
 
     manifest = write_directory(out_dir, write_files, MANIFEST, manifest)
     logger.info("exported %s to %s (cosine to PyTorch >= %.6f)", manifest["model_name"], out_dir,
@@ -156,6 +173,22 @@ def _export_tower(tower: _Tower, example: torch.Tensor, path: Path, input_name: 
                           verbose=False)
 
 
+def _quantize(fp32: Path, out: Path) -> None:
+    """Write the dynamically quantised int8 twin of an fp32 tower (signed weights: the operand of the VNNI, AMX and
+    ARM dot-product kernels; unsigned ones measured 2.3x slower)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    large = (fp32.parent / f"{fp32.name}.data").exists()  # the exporter kept the weights beside the graph
+    root = logging.getLogger()  # onnxruntime.quantization advises pre-processing on the root logger; it fails here
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=large)
+    finally:
+        root.setLevel(level)
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
     """The dynamo exporter prints its progress and onnxscript logs its optimiser's notes: vclr says what matters."""
@@ -171,8 +204,8 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def _check(model: DualEncoder, tokenizer, folder: Path) -> float:
-    """The export against the PyTorch model: equal tokens on the probes, cosine >= MIN_COSINE on texts and on images
+def _check(model: DualEncoder, tokenizer, folder: Path, min_cosine: float) -> float:
+    """The export against the PyTorch model: equal tokens on the probes, cosine >= `min_cosine` on texts and on images
     of several sizes and shapes (preprocessed the ONNX way and the PyTorch way). -> the smallest cosine."""
     from PIL import Image
 
@@ -194,7 +227,7 @@ def _check(model: DualEncoder, tokenizer, folder: Path) -> float:
     cosines = [(encoder.embed_texts(texts) * text_reference).sum(1),
                (encoder.embed_images(images) * embed_pil_images(model, images)).sum(1)]
     lowest = float(min(c.min() for c in cosines))
-    if lowest < MIN_COSINE:
-        raise VclrError(f"the ONNX export disagrees with the PyTorch model (cosine {lowest:.6f} < {MIN_COSINE}); "
+    if lowest < min_cosine:
+        raise VclrError(f"the ONNX export disagrees with the PyTorch model (cosine {lowest:.6f} < {min_cosine}); "
                         "nothing was written")
     return lowest

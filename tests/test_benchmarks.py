@@ -39,7 +39,7 @@ CASES = [
     ("bench_train", ["--model", "vclr-tiny-rn", "--batch", "8", "--num-images", "32", "--width", "128",
                      "--height", "96", "--steps", "2", "--warmup-steps", "1", "--workers", "0", "--precision", "no",
                      "--no-reference", "--data-dir", "train-data", "--out-dir", "train-out"]),
-    ("bench_onnx", ["--models", "vclr-tiny-rn", "--repeats", "2"]),
+    ("bench_onnx", ["--models", "vclr-tiny-rn", "--repeats", "2", "--batch", "4"]),
     ("bench_cli", ["--repeats", "1"]),
     ("bench_serve", ["--images", "300", "--model", "vclr-tiny-rn", "--levels", "1", "--seconds", "1", "--warmup", "0"]),
 ]

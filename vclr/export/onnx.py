@@ -5,15 +5,16 @@
 
 Both towers are exported with torch.onnx's dynamo exporter, the batch dimension dynamic, in float32; `int8=True` then
 quantises each tower with onnxruntime's dynamic quantisation (int8 weights per output channel, activations quantised per
-batch at run time: no calibration set needed). Measured on a 2-core AVX-512 VNNI/AMX machine, ViT-B-32's image tower at
-batch 32: 66 images/s int8 against 25 for onnxruntime fp32 and 28 for PyTorch fp32, cosine >= 0.9998 to PyTorch on
-random weights; unsigned int8 weights ran at 29 (no VNNI kernel), onnxruntime's pre-processing step fails on these
-graphs, and per-channel scales cost nothing and agree slightly better (0.99984 against 0.99977). The older TorchScript
-exporter was tried: it baked the traced batch size into the attention pool of vclr's tiny ResNet (cosine 0.11 at another
-batch size). The tokenizer is written for Hugging Face `tokenizers`: open_clip's BPE vocabulary and merges through
-transformers' CLIP converter, or the text tower's own fast tokenizer. Before anything is written the export is checked
-against the PyTorch model: the tokens of a set of probe texts must be equal, and the embeddings of texts and of images
-of several sizes (preprocessed the ONNX way) must reach cosine >= MIN_COSINE.
+batch at run time: no calibration set needed). Measured on a 2-core AVX-512 VNNI/AMX machine (scripts/bench_onnx.py),
+ViT-B-32's image tower at batch 32: 50.9 images/s int8 against 22.3 for onnxruntime fp32 and 27.9 for PyTorch fp32,
+cosine 0.9999 to PyTorch on random weights; unsigned int8 weights ran no faster than fp32 (no VNNI kernel for them),
+onnxruntime's pre-processing step fails on these graphs, and per-channel scales cost nothing and agree slightly better
+(0.99984 against 0.99977, one probe). The older TorchScript exporter was tried: it baked the traced batch size into the
+attention pool of vclr's tiny ResNet (cosine 0.11 at another batch size). The tokenizer is written for Hugging Face
+`tokenizers`: open_clip's BPE vocabulary and merges through transformers' CLIP converter, or the text tower's own fast
+tokenizer. Before anything is written the export is checked against the PyTorch model: the tokens of a set of probe
+texts must be equal, and the embeddings of texts and of images of several sizes (preprocessed the ONNX way) must reach
+cosine >= MIN_COSINE.
 """
 
 from __future__ import annotations

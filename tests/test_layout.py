@@ -23,7 +23,7 @@ ALLOWED = {
     "train": FOUNDATION | {"model", "data", "embed", "eval.metrics"},  # pure metric functions for validation
     "index": FOUNDATION | {"model", "data", "embed"},
     "search": FOUNDATION | {"model", "data.images", "embed", "index", "export.format"},
-    "export": FOUNDATION | {"model", "embed", "index", "search"},
+    "export": FOUNDATION | {"model", "data", "embed", "index", "search"},
     "eval": FOUNDATION | {"model", "data", "embed", "index", "train"},  # train: sweeps train each grid point
     "serve": FOUNDATION | {"model", "data.images", "index", "search"},
     "cli": FOUNDATION | {"model", "data", "embed", "train", "index", "search", "export", "eval", "serve"},

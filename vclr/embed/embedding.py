@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,6 +28,14 @@ from vclr.model.build import get_tokenizer, image_preprocess_cfg, inference_tran
 from vclr.model.dual_encoder import DualEncoder
 
 logger = logging.getLogger(__name__)
+
+
+class Towers(Protocol):
+    """Another backend for a model's towers (vclr.search.onnx.OnnxQueryEncoder: an ONNX export, fp32 or int8)."""
+
+    def embed_pixels(self, batch: np.ndarray) -> np.ndarray: ...  # uint8 (B, 3, S, S) resized and cropped -> (B, D)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...  # -> (N, D)
 
 
 @dataclass
@@ -108,10 +117,11 @@ def encode_image_batch(model: DualEncoder, batch: torch.Tensor) -> torch.Tensor:
 
 
 def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int = 256, num_workers: int = 0,
-                      spill_to: Path | None = None,
-                      jpeg_draft: float = DataConfig.jpeg_draft) -> tuple[np.ndarray, np.ndarray]:
+                      spill_to: Path | None = None, jpeg_draft: float = DataConfig.jpeg_draft,
+                      towers: Towers | None = None) -> tuple[np.ndarray, np.ndarray]:
     """-> (embeddings (M, D) of the readable images, their positions (M,) in `paths`), in the order of `paths`.
-    `spill_to`: write the embeddings into this .npy file as they come (returned memory-mapped)."""
+    `spill_to`: write the embeddings into this .npy file as they come (returned memory-mapped). `towers`: another
+    backend for the model's towers (an ONNX export); the decoding stays the model's own."""
     loader = DataLoader(_ImageFiles(paths, image_decoder(model, jpeg_draft)), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate_kept)
     out, kept = _Rows(len(paths), model.embed_dim, spill_to), []
@@ -119,7 +129,8 @@ def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int 
               dynamic_ncols=True) as bar:
         for positions, batch, failed in loader:
             if batch is not None:
-                out.append(encode_image_batch(model, batch))
+                out.append(encode_image_batch(model, batch) if towers is None
+                           else torch.from_numpy(towers.embed_pixels(batch.numpy())))
                 kept += positions
             bar.update(len(positions) + len(failed))
     return out.result(), np.asarray(kept, dtype=np.int64)  # (M, D), (M,)
@@ -161,13 +172,14 @@ def embed_image_files(model: DualEncoder, paths: Sequence[str]) -> np.ndarray:
 
 
 def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size: int | None = None,
-                spill_dir: Path | None = None) -> Embeddings:
+                spill_dir: Path | None = None, towers: Towers | None = None) -> Embeddings:
     """Embed every readable image of a table and the captions of those images. `spill_dir`: stream the vectors into
-    memory-mapped files there (images.npy, texts.npy) instead of RAM."""
+    memory-mapped files there (images.npy, texts.npy) instead of RAM. `towers`: run the towers through this backend
+    (an ONNX export of the same model, vclr.search.onnx.OnnxQueryEncoder) instead of the PyTorch model."""
     batch_size = batch_size or cfg.eval.batch_size
     spill = (lambda name: Path(spill_dir) / name) if spill_dir is not None else (lambda name: None)
     image_embeddings, kept = embed_image_paths(model, table.image_paths, batch_size, cfg.data.num_workers,
-                                               spill("images.npy"), cfg.data.jpeg_draft)
+                                               spill("images.npy"), cfg.data.jpeg_draft, towers)
     unreadable = sorted(set(range(len(table))) - set(kept.tolist()))
     if unreadable:
         logger.warning("%s: %d unreadable images left out (first: %s)", table.source, len(unreadable),
@@ -175,5 +187,14 @@ def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size
     captions = [table.captions[i] for i in kept]
     texts = [c for caps in captions for c in caps]
     caption_image = np.repeat(np.arange(len(kept)), [len(c) for c in captions]).astype(np.int64)  # (C,)
-    return Embeddings(image_embeddings, embed_texts(model, cfg, texts, batch_size, spill("texts.npy")), caption_image,
+    text_embeddings = embed_texts(model, cfg, texts, batch_size, spill("texts.npy")) if towers is None else \
+        _towers_texts(towers, texts, batch_size, model.embed_dim, spill("texts.npy"))
+    return Embeddings(image_embeddings, text_embeddings, caption_image,
                       [table.image_paths[i] for i in kept], texts, [table.image_paths[i] for i in unreadable], kept)
+
+
+def _towers_texts(towers: Towers, texts: Sequence[str], batch_size: int, dim: int, spill_to: Path | None) -> np.ndarray:
+    out = _Rows(len(texts), dim, spill_to)
+    for start in range(0, len(texts), batch_size):
+        out.append(torch.from_numpy(towers.embed_texts(texts[start:start + batch_size])))
+    return out.result()  # (C, D)

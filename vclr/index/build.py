@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,11 +33,13 @@ from vclr.rundir import weights_file
 # the searcher (which imports this module for `recorded_source`) stays light
 if TYPE_CHECKING:
     from vclr.data.dataset import CaptionTable
+    from vclr.embed.embedding import Towers
     from vclr.model.dual_encoder import DualEncoder
 
 logger = logging.getLogger(__name__)
 
 
+TORCH_EMBEDDER = {"backend": "torch", "precision": "fp32"}  # bf16 autocast on CUDA: fp32 vectors all the same
 SAVE_EVERY = 20_000  # images embedded between saves of a growing index: what a kill can cost at most
 IN_MEMORY_MAX_BYTES = 4 * 2**30  # embeddings beyond this stream to memory-mapped files beside the index
 
@@ -53,6 +56,7 @@ class IndexUpdate:
     unreadable: list[str] = field(default_factory=list)
     rebuilt: bool = True  # a fresh build (no index there, another model, or --rebuild)
     facts_recorded: int = 0  # images whose facts (folder, type, date...) were recorded, new ones and older ones
+    backend_choice: object | None = None  # what a chooser picked to embed with, and why (vclr.export.backends)
 
 
 def _collection(cfg: Config, data: str | None) -> tuple[str, CaptionTable]:
@@ -71,7 +75,7 @@ def file_state(path: str) -> str:
     return f"{image.st_size}:{image.st_mtime_ns}:{sidecar_state}"
 
 
-def _weights_identity(identity: dict) -> dict:
+def weights_identity(identity: dict) -> dict:
     """The model identity plus the state of its weights file (a retrained run keeps its config but not its weights)."""
     described = identity["model_source"]
     weights = described.get("pretrained") if described["kind"] == "open_clip" else None
@@ -85,29 +89,51 @@ def _weights_identity(identity: dict) -> dict:
 def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_dir: str | os.PathLike,
                 options: IndexOptions = IndexOptions(), rebuild: bool = False, workers: int = 0,
                 save_every: int = SAVE_EVERY, batch_size: int = 0,
-                in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> IndexUpdate:
+                in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES, *,
+                towers: Towers | Callable[[list[str]], object] | None = None) -> IndexUpdate:
     """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
-    already holds an index of the same model and collection, bring it up to date instead of rebuilding it."""
+    already holds an index of the same model and collection, bring it up to date instead of rebuilding it.
+    `towers`: embed through this backend of the same model (an ONNX export, fp32 or int8), or a chooser given the
+    collection's paths that returns a choice with `.towers` (vclr.export.backends.choose_towers); the index records
+    which embedded it (`embedder`), and an index built by another is built afresh."""
     from vclr.embed.embedding import embed_table
 
     source = as_source(source)
     embed, device, is_main = _embedding_plan(Path(out_dir), in_memory_max_bytes)
+    single = embed is embed_table
     model, cfg = source.load(device)
     cfg = _with_loader(cfg, workers, batch_size)
     dataset, table = _collection(cfg, data)
-    identity = _weights_identity(model_identity(source, cfg)) | {"dataset": str(Path(dataset).resolve())}
+    choice = None
+    if callable(towers):  # a chooser (vclr.export.backends.choose_towers): it looks at the collection first
+        choice = towers(list(table.image_paths))
+        towers = choice.towers
+    if towers is not None:
+        if not single:
+            raise VclrError("an ONNX backend embeds in one process: run it without a multi-process launcher")
+        embed = partial(embed_table, towers=towers)
+    identity = weights_identity(model_identity(source, cfg)) | {"dataset": str(Path(dataset).resolve()),
+                                                                  "embedder": embedder_of(towers)}
     identity["model_source"] = with_run_from_index(identity["model_source"], out_dir)
     existing = None if rebuild else _existing_index(Path(out_dir), identity, cfg.model)
     if existing is None:
-        spill = embed is embed_table and _vector_bytes(table, model.embed_dim) > in_memory_max_bytes
+        spill = single and _vector_bytes(table, model.embed_dim) > in_memory_max_bytes
         update = _fresh_build(model, cfg, table, identity, options, Path(out_dir), embed, spill)
     else:
         update = _update(existing, model, cfg, table, Path(out_dir), save_every, embed)
+    update.backend_choice = choice
     if not is_main:
         return IndexUpdate(None)  # process 0 built and saved the index
     logger.info("indexed %s into %s: %d added, %d changed, %d removed, %d unchanged, %d unreadable", dataset, out_dir,
                 update.added, update.changed, update.removed, update.unchanged, len(update.unreadable))
     return update
+
+
+def embedder_of(towers: Towers | None) -> dict:
+    """What embeds an index's vectors, as its manifest records it."""
+    if towers is None:
+        return dict(TORCH_EMBEDDER)
+    return {"backend": "onnx", "precision": towers.precision}
 
 
 def _embedding_plan(out_dir: Path, in_memory_max_bytes: int):
@@ -133,6 +159,7 @@ def _existing_index(out_dir: Path, identity: dict, model_cfg: ModelConfig) -> Re
         return None
     index = RetrievalIndex.load(out_dir)
     recorded = {key: index.manifest.get(key) for key in identity}
+    recorded["embedder"] = recorded["embedder"] or dict(TORCH_EMBEDDER)  # indexes from before backends existed
     if recorded.get("model_config_hash") in config_hashes(model_cfg):  # recorded by an earlier vclr: the same model
         recorded["model_config_hash"] = identity["model_config_hash"]
     if recorded != identity:
@@ -159,7 +186,7 @@ def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity:
         scratch.mkdir(parents=True)
         logger.info("embeddings larger than RAM allows: streaming them to %s", scratch)
     try:
-        emb = embed_table(model, cfg, table, spill_dir=scratch) if spill else embed(model, cfg, table)
+        emb = embed(model, cfg, table, spill_dir=scratch) if spill else embed(model, cfg, table)
         if emb is None:  # another process of a multi-process launch: its share is embedded
             return IndexUpdate(None)
         manifest = dict(identity, unreadable_files={p: file_state(p) for p in emb.unreadable})
@@ -236,9 +263,9 @@ def record_facts(index: RetrievalIndex, root: str | None = None) -> int:
 
 
 def _is_main() -> bool:
-    from vclr.embed.processes import process_state
+    from vclr.embed.processes import launched_processes, process_state
 
-    return process_state().is_main_process
+    return launched_processes() == 1 or process_state().is_main_process
 
 
 def add_to_index(index_dir: str | Path, data: str, source: ModelSource | str | os.PathLike | None = None

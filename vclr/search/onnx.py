@@ -113,6 +113,18 @@ class OnnxQueryEncoder:
         pixels = np.stack([preprocess_image(image, self.manifest["image"]) for image in images])  # (N, 3, S, S)
         return self.image_session.run(None, {"pixels": pixels})[0]
 
+    @property
+    def precision(self) -> str:
+        return self.manifest.get("precision", "fp32")  # exports before int8 existed were fp32
+
+    def embed_pixels(self, batch) -> np.ndarray:
+        """uint8 (B, 3, S, S) images already resized and cropped (a collection's loader: vclr.embed) -> (B, D)."""
+        cfg = self.manifest["image"]
+        mean = np.asarray(cfg["mean"], np.float32).reshape(1, 3, 1, 1) * 255
+        std = np.asarray(cfg["std"], np.float32).reshape(1, 3, 1, 1) * 255
+        pixels = (np.asarray(batch, dtype=np.float32) - mean) / std  # (B, 3, S, S)
+        return self.image_session.run(None, {"pixels": pixels})[0]
+
     def reopen(self, old, new) -> OnnxQueryEncoder:
         """The export fits a new save of the index when it fits its model (a clear error otherwise)."""
         self.check_index(new)

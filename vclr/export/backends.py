@@ -1,0 +1,232 @@
+"""Which backend embeds a collection: the PyTorch model, or its ONNX export in fp32 or int8 (vclr.export.onnx).
+
+    choice = choose_towers(model_source(run="runs/demo"), paths, backend="onnx", int8=True)
+    build_index(source, "photos/", "indexes/photos", towers=choice.towers)      # None: PyTorch
+
+- `torch`: the model itself.
+- `onnx`: the model's ONNX export (made once, kept under the vclr cache by the model's identity and weights), run
+  by onnxruntime in its own threads while the loader's workers decode. With `int8`, the quantised export, guarded
+  first on the collection's own images: on a sample, the cosine between each image's int8 and fp32 (PyTorch) vectors
+  and the overlap of each image's 10 nearest neighbours; below GUARD_MIN_COSINE or GUARD_MIN_OVERLAP the fp32 export
+  embeds instead, and the choice says so.
+- `auto`: the fastest of torch, onnx fp32 and onnx int8 (when it passes the guard), timed on the sample once per
+  machine and model (kept in the cache); PyTorch for a small collection (the export would cost more than it saves),
+  on CUDA, or without onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vclr.data.cache import cache_dir
+from vclr.errors import VclrError
+from vclr.model.source import ModelSource, model_identity
+from vclr.search.onnx import OnnxQueryEncoder
+from vclr.storage import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
+# The guard's bars. Measured (README "int8 towers"): int8 against fp32 on trained models' own collections gives
+# cosines >= 0.997 and top-10 overlaps >= 0.9; a tower that quantises badly falls far below both.
+GUARD_MIN_COSINE = 0.99
+GUARD_MIN_OVERLAP = 0.8
+GUARD_SAMPLE = 256  # images of the collection the guard and `auto`'s timing look at
+AUTO_MIN_IMAGES = 1000  # below this `auto` keeps PyTorch: ViT-B-32's two exports take about a minute
+TIMING_BATCH = 32
+
+
+@dataclass
+class BackendChoice:
+    """What embeds the collection, and why."""
+
+    backend: str  # "torch" or "onnx"
+    precision: str  # "fp32" or "int8"
+    towers: OnnxQueryEncoder | None = None  # None: the PyTorch model
+    reason: str = ""
+    guard: dict | None = None  # min_cosine, mean_cosine, top10_overlap, sample, passed
+    speeds: dict = field(default_factory=dict)  # images/s of each candidate on this machine
+
+
+def choose_towers(source: ModelSource, paths: list[str], *, backend: str = "auto", int8: bool = False,
+                  jpeg_draft: float | None = None) -> BackendChoice:
+    """Pick the towers that embed `paths` (a collection's image files) with `source`'s model."""
+    if backend not in BACKENDS:
+        raise VclrError(f"`backend` {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        if int8:
+            raise VclrError("int8 towers are ONNX exports: use the onnx backend (or auto) for `int8`")
+        return BackendChoice("torch", "fp32", reason="asked for")
+    if backend == "auto":
+        plain = _torch_only_because(paths)
+        if plain:
+            return BackendChoice("torch", "fp32", reason=plain)
+    model, cfg = source.load(torch.device("cpu"))
+    identity = _export_identity(source, cfg)
+    pixels = _sample_pixels(model, paths, jpeg_draft)
+    fp32_vectors = _torch_vectors(model, pixels)
+    if backend == "onnx" and not int8:
+        return BackendChoice("onnx", "fp32", _export(source, identity, "fp32"), reason="asked for")
+    quantised = _export(source, identity, "int8")
+    guard = int8_guard(fp32_vectors, quantised.embed_pixels(pixels))
+    if backend == "onnx":
+        if guard["passed"]:
+            return BackendChoice("onnx", "int8", quantised, reason="asked for; passed the guard", guard=guard)
+        logger.warning("int8 towers fail the guard on this collection (%s): embedding with the fp32 export", guard)
+        return BackendChoice("onnx", "fp32", _export(source, identity, "fp32"), guard=guard,
+                             reason="int8 failed the guard on this collection: fp32 instead")
+    return _fastest(model, source, identity, pixels, quantised, guard)
+
+
+def int8_guard(fp32: np.ndarray, int8: np.ndarray, k: int = 10) -> dict:
+    """int8 vectors (N, D) against fp32 ones of the same images: cosines, and how many of each image's k nearest
+    neighbours (among the others) both find."""
+    fp32, int8 = _unit(fp32), _unit(int8)
+    cosines = (fp32 * int8).sum(1)  # (N,)
+    k = min(k, len(fp32) - 1)
+    overlap = 1.0
+    if k > 0:
+        overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(_neighbours(fp32, k), _neighbours(int8, k))]))
+    passed = bool(cosines.min() >= GUARD_MIN_COSINE and overlap >= GUARD_MIN_OVERLAP)
+    return {"sample": len(fp32), "min_cosine": round(float(cosines.min()), 5),
+            "mean_cosine": round(float(cosines.mean()), 5), "top10_overlap": round(overlap, 4), "passed": passed}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) the k most similar other rows of each row."""
+    scores = vectors @ vectors.T  # (N, N)
+    np.fill_diagonal(scores, -np.inf)
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def _torch_only_because(paths: list[str]) -> str:
+    import importlib.util
+
+    if len(paths) < AUTO_MIN_IMAGES:
+        return f"{len(paths)} images: fewer than {AUTO_MIN_IMAGES}, an export would cost more than it saves"
+    if torch.cuda.is_available():
+        return "a CUDA device embeds faster than any CPU backend"
+    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")):
+        return "the ONNX backends need pip install 'vclr[onnx]'"
+    return ""
+
+
+def _export_identity(source: ModelSource, cfg) -> dict:
+    from vclr.index.build import weights_identity
+
+    described = source.describe()
+    if described["kind"] == "open_clip" and not described.get("pretrained"):
+        raise VclrError(f"`model` {described['model']} has no weights (random init: new ones at each load), so an "
+                        "export of it would not be the model that indexes; give `pretrained` or use the torch backend")
+    return weights_identity(model_identity(source, cfg))
+
+
+def _export(source: ModelSource, identity: dict, precision: str) -> OnnxQueryEncoder:
+    """The model's export at `precision`, made once and kept in the cache by the model's identity and weights."""
+    from vclr.export.onnx import export_onnx
+
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / "onnx" / f"{identity['model_name'].replace('/', '_')}-{digest}-{precision}"
+    if not (folder / "export.json").is_file():
+        logger.info("exporting %s as %s ONNX to %s (once)", identity["model_name"], precision, folder)
+        export_onnx(source, folder, int8=precision == "int8")
+    return OnnxQueryEncoder.load(folder)
+
+
+def _sample_pixels(model, paths: list[str], jpeg_draft: float | None) -> np.ndarray:
+    """uint8 (S, 3, H, W): up to GUARD_SAMPLE of the collection's images, spread over it, decoded as indexing does."""
+    from vclr.config import DataConfig
+    from vclr.data.dataset import decode_images
+    from vclr.embed.embedding import image_decoder
+
+    picks = np.linspace(0, len(paths) - 1, num=min(GUARD_SAMPLE, len(paths))).round().astype(int) if paths else []
+    decoder = image_decoder(model, DataConfig.jpeg_draft if jpeg_draft is None else jpeg_draft)
+    images = [image for image in decode_images([paths[i] for i in sorted(set(picks))], decoder) if image is not None]
+    if not images:
+        raise VclrError("no readable image in the collection to check the backend on")
+    return torch.stack(images).numpy()
+
+
+def _torch_vectors(model, pixels: np.ndarray) -> np.ndarray:
+    from vclr.embed.embedding import encode_image_batch
+
+    return np.concatenate([encode_image_batch(model, torch.from_numpy(pixels[i:i + 64])).numpy()
+                           for i in range(0, len(pixels), 64)])
+
+
+def _fastest(model, source: ModelSource, identity: dict, pixels: np.ndarray, quantised: OnnxQueryEncoder,
+             guard: dict) -> BackendChoice:
+    from vclr.embed.embedding import encode_image_batch
+
+    full = _export(source, identity, "fp32")
+    key = json.dumps({"machine": _machine(), "model": identity}, sort_keys=True)
+    speeds = _timings().get(key)
+    if speeds is None:
+        batch = pixels[:TIMING_BATCH]
+        speeds = {"torch": _rate(lambda: encode_image_batch(model, torch.from_numpy(batch)), len(batch)),
+                  "onnx fp32": _rate(lambda: full.embed_pixels(batch), len(batch)),
+                  "onnx int8": _rate(lambda: quantised.embed_pixels(batch), len(batch))}
+        _remember(key, speeds)
+    allowed = {name: rate for name, rate in speeds.items() if name != "onnx int8" or guard["passed"]}
+    best = max(allowed, key=allowed.get)
+    towers = {"torch": None, "onnx fp32": full, "onnx int8": quantised}[best]
+    reason = f"the fastest here ({allowed[best]:.1f} images/s)" + ("" if guard["passed"] else
+                                                                   "; int8 failed the guard on this collection")
+    return BackendChoice("torch" if best == "torch" else "onnx", "int8" if best == "onnx int8" else "fp32", towers,
+                         reason=reason, guard=guard, speeds=speeds)
+
+
+def _rate(run, count: int, repeats: int = 3) -> float:
+    run()  # warm up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return round(count / statistics.median(times), 1)
+
+
+def _machine() -> dict:
+    """What the speed of each backend depends on: the processor, its int8 features and the cores."""
+    flags: list[str] = []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = sorted({f for f in info.split() if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
+                                                           "asimddp")})
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    except OSError:
+        model = platform.processor()
+    return {"cpu": model, "flags": flags, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def _timings_file() -> Path:
+    return cache_dir() / "backend-speeds.json"
+
+
+def _timings() -> dict:
+    try:
+        return json.loads(_timings_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(key: str, speeds: dict) -> None:
+    timings = _timings()
+    timings[key] = speeds
+    _timings_file().parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_timings_file(), json.dumps(timings, indent=1))

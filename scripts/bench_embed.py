@@ -2,6 +2,8 @@
 
     python scripts/bench_embed.py --images 2000 --model ViT-B-32 --batch 64 --workers 2
 
+`--backends torch,onnx,onnx-int8` (the default on a CPU): `vclr index --backend torch`, `--backend onnx` and
+`--backend onnx --int8` (its guard included; each export is made once before the timing and reported as export_s).
 Reference, measured in the same run on the same files: open_clip's own `create_model_and_transforms` model and
 `preprocess` in a torch DataLoader (same workers, same batch), then `encode_image` under no_grad (bf16 autocast on
 CUDA, as vclr). vclr: the whole `build_index` (scan the folder, decode, embed, build and save the index) from an
@@ -18,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +30,11 @@ from PIL import Image, ImageDraw
 
 import vclr.model.build  # noqa: F401  (vclr's configs registered with open_clip)
 from vclr.data.cache import cache_dir
+from vclr.export.backends import choose_towers, cpu_flags
 from vclr.index.build import build_index
 from vclr.model.source import OpenClipSource
+
+BACKENDS = ("torch", "onnx", "onnx-int8")  # what runs the towers in `vclr index` (--backend, --int8)
 
 
 def _write_jpeg(job: tuple) -> None:
@@ -106,25 +112,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--folder", help="JPEG folder (default: made once under the vclr cache)")
+    parser.add_argument("--backends", default="", help=f"comma-separated, of {', '.join(BACKENDS)} (default: all "
+                                                         "on a CPU, torch on CUDA); the first gives `ratio`")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     folder = Path(args.folder or cache_dir() / "bench" / f"jpegs-{args.images}-{args.size}")
     paths = make_jpegs(folder, args.images, width, height)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = args.backends.split(",") if args.backends else (["torch"] if device.type == "cuda" else list(BACKENDS))
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        parser.error(f"--backends: unknown {', '.join(sorted(unknown))} (known: {', '.join(BACKENDS)})")
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         checkpoint = Path(tmp) / "random.pt"
         torch.save(open_clip.create_model(args.model).state_dict(), checkpoint)
+        source = OpenClipSource(args.model, str(checkpoint))
         reference = open_clip_loop(args.model, checkpoint, paths, args.batch, args.workers, device)
-        start = time.perf_counter()
-        update = build_index(OpenClipSource(args.model, str(checkpoint)), str(folder), Path(tmp) / "index",
-                             workers=args.workers, batch_size=args.batch, rebuild=True)
-        vclr_rate = len(paths) / (time.perf_counter() - start)
+        rates, export_s, chosen = {}, {}, {}
+        for name in names:
+            chooser = None
+            if name != "torch":
+                started = time.perf_counter()  # the export is made once and cached: not part of an index's time
+                choose_towers(source, [str(p) for p in paths[:8]], backend="onnx", int8=name == "onnx-int8")
+                export_s[name] = round(time.perf_counter() - started, 1)
+                chooser = partial(choose_towers, source, backend="onnx", int8=name == "onnx-int8")
+            started = time.perf_counter()
+            update = build_index(source, str(folder), Path(tmp) / f"index-{name}", workers=args.workers,
+                                 batch_size=args.batch, rebuild=True, towers=chooser)
+            rates[name] = round(len(paths) / (time.perf_counter() - started), 2)
+            choice = update.backend_choice
+            chosen[name] = None if choice is None else {"backend": choice.backend, "precision": choice.precision,
+                                                        "guard": choice.guard}
+    first = names[0]
     print(json.dumps({"benchmark": "embed", "model": args.model, "images": len(paths), "size": args.size,
                       "batch": args.batch, "workers": args.workers, "device": str(device),
-                      "torch_threads": torch.get_num_threads(), "indexed": update.added,
-                      "open_clip_images_per_s": round(reference, 2), "vclr_index_images_per_s": round(vclr_rate, 2),
-                      "ratio": round(vclr_rate / reference, 3), "commit": git_commit()}))
+                      "torch_threads": torch.get_num_threads(), "cpu_flags": cpu_flags(), "indexed": update.added,
+                      "open_clip_images_per_s": round(reference, 2), "vclr_index_images_per_s": rates[first],
+                      "ratio": round(rates[first] / reference, 3),
+                      "backends_images_per_s": rates, "backends_ratio": {k: round(v / reference, 3)
+                                                                          for k, v in rates.items()},
+                      "export_s": export_s, "embedded_with": chosen, "commit": git_commit()}))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def bench(model_name: str, repeats: int, folder: Path, batch: int = 32) -> dict:
     from PIL import Image
 
     from vclr.embed.embedding import embed_pil_images, embed_texts
+    from vclr.export.backends import cpu_flags
     from vclr.export.onnx import export_onnx
     from vclr.index.text_tower import TOKENIZER_FILE, TOWER_FILE, TextQueryEncoder, text_query_files
     from vclr.model.source import model_source
@@ -88,17 +89,6 @@ def bench(model_name: str, repeats: int, folder: Path, batch: int = 32) -> dict:
                        "int8_text": float((int8.embed_texts(text) * embed_texts(model, cfg, text)).sum()),
                        "int8_image": float((int8.embed_images(image) * embed_pil_images(model, image)).sum())}}
     return line
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's vector and int8 dot-product features (what int8 speed depends on)."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set(text.split())
-    return [flag for flag in wanted if flag in flags]
 
 
 def main(argv: list[str] | None = None) -> None:

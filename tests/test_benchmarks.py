@@ -25,7 +25,7 @@ def run_script(name: str, argv: list[str], capsys, monkeypatch) -> list[dict]:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = {name for name, _ in CASES} | {"bench_emoji", "bench_emoji_ceiling", "bench_weak"}
+    tested = {name for name, _ in CASES} | {"bench_emoji", "bench_emoji_ceiling", "bench_weak", "bench_int8"}
     assert {path.stem for path in SCRIPTS.glob("bench_*.py")} == tested
 
 
@@ -100,3 +100,14 @@ def test_bench_weak_runs_at_tiny_sizes(small_shapes, tmp_path, capsys, monkeypat
     index = untrained_index(small_shapes / "test", tmp_path / "run")
     [line] = run_script("bench_weak", ["--index", str(index), "--captions", "20"], capsys, monkeypatch)
     assert line["captions_drawn"] == 20 and 0 <= line["unrelated_marked_weak"] <= 1
+
+
+@pytest.mark.slow
+def test_bench_int8_runs_at_tiny_sizes(small_shapes, tmp_path, capsys, monkeypatch):
+    from helpers import untrained_index
+
+    untrained_index(small_shapes / "test", tmp_path / "run")
+    [line] = run_script("bench_int8", ["--run", str(tmp_path / "run"), "--data", str(small_shapes / "test")], capsys,
+                        monkeypatch)
+    assert set(line["recall"]) == {"torch fp32", "onnx fp32", "onnx int8"} and line["guard"]["sample"] > 0
+    assert line["min_image_cosine_fp32_export"] >= 0.9999

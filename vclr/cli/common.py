@@ -20,7 +20,8 @@ ARGUMENT_FLAGS = {
     "memory_budget_gb": "--memory-budget-gb", "resume": "--resume", "source": "--source",
     "test_fraction": "--test-fraction", "skin_tones": "--skin-tones", "label_column": "--label-column",
     "name_column": "--name-column", "grid": "--grid", "api_key": "--api-key", "where": "--where", "sort": "--sort",
-    "min_score": "--min-score", "offset": "--offset", "weights": "--text W:TEXT",
+    "min_score": "--min-score", "offset": "--offset", "weights": "--text W:TEXT", "backend": "--backend",
+    "int8": "--int8",
 }
 
 

@@ -2,6 +2,7 @@
 guarded on the collection, `auto` choosing the fastest passing backend, and the index recording its embedder."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -68,8 +69,8 @@ def test_onnx_indexes_equal_the_torch_index(torch_index, small_shapes, tmp_path,
     source = model_source(run=_run(torch_index))
     reference_images, reference_texts = _vectors(torch_index)
     for precision, bar in (("fp32", 0.9999), ("int8", backends.GUARD_MIN_COSINE)):
-        update = build_index(source, str(small_shapes / "test"), tmp_path / precision, towers=lambda paths,
-                             p=precision: choose_towers(source, paths, backend="onnx", int8=p == "int8"))
+        update = build_index(source, str(small_shapes / "test"), tmp_path / precision,
+                             towers=partial(choose_towers, source, backend="onnx", int8=precision == "int8"))
         assert update.backend_choice.precision == precision and update.added == len(reference_images)
         images, texts = _vectors(tmp_path / precision)
         assert (images * reference_images).sum(1).min() >= bar and (texts * reference_texts).sum(1).min() >= bar
@@ -112,14 +113,14 @@ def test_reindexing_with_another_backend_builds_afresh(torch_index, small_shapes
     same = build_index(source, str(small_shapes / "test"), tmp_path / "idx")
     assert not same.rebuilt and same.added == 0  # an up-to-date torch index: nothing embedded
     other = build_index(source, str(small_shapes / "test"), tmp_path / "idx",
-                        towers=lambda paths: choose_towers(source, paths, backend="onnx"))
+                        towers=partial(choose_towers, source, backend="onnx"))
     assert other.rebuilt and other.added > 0
 
 
 def test_an_index_built_through_onnx_refuses_another_models_encoder(torch_index, small_shapes, tmp_path):
     source = model_source(run=_run(torch_index))
     build_index(source, str(small_shapes / "test"), tmp_path / "idx",
-                towers=lambda paths: choose_towers(source, paths, backend="onnx", int8=True))
+                towers=partial(choose_towers, source, backend="onnx", int8=True))
     export_onnx(model_source(model="vclr-tiny-vit"), tmp_path / "other")
     with pytest.raises(VclrError, match="vclr export --index"):
         OnnxQueryEncoder.load(tmp_path / "other").check_index(RetrievalIndex.load(tmp_path / "idx"))

@@ -62,8 +62,8 @@ def cmd_index(args) -> int:
     if args.backend != "torch" or args.int8:
         from vclr.export.backends import choose_towers
 
-        def chooser(paths):
-            return choose_towers(source, paths, backend=args.backend, int8=args.int8)
+        def chooser(paths, loaded):
+            return choose_towers(source, paths, loaded, backend=args.backend, int8=args.int8)
     update = build_index(source, args.data, args.out, options, rebuild=args.rebuild, workers=args.workers,
                          batch_size=args.batch_size, in_memory_max_bytes=int(args.max_ram_gb * 2**30), towers=chooser)
     _end_launch()

@@ -43,7 +43,7 @@ BACKENDS = ("auto", "torch", "onnx")
 # own check already refuses towers under 0.99 on probe inputs. Below these bars neighbours reorder visibly.
 GUARD_MIN_COSINE = 0.99
 GUARD_MIN_OVERLAP = 0.8
-GUARD_SAMPLE = 256  # images of the collection the guard and `auto`'s timing look at
+GUARD_SAMPLE = 128  # images of the collection the guard and `auto`'s timing look at (256: 12 s of ViT-B-32 on 2 cores)
 AUTO_MIN_IMAGES = 1000  # below this `auto` keeps PyTorch: ViT-B-32's two exports take about a minute
 TIMING_BATCH = 32
 
@@ -60,9 +60,10 @@ class BackendChoice:
     speeds: dict = field(default_factory=dict)  # images/s of each candidate on this machine
 
 
-def choose_towers(source: ModelSource, paths: list[str], *, backend: str = "auto", int8: bool = False,
-                  jpeg_draft: float | None = None) -> BackendChoice:
-    """Pick the towers that embed `paths` (a collection's image files) with `source`'s model."""
+def choose_towers(source: ModelSource, paths: list[str], loaded: tuple | None = None, *, backend: str = "auto",
+                  int8: bool = False, jpeg_draft: float | None = None) -> BackendChoice:
+    """Pick the towers that embed `paths` (a collection's image files) with `source`'s model. `loaded`: the model
+    and config already loaded from `source` (build_index passes them: ViT-B-32 takes seconds to load)."""
     if backend not in BACKENDS:
         raise VclrError(f"`backend` {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -73,7 +74,7 @@ def choose_towers(source: ModelSource, paths: list[str], *, backend: str = "auto
         plain = _torch_only_because(paths)
         if plain:
             return BackendChoice("torch", "fp32", reason=plain)
-    model, cfg = source.load(torch.device("cpu"))
+    model, cfg = loaded or source.load(torch.device("cpu"))
     identity = _export_identity(source, cfg)
     pixels = _sample_pixels(model, paths, jpeg_draft)
     fp32_vectors = _torch_vectors(model, pixels)
@@ -152,7 +153,7 @@ def _export(source: ModelSource, identity: dict, precision: str) -> OnnxQueryEnc
     if not (folder / "export.json").is_file():
         logger.info("exporting %s as %s ONNX to %s (once)", identity["model_name"], precision, folder)
         export_onnx(source, folder, int8=precision == "int8")
-    return OnnxQueryEncoder.load(folder)
+    return OnnxQueryEncoder.load(folder, spinning=True)  # a collection's batches follow each other
 
 
 def _sample_pixels(model, paths: list[str], jpeg_draft: float | None) -> np.ndarray:

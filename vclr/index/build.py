@@ -90,11 +90,12 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
                 options: IndexOptions = IndexOptions(), rebuild: bool = False, workers: int = 0,
                 save_every: int = SAVE_EVERY, batch_size: int = 0,
                 in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES, *,
-                towers: Towers | Callable[[list[str]], object] | None = None) -> IndexUpdate:
+                towers: Towers | Callable[[list[str], tuple], object] | None = None) -> IndexUpdate:
     """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
     already holds an index of the same model and collection, bring it up to date instead of rebuilding it.
     `towers`: embed through this backend of the same model (an ONNX export, fp32 or int8), or a chooser given the
-    collection's paths that returns a choice with `.towers` (vclr.export.backends.choose_towers); the index records
+    collection's paths and the loaded (model, config) that returns a choice with `.towers`
+    (vclr.export.backends.choose_towers); the index records
     which embedded it (`embedder`), and an index built by another is built afresh."""
     from vclr.embed.embedding import embed_table
 
@@ -106,7 +107,7 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
     dataset, table = _collection(cfg, data)
     choice = None
     if callable(towers):  # a chooser (vclr.export.backends.choose_towers): it looks at the collection first
-        choice = towers(list(table.image_paths))
+        choice = towers(list(table.image_paths), (model, cfg))
         towers = choice.towers
     if towers is not None:
         if not single:

@@ -2,6 +2,7 @@
 
     python scripts/bench_serve.py                                  # 1M images, clients 1/8/32/128, 20 s each
     python scripts/bench_serve.py --backend onnx                   # the same, answered through an ONNX export
+    python scripts/bench_serve.py --backend onnx --int8            # ... through its int8 export
     python scripts/bench_serve.py --images 100000 --seconds 5      # a quick look
 
 The index (built once, cached in $VCLR_CACHE/bench/serve-*): `--images` synthetic-but-structured vectors
@@ -61,19 +62,23 @@ def cache_dir() -> Path:
 # ------------------------------------------------------------------------------------------------- the index
 
 
-def build_bench_index(folder: Path, images: int, model_name: str, backend: str) -> Path:
+def build_bench_index(folder: Path, images: int, model_name: str, backend: str, int8: bool = False) -> Path:
     """A random-init `model_name` saved as a run, and an index of `images` structured vectors that records it."""
     index_dir = folder / "index"
     if (index_dir / "manifest.json").is_file():
         print(f"reusing {index_dir}", file=sys.stderr)
     else:
         _build(folder, images, model_name)
-    if backend == "onnx" and not (folder / "onnx" / "export.json").is_file():
+    if backend == "onnx" and not (export_folder(folder, int8) / "export.json").is_file():
         from vclr.export.onnx import export_onnx
         from vclr.model.source import model_source
 
-        export_onnx(model_source(run=str(folder / "run")), folder / "onnx")
+        export_onnx(model_source(run=str(folder / "run")), export_folder(folder, int8), int8=int8)
     return index_dir
+
+
+def export_folder(folder: Path, int8: bool) -> Path:
+    return folder / ("onnx-int8" if int8 else "onnx")
 
 
 def _build(folder: Path, images: int, model_name: str) -> None:
@@ -283,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--model", default="vclr-tiny-rn", help="the model config whose towers answer")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    parser.add_argument("--int8", action="store_true", help="with --backend onnx: the int8 export (vclr export --int8)")
     parser.add_argument("--levels", default="1,8,32,128", help="concurrent clients, one JSON line each")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
@@ -291,18 +297,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="append the JSON lines to this file too")
     args = parser.parse_args(argv)
     folder = cache_dir() / f"serve-{args.model}-{args.images}"
-    index_dir = build_bench_index(folder, args.images, args.model, args.backend)
+    if args.int8 and args.backend != "onnx":
+        parser.error("--int8 needs --backend onnx")
+    index_dir = build_bench_index(folder, args.images, args.model, args.backend, args.int8)
     manifest = json.loads((index_dir / "manifest.json").read_text())
     tuning = manifest["index"]["images"]
-    reference_ms = in_process_reference(index_dir, args.backend, folder / "onnx")
-    server = start_server(index_dir, args.port, args.backend, folder / "onnx", args.serve_args.split())
+    onnx_dir = export_folder(folder, args.int8)
+    reference_ms = in_process_reference(index_dir, args.backend, onnx_dir)
+    server = start_server(index_dir, args.port, args.backend, onnx_dir, args.serve_args.split())
     try:
         for clients in [int(v) for v in args.levels.split(",")]:
             record = asyncio.run(drive(args.port, clients, args.seconds, args.warmup, args.images, seed=clients))
             if server.poll() is not None:
                 raise SystemExit(f"the server died at {clients} clients:\n{server.stderr.read()}")
             answered = sum(len(record[route]) for route in ROUTES)
-            line = {"bench": "serve", "backend": args.backend, "model": args.model, "images": manifest["num_images"],
+            line = {"bench": "serve", "backend": args.backend, "precision": "int8" if args.int8 else "fp32",
+                    "model": args.model, "images": manifest["num_images"],
                     "index": f"{tuning['factory']} {tuning['param']}={tuning['value']} "
                              f"recall@10={tuning['recall']:.3f}",
                     "clients": clients, "seconds": args.seconds, "qps": round(answered / args.seconds, 1),

@@ -42,6 +42,8 @@ CASES = [
     ("bench_onnx", ["--models", "vclr-tiny-rn", "--repeats", "2", "--batch", "4"]),
     ("bench_cli", ["--repeats", "1"]),
     ("bench_serve", ["--images", "300", "--model", "vclr-tiny-rn", "--levels", "1", "--seconds", "1", "--warmup", "0"]),
+    ("bench_serve", ["--images", "300", "--model", "vclr-tiny-rn", "--levels", "1", "--seconds", "1", "--warmup", "0",
+                     "--backend", "onnx", "--int8"]),
 ]
 
 

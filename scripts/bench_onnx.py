@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +27,9 @@ import numpy as np
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1000, 2)
+    from vclr.export.backends import median_seconds
+
+    return round(median_seconds(fn, repeats) * 1000, 2)
 
 
 def bench(model_name: str, repeats: int, folder: Path, batch: int = 32) -> dict:

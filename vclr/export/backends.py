@@ -199,14 +199,19 @@ def _fastest(model, source: ModelSource, identity: dict, pixels: np.ndarray, qua
                          reason=reason, guard=guard, speeds=speeds)
 
 
-def _rate(run, count: int, repeats: int = 3) -> float:
-    run()  # warm up
+def median_seconds(run, repeats: int = 3) -> float:
+    """The median wall time of `run()` over `repeats` calls, after one call to warm up."""
+    run()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         run()
         times.append(time.perf_counter() - started)
-    return round(count / statistics.median(times), 1)
+    return statistics.median(times)
+
+
+def _rate(run, count: int, repeats: int = 3) -> float:
+    return round(count / median_seconds(run, repeats), 1)
 
 
 def cpu_flags() -> list[str]:

@@ -5,8 +5,8 @@
   -> (B, D) unit vectors; the batch is dynamic;
 - `tokenizer.json`: the model's tokenizer for Hugging Face `tokenizers`, padding and truncating to L;
 - `export.json`: `format_version`, the text cleaning, the image preprocessing (size, resize mode, interpolation, mean,
-  std), the model's identity (name, config hash, dimension), the cosine against PyTorch measured at export, and every
-  file's checksum.
+  std), the model's identity (name, config hash, dimension), `precision` ("fp32", or "int8" for quantised towers;
+  absent in exports made before int8: fp32), the cosine against PyTorch measured at export, and every file's checksum.
 """
 
 MANIFEST = "export.json"

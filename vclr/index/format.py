@@ -10,10 +10,11 @@ added without rebuilding (trained indexes take new vectors as they are) and dele
 filtered out of every search with a faiss ID selector; ids never shift).
 
 Directory: images.faiss, texts.faiss, image_embeddings.npy, text_embeddings.npy (kept for exact evaluation and
-rebuilds), metadata.sqlite (ids -> paths, captions, deletions), manifest.json (format, dimension,
-counts, model run and config hash, index choice with its measured recall and speed, and the size and SHA-256 of
-every file). A save writes a temp directory and renames it into place; a crash at any moment leaves the previous
-index whole, and a load that finds a file whose checksum disagrees with the manifest refuses it.
+rebuilds), metadata.sqlite (ids -> paths, captions, deletions), manifest.json (format, dimension, counts, model run and
+config hash, the `embedder` that made the vectors (backend and precision; absent before backends: PyTorch fp32), index
+choice with its measured recall and speed, and the size and SHA-256 of every file). A save writes a temp directory and
+renames it into place; a crash at any moment leaves the previous index whole, and a load that finds a file whose
+checksum disagrees with the manifest refuses it.
 """
 
 from __future__ import annotations

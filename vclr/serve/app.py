@@ -78,7 +78,7 @@ def exposure_warning(host: str, access: Access) -> str | None:
 def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                limits: ServiceLimits = ServiceLimits(), access: Access = Access()):
     """The service over a searcher, or over a live index (new saves of the index are served as they appear)."""
-    from fastapi import FastAPI, Query, Request, UploadFile
+    from fastapi import Depends, FastAPI, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
 
@@ -144,22 +144,26 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
     def stats():
         return engine.stats()
 
+    def query_parameters(text: list[str] = Query([], description="what to look for; repeat to combine, weight "
+                                                                "with a prefix: 2:dog"),
+                         not_text: list[str] = Query([], description="what to steer away from"),
+                         folder: str | None = Query(None, description="a folder glob: 2024/**"),
+                         after: str | None = Query(None, description="taken on or after: 2024-06-01"),
+                         before: str | None = Query(None, description="taken before"),
+                         ext: list[str] = Query([], description="file types: jpg, heic"),
+                         sort: str = Query("relevance", description="relevance, or date (newest first)"),
+                         min_score: float | None = Query(None, description="leave out hits scoring below this cosine"),
+                         k: int = Query(10, description=f"hits, 1..{MAX_K}"), offset: int = Query(0)) -> dict:
+        """The query parameters both search routes take: parse_query's arguments."""
+        return dict(text=text, not_text=not_text, sort=sort, min_score=min_score, k=k, offset=offset,
+                    where={"folder": folder, "after": after, "before": before, "ext": ext})
+
     @app.get("/api/search")
-    async def search(text: list[str] = Query([], description="what to look for; repeat to combine, weight with a "
-                                                             "prefix: 2:dog"),
-                     not_text: list[str] = Query([], description="what to steer away from"),
-                     like: list[int] = Query([], description="indexed image ids to look for"),
-                     folder: str | None = Query(None, description="a folder glob: 2024/**"),
-                     after: str | None = Query(None, description="taken on or after: 2024-06-01"),
-                     before: str | None = Query(None, description="taken before"),
-                     ext: list[str] = Query([], description="file types: jpg, heic"),
-                     sort: str = Query("relevance", description="relevance, or date (newest first)"),
-                     min_score: float | None = Query(None, description="leave out hits scoring below this cosine"),
-                     k: int = Query(10, description=f"hits, 1..{MAX_K}"), offset: int = Query(0)):
-        if not text and not like:
+    async def search(params: dict = Depends(query_parameters),
+                     like: list[int] = Query([], description="indexed image ids to look for")):
+        if not params["text"] and not like:
             check_text_query("")  # the query is empty: one message for every way of asking
-        query = parse_query(text=text, like=like, not_text=not_text, sort=sort, min_score=min_score, k=k,
-                            offset=offset, where={"folder": folder, "after": after, "before": before, "ext": ext})
+        query, k = parse_query(like=like, **params), params["k"]
         if _plain_text(query):  # the batched, cached path
             text = query.positives[0].value
             return JSONResponse(await engine.submit(TextQuery(text, k), render({"query": text, "k": k})))
@@ -171,16 +175,10 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
         return JSONResponse(await engine.submit(LikeQuery(image_id, k), render({"id": image_id, "k": k})))
 
     @app.post("/api/search/image")
-    async def search_image(file: UploadFile, k: int = Query(10), images: bool = Query(False),
-                           text: list[str] = Query([]), not_text: list[str] = Query([]),
-                           folder: str | None = Query(None), after: str | None = Query(None),
-                           before: str | None = Query(None), ext: list[str] = Query([]),
-                           sort: str = Query("relevance"), min_score: float | None = Query(None),
-                           offset: int = Query(0)):
+    async def search_image(file: UploadFile, params: dict = Depends(query_parameters), images: bool = Query(False)):
         """An uploaded image (multipart field "file"), alone (-> its captions, or images) or with the same query
         parameters as GET /api/search."""
-        params = dict(text=text, not_text=not_text, sort=sort, min_score=min_score, k=k, offset=offset,
-                      images=images or None, where={"folder": folder, "after": after, "before": before, "ext": ext})
+        params, k = dict(params, images=images or None), params["k"]
         parse_query(upload=b"x", **params)  # every parameter checked before reading up to 8 MB
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     line = {"bench": "int8_quality", "run": args.run, "data": args.data, "images": len(table),
             "cpu_flags": cpu_flags(), "recall": {}, "seconds": {}}
     vectors = {}
-    for name, towers in (("torch fp32", None), ("onnx fp32", cached_export(source, "fp32")),
-                         ("onnx int8", cached_export(source, "int8"))):
+    for name, towers in (("torch fp32", None), ("onnx fp32", cached_export(source, "fp32", (model, cfg))),
+                         ("onnx int8", cached_export(source, "int8", (model, cfg)))):
         started = time.perf_counter()
         emb = embed_table(model, cfg, table, towers=towers)
         line["seconds"][name] = round(time.perf_counter() - started, 1)

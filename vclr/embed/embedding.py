@@ -139,11 +139,21 @@ def embed_image_paths(model: DualEncoder, paths: Sequence[str], batch_size: int 
 @torch.no_grad()
 def embed_tokens(model: DualEncoder, tokens: torch.Tensor, batch_size: int = 512,
                  spill_to: Path | None = None) -> np.ndarray:
-    device, out = model_device(model), _Rows(len(tokens), model.embed_dim, spill_to)
-    for start in tqdm(range(0, len(tokens), batch_size), desc="embedding texts", unit="batch", leave=False,
-                      disable=len(tokens) <= batch_size):
+    device = model_device(model)
+
+    def encode(rows: torch.Tensor) -> torch.Tensor:
         with _autocast(device):
-            out.append(model.encode_text(tokens[start:start + batch_size].to(device), normalize=True).float().cpu())
+            return model.encode_text(rows.to(device), normalize=True).float().cpu()
+
+    return _text_batches(tokens, encode, batch_size, model.embed_dim, spill_to)
+
+
+def _text_batches(items, encode, batch_size: int, dim: int, spill_to: Path | None) -> np.ndarray:
+    """`encode` over `items` (token rows, or texts for other towers) a batch at a time, with a progress bar."""
+    out = _Rows(len(items), dim, spill_to)
+    for start in tqdm(range(0, len(items), batch_size), desc="embedding texts", unit="batch", leave=False,
+                      disable=len(items) <= batch_size):
+        out.append(encode(items[start:start + batch_size]))
     return out.result()  # (C, D)
 
 
@@ -188,13 +198,7 @@ def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size
     texts = [c for caps in captions for c in caps]
     caption_image = np.repeat(np.arange(len(kept)), [len(c) for c in captions]).astype(np.int64)  # (C,)
     text_embeddings = embed_texts(model, cfg, texts, batch_size, spill("texts.npy")) if towers is None else \
-        _towers_texts(towers, texts, batch_size, model.embed_dim, spill("texts.npy"))
+        _text_batches(texts, lambda batch: torch.from_numpy(towers.embed_texts(batch)), batch_size, model.embed_dim,
+                      spill("texts.npy"))
     return Embeddings(image_embeddings, text_embeddings, caption_image,
                       [table.image_paths[i] for i in kept], texts, [table.image_paths[i] for i in unreadable], kept)
-
-
-def _towers_texts(towers: Towers, texts: Sequence[str], batch_size: int, dim: int, spill_to: Path | None) -> np.ndarray:
-    out = _Rows(len(texts), dim, spill_to)
-    for start in range(0, len(texts), batch_size):
-        out.append(torch.from_numpy(towers.embed_texts(texts[start:start + batch_size])))
-    return out.result()  # (C, D)

@@ -76,12 +76,11 @@ def choose_towers(source: ModelSource, paths: list[str], loaded: tuple | None = 
             return BackendChoice("torch", "fp32", reason=plain)
     model, cfg = loaded or source.load(torch.device("cpu"))
     identity = _export_identity(source, cfg)
-    pixels = _sample_pixels(model, paths, jpeg_draft)
-    fp32_vectors = _torch_vectors(model, pixels)
-    if backend == "onnx" and not int8:
+    if backend == "onnx" and not int8:  # nothing to guard or time: no sample decoded
         return BackendChoice("onnx", "fp32", _export(source, identity, "fp32"), reason="asked for")
+    pixels = _sample_pixels(model, paths, jpeg_draft)
     quantised = _export(source, identity, "int8")
-    guard = int8_guard(fp32_vectors, quantised.embed_pixels(pixels))
+    guard = int8_guard(_torch_vectors(model, pixels), quantised.embed_pixels(pixels))
     if backend == "onnx":
         if guard["passed"]:
             return BackendChoice("onnx", "int8", quantised, reason="asked for; passed the guard", guard=guard)
@@ -138,9 +137,10 @@ def _export_identity(source: ModelSource, cfg) -> dict:
     return weights_identity(model_identity(source, cfg))
 
 
-def cached_export(source: ModelSource, precision: str) -> OnnxQueryEncoder:
-    """`source`'s model exported at `precision` ("fp32" or "int8"), made once and kept in the vclr cache."""
-    _, cfg = source.load(torch.device("cpu"))
+def cached_export(source: ModelSource, precision: str, loaded: tuple | None = None) -> OnnxQueryEncoder:
+    """`source`'s model exported at `precision` ("fp32" or "int8"), made once and kept in the vclr cache. `loaded`:
+    the (model, config) already loaded from `source`."""
+    _, cfg = loaded or source.load(torch.device("cpu"))
     return _export(source, _export_identity(source, cfg), precision)
 
 
@@ -181,17 +181,19 @@ def _fastest(model, source: ModelSource, identity: dict, pixels: np.ndarray, qua
              guard: dict) -> BackendChoice:
     from vclr.embed.embedding import encode_image_batch
 
-    full = _export(source, identity, "fp32")
     key = json.dumps({"machine": _machine(), "model": identity}, sort_keys=True)
     speeds = _timings().get(key)
+    full = None  # the fp32 export is loaded (or made) only to be timed or used
     if speeds is None:
-        batch = pixels[:TIMING_BATCH]
+        full, batch = _export(source, identity, "fp32"), pixels[:TIMING_BATCH]
         speeds = {"torch": _rate(lambda: encode_image_batch(model, torch.from_numpy(batch)), len(batch)),
                   "onnx fp32": _rate(lambda: full.embed_pixels(batch), len(batch)),
                   "onnx int8": _rate(lambda: quantised.embed_pixels(batch), len(batch))}
         _remember(key, speeds)
     allowed = {name: rate for name, rate in speeds.items() if name != "onnx int8" or guard["passed"]}
     best = max(allowed, key=allowed.get)
+    if best == "onnx fp32" and full is None:
+        full = _export(source, identity, "fp32")
     towers = {"torch": None, "onnx fp32": full, "onnx int8": quantised}[best]
     reason = f"the fastest here ({allowed[best]:.1f} images/s)" + ("" if guard["passed"] else
                                                                    "; int8 failed the guard on this collection")

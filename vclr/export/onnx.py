@@ -51,7 +51,6 @@ MIN_COSINE = 0.9999
 # an int8 tower is approximate by design; below this it would reorder neighbours it should not (an index built with
 # int8 vectors is guarded again on the collection itself)
 MIN_COSINE_INT8 = 0.99
-PRECISIONS = ("fp32", "int8")
 EXTERNAL_DATA_BYTES = 1_500_000_000  # towers larger than this keep their weights beside the graph (ONNX's 2 GB cap)
 
 
@@ -168,7 +167,7 @@ def _tokenizer_json(tokenizer) -> str:
 def _export_tower(tower: _Tower, example: torch.Tensor, path: Path, input_name: str) -> None:
     large = sum(p.numel() * p.element_size() for p in tower.parameters()) > EXTERNAL_DATA_BYTES
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), _quiet():
         torch.onnx.export(tower, (example,), str(path), dynamo=True, input_names=[input_name],
                           output_names=["embeddings"], dynamic_shapes=({0: batch},), external_data=large,
                           verbose=False)
@@ -180,20 +179,17 @@ def _quantize(fp32: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     large = (fp32.parent / f"{fp32.name}.data").exists()  # the exporter kept the weights beside the graph
-    root = logging.getLogger()  # onnxruntime.quantization advises pre-processing on the root logger; it fails here
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
+    # onnxruntime.quantization advises pre-processing on the root logger ("": it fails on these graphs)
+    with _quiet(("",)):
         quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
                          use_external_data_format=large)
-    finally:
-        root.setLevel(level)
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
-    """The dynamo exporter prints its progress and onnxscript logs its optimiser's notes: vclr says what matters."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx", "onnx_ir")]
+def _quiet(names: tuple[str, ...] = ("onnxscript", "torch.onnx", "onnx_ir")):
+    """The dynamo exporter prints its progress and onnxscript logs its optimiser's notes (the default `names`; "" is
+    the root logger): vclr says what matters."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

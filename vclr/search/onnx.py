@@ -52,10 +52,14 @@ def preprocess_image(image, cfg: dict) -> np.ndarray:
             image = image.resize(new_size, resample)
         left, top = int(round((new_size[0] - size) / 2.0)), int(round((new_size[1] - size) / 2.0))
         image = image.crop((left, top, left + size, top + size))
-    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # (3, S, S), 0..255
+    return normalize(np.asarray(image).transpose(2, 0, 1), cfg)  # (3, S, S)
+
+
+def normalize(pixels, cfg: dict) -> np.ndarray:
+    """uint8 (..., 3, S, S), 0..255 -> float32 normalised with the export's mean and std."""
     mean = np.asarray(cfg["mean"], dtype=np.float32).reshape(3, 1, 1) * 255
     std = np.asarray(cfg["std"], dtype=np.float32).reshape(3, 1, 1) * 255
-    return (pixels - mean) / std
+    return (np.asarray(pixels, dtype=np.float32) - mean) / std
 
 
 class OnnxQueryEncoder:
@@ -120,11 +124,7 @@ class OnnxQueryEncoder:
 
     def embed_pixels(self, batch) -> np.ndarray:
         """uint8 (B, 3, S, S) images already resized and cropped (a collection's loader: vclr.embed) -> (B, D)."""
-        cfg = self.manifest["image"]
-        mean = np.asarray(cfg["mean"], np.float32).reshape(1, 3, 1, 1) * 255
-        std = np.asarray(cfg["std"], np.float32).reshape(1, 3, 1, 1) * 255
-        pixels = (np.asarray(batch, dtype=np.float32) - mean) / std  # (B, 3, S, S)
-        return self.image_session.run(None, {"pixels": pixels})[0]
+        return self.image_session.run(None, {"pixels": normalize(batch, self.manifest["image"])})[0]  # (B, 3, S, S)
 
     def reopen(self, old, new) -> OnnxQueryEncoder:
         """The export fits a new save of the index when it fits its model (a clear error otherwise)."""

@@ -36,6 +36,8 @@ def add_index_arguments(p) -> None:
     p.add_argument("--int8", action="store_true",
                    help="with --backend onnx: int8 towers, checked first on a sample of the collection against fp32 "
                         "(cosine and top-10 neighbours); fp32 embeds instead where they fall short")
+    p.add_argument("--json", action="store_true", help="print what was done as one JSON object (added, changed, "
+                                                       "moved, removed, unchanged, unreadable...)")
 
 
 def _end_launch() -> None:
@@ -71,10 +73,15 @@ def cmd_index(args) -> int:
         return 0
     manifest = update.index.manifest
     live_images = manifest["num_images"] - manifest["deleted_images"]
+    if args.json:
+        print(json.dumps(_update_report(update, args.out)))
+        return 0
+    copies = f" ({update.copies} copies of indexed files)" if update.copies else ""
     print(f"indexed {live_images} images and {manifest['num_texts'] - manifest['deleted_texts']} captions "
           f"(dim {manifest['dim']}) into {args.out}: "
-          + ("a fresh build" if update.rebuilt else f"{update.added} added, {update.changed} changed, "
-                                                     f"{update.removed} removed, {update.unchanged} unchanged"))
+          + ("a fresh build" if update.rebuilt else
+             f"{update.added} added{copies}, {update.changed} changed, {update.moved} moved, {update.removed} "
+             f"removed, {update.unchanged} unchanged; {update.embedded} embedded"))
     choice = update.backend_choice
     if choice is not None:
         guard = "" if choice.guard is None else (f"; int8 against fp32 on {choice.guard['sample']} of its images: "
@@ -89,6 +96,19 @@ def cmd_index(args) -> int:
         print(f"  {modality:<7}{tuning['factory']}{setting}: cross-modal recall@{tuning['k']} "
               f"{tuning['recall']:.3f}, {tuning['qps']:.0f} queries/s")
     return 0
+
+
+def _update_report(update, out: str) -> dict:
+    manifest = update.index.manifest
+    report = {"index": str(out), "rebuilt": update.rebuilt, "images": manifest["num_images"] - manifest["deleted_images"],
+              "captions": manifest["num_texts"] - manifest["deleted_texts"], "dim": manifest["dim"]}
+    report.update({name: getattr(update, name) for name in ("added", "changed", "moved", "removed", "unchanged",
+                                                            "copies", "embedded")})
+    report["unreadable"] = list(update.unreadable)
+    choice = update.backend_choice
+    if choice is not None:
+        report["embedder"] = {"backend": choice.backend, "precision": choice.precision, "reason": choice.reason}
+    return report
 
 
 def add_index_add_arguments(p) -> None:

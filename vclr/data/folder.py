@@ -14,9 +14,8 @@ import os
 from pathlib import Path
 
 from vclr.data.dataset import METADATA_NAMES, CaptionTable, load_caption_table
+from vclr.data.images import IMAGE_SUFFIXES
 from vclr.errors import DataError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -59,7 +58,8 @@ def is_plain_folder(source: str | os.PathLike) -> bool:
 def load_image_folder(folder: str | os.PathLike) -> CaptionTable:
     images = scan_images(folder)
     if not images:
-        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no captions table")
+        raise DataError(f"{folder} holds no images (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF, HEIC, camera RAW) and no "
+                        "captions table")
     return CaptionTable(str(Path(folder).resolve()), [str(p) for p in images], [sidecar_captions(p) for p in images])
 
 

@@ -10,6 +10,11 @@ An index records its model source (`model_source` in the manifest), so growing, 
 model arguments. Re-indexing a folder compares each file's size and mtime (and its caption sidecar's) with the
 index's record, embeds what is new or changed in chunks that are saved as they complete (a killed run loses nothing
 saved, and the next run continues), and marks removed files deleted: the index then answers as a fresh build would.
+
+Files are also known by their content (the SHA-256 of their bytes, read only for files whose size or mtime changed
+and stored in the metadata): a file that moved or was renamed keeps its id, vector and captions (`moved`); a copy of
+an indexed file gets its own id holding the original's vector (`copies`, not embedded again); a file whose mtime
+changed but not its bytes is `unchanged`. Indexes from before hashes get them on their next re-index.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from vclr.config import Config, ModelConfig, config_hashes
 from vclr.errors import VclrError
 from vclr.index.format import IndexOptions, RetrievalIndex
 from vclr.model.source import ModelSource, as_source, model_identity, source_from_manifest, with_run_from_index
 from vclr.rundir import weights_file
+from vclr.storage import sha256_file
 
 # the data and embedding code import torchvision and open_clip (seconds): imported where an index is built, so that
 # the searcher (which imports this module for `recorded_source`) stays light
@@ -49,10 +58,13 @@ class IndexUpdate:
     """What `build_index` did."""
 
     index: RetrievalIndex | None  # None in the other processes of a multi-process launch
-    added: int = 0  # new files embedded
-    changed: int = 0  # files embedded again (their size, mtime or captions changed)
+    added: int = 0  # new files (embedded, or copies of indexed ones)
+    changed: int = 0  # files embedded again (their content or captions changed)
     removed: int = 0  # files gone from the collection, deleted from the index
     unchanged: int = 0
+    moved: int = 0  # files found at another path by their content: id, vector and captions kept
+    copies: int = 0  # of the added: copies of an indexed file, given its vector without embedding
+    embedded: int = 0  # images that went through the model
     unreadable: list[str] = field(default_factory=list)
     rebuilt: bool = True  # a fresh build (no index there, another model, or --rebuild)
     facts_recorded: int = 0  # images whose facts (folder, type, date...) were recorded, new ones and older ones
@@ -73,6 +85,19 @@ def file_state(path: str) -> str:
     image, sidecar = os.stat(path), Path(path).with_suffix(".txt")
     sidecar_state = f"{sidecar.stat().st_size}:{sidecar.stat().st_mtime_ns}" if sidecar.is_file() else "-"
     return f"{image.st_size}:{image.st_mtime_ns}:{sidecar_state}"
+
+
+def content_hashes(paths: Iterable[str], threads: int = 8) -> list[str | None]:
+    """Each file's SHA-256 (None for a file that cannot be read), several files at a time (hashlib releases the
+    GIL, and reads overlap)."""
+    def one(path: str) -> str | None:
+        try:
+            return sha256_file(path)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, paths))
 
 
 def weights_identity(identity: dict) -> dict:
@@ -195,35 +220,55 @@ def _fresh_build(model: DualEncoder, cfg: Config, table: CaptionTable, identity:
                                      emb.texts, manifest, options,
                                      image_states=[file_state(p) for p in emb.image_paths])
         index.attachments.update(text_query_files(model, cfg))
+        index.store.set_hashes(range(len(emb.image_paths)), content_hashes(emb.image_paths))
         record_facts(index)
         index.save(out_dir)
     finally:
         if spill:
             shutil.rmtree(scratch, ignore_errors=True)  # mapped arrays stay readable until released
-    return IndexUpdate(index, added=len(emb.image_paths), unreadable=emb.unreadable)
+    return IndexUpdate(index, added=len(emb.image_paths), embedded=len(emb.image_paths), unreadable=emb.unreadable)
+
+
+@dataclass
+class _Reuse:
+    """What a re-index takes from the index instead of embedding, found by content hash."""
+
+    moved: dict[str, int] = field(default_factory=dict)  # new path -> id of a gone file with the same bytes
+    copies: dict[str, int] = field(default_factory=dict)  # new path -> id of a present file with the same bytes
+    same_bytes: dict[str, int] = field(default_factory=dict)  # changed path (mtime only) -> its id
+    hashes: dict[str, str | None] = field(default_factory=dict)  # hashed path -> its hash
 
 
 def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: CaptionTable, out_dir: Path,
             save_every: int, embed=None) -> IndexUpdate:
-    """Delete what is gone or changed, then embed what is new or changed, saving after every `save_every` images."""
+    """Reuse what moved, was copied or only touched; delete what is gone or changed; then embed what is new or
+    changed, saving after every `save_every` images."""
     from vclr.data.dataset import CaptionTable
     from vclr.embed.embedding import embed_table
 
     embed = embed or embed_table
+    saves = embed is embed_table or _is_main()
     live = index.store.live_image_states()  # path -> (id, state)
     current = {path: file_state(path) for path in table.image_paths}
     # files that could not be decoded last time are tried again only when they changed
     unreadable = {path: state for path, state in index.manifest.get("unreadable_files", {}).items()
                   if current.get(path) == state}
+    hashed_now = _backfill_hashes(index, current)
     gone = [path for path in live if path not in current]
     changed = {path for path, (_, state) in live.items() if path in current and current[path] != state}
+    reuse = _reuse_by_content(index, table, live, gone, changed, unreadable)
+    _apply_reuse(index, reuse, current)
+    gone = [path for path in gone if live[path][0] not in reuse.moved.values()]
+    changed -= set(reuse.same_bytes)
     todo = [row for row, path in enumerate(table.image_paths)
-            if (path not in live or path in changed) and path not in unreadable]
+            if (path not in live or path in changed) and path not in unreadable and path not in reuse.moved
+            and path not in reuse.copies]
     update = IndexUpdate(index, rebuilt=False, removed=len(gone), unreadable=sorted(unreadable),
-                         unchanged=len(table) - len(todo) - len(unreadable))
+                         unchanged=len(table) - len(todo) - len(unreadable) - len(reuse.moved) - len(reuse.copies),
+                         moved=len(reuse.moved), copies=len(reuse.copies), added=len(reuse.copies))
     if not gone and not todo:
         update.facts_recorded = record_facts(index)  # an index built before facts were recorded: no embedding
-        if update.facts_recorded and (embed is embed_table or _is_main()):
+        if (update.facts_recorded or hashed_now or reuse.moved or reuse.copies or reuse.same_bytes) and saves:
             index.save(out_dir)
         return update
     if gone or changed:
@@ -235,29 +280,92 @@ def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: Capti
             emb = embed(model, cfg, chunk)
             if emb is None:  # another process of a multi-process launch: its share of the chunk is embedded
                 continue
-            index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts, emb.caption_image,
-                      image_states=[current[p] for p in emb.image_paths])
+            image_ids, _ = index.add(emb.image_embeddings, emb.image_paths, emb.text_embeddings, emb.texts,
+                                     emb.caption_image, image_states=[current[p] for p in emb.image_paths])
+            index.store.set_hashes(image_ids, [reuse.hashes.get(p) for p in emb.image_paths])
             update.facts_recorded += record_facts(index)
             update.changed += sum(1 for p in emb.image_paths if p in changed)
             update.added += sum(1 for p in emb.image_paths if p not in changed)
+            update.embedded += len(emb.image_paths)
             unreadable.update({path: current[path] for path in emb.unreadable})
         index.manifest["unreadable_files"] = unreadable
-        if embed is embed_table or _is_main():
+        if saves:
             index.save(out_dir)  # each chunk is kept: a killed run continues from here
     update.unreadable = sorted(unreadable)
     return update
 
 
-def record_facts(index: RetrievalIndex, root: str | None = None) -> int:
+def _backfill_hashes(index: RetrievalIndex, current: dict[str, str]) -> int:
+    """Hash the live, unchanged files of an index built before hashes were kept (once). -> how many."""
+    missing = [(image_id, path) for image_id, path, state in index.store.without_hash() if current.get(path) == state]
+    if missing:
+        logger.info("recording the content hash of %d indexed files (once: it finds them when they move)",
+                    len(missing))
+        index.store.set_hashes([i for i, _ in missing], content_hashes(p for _, p in missing))
+    return len(missing)
+
+
+def _reuse_by_content(index: RetrievalIndex, table: CaptionTable, live: dict, gone: list[str], changed: set[str],
+                      unreadable: dict) -> _Reuse:
+    """Hash the new and changed files and match them with the index's: a new file with a gone file's bytes (and
+    the same captions) moved there; one with a present file's bytes (and no captions of its own) is a copy; a
+    changed file with the same bytes and captions as before was only touched."""
+    reuse = _Reuse()
+    new = [path for path in table.image_paths if path not in live and path not in unreadable]
+    candidates = [*new, *sorted(changed)]
+    if not candidates:
+        return reuse
+    reuse.hashes = dict(zip(candidates, content_hashes(candidates)))
+    known = index.store.ids_by_hash(h for h in reuse.hashes.values() if h)
+    if not known:
+        return reuse
+    captions = dict(zip(table.image_paths, table.captions))
+    stored = index.store.captions_of([i for ids in known.values() for i in ids])
+    ids_of_gone = {live[path][0] for path in gone}
+    for path in sorted(changed):
+        image_id = live[path][0]
+        if image_id in known.get(reuse.hashes[path], []) and stored[image_id] == list(captions[path]):
+            reuse.same_bytes[path] = image_id
+    taken: set[int] = set()
+    for path in new:
+        ids = known.get(reuse.hashes[path] or "", [])
+        moved = next((i for i in ids if i in ids_of_gone and i not in taken and stored[i] == list(captions[path])),
+                     None)
+        if moved is not None:
+            reuse.moved[path] = moved
+            taken.add(moved)
+        elif ids and not captions[path]:
+            reuse.copies[path] = ids[0]
+    return reuse
+
+
+def _apply_reuse(index: RetrievalIndex, reuse: _Reuse, current: dict[str, str]) -> None:
+    """Point moved ids at their new paths, record touched files' new states, add copies with their originals'
+    vectors."""
+    for path, image_id in [*reuse.moved.items(), *reuse.same_bytes.items()]:
+        index.store.move_image(image_id, path, current[path])
+    if reuse.moved:
+        record_facts(index, ids=list(reuse.moved.values()))  # their folders changed
+    if reuse.copies:
+        paths = list(reuse.copies)
+        vectors = np.asarray(index.image_embeddings[[reuse.copies[p] for p in paths]])  # (n, D)
+        image_ids, _ = index.add(vectors, paths, np.zeros((0, index.d), np.float32), [], [],
+                                 image_states=[current[p] for p in paths])
+        index.store.set_hashes(image_ids, [reuse.hashes[p] for p in paths])
+        record_facts(index)
+
+
+def record_facts(index: RetrievalIndex, root: str | None = None, ids: Sequence[int] | None = None) -> int:
     """Record what filters ask (vclr.data.images.image_facts: folder, type, size, date taken) for every live image
     that has none yet: new images, and every image of an index built before facts were recorded, whose vectors are
-    kept as they are. Folders are relative to `root` (default: the collection the index records). -> how many."""
+    kept as they are; or for the images `ids` (moved ones). Folders are relative to `root` (default: the collection
+    the index records). -> how many."""
     from vclr.data.images import image_facts
 
     root = root or index.manifest.get("dataset")
     if root and Path(root).is_file():  # a caption table: paths are relative to its folder
         root = str(Path(root).parent)
-    missing = index.store.without_facts()
+    missing = index.store.without_facts() if ids is None else list(zip(ids, index.store.image_paths(ids)))
     if missing:
         index.store.set_facts([image_id for image_id, _ in missing], [image_facts(path, root) for _, path in missing])
     return len(missing)

@@ -5,7 +5,8 @@ keeps its id and is marked, so ids never shift under a client that holds them.
 
 Each image row also holds what a search filter asks (vclr.data.images.image_facts): its folder relative to the
 collection, file type, size, pixel size and the date it was taken; `select_images` turns a `where` into the ids
-that match, in SQL.
+that match, in SQL. And the SHA-256 of the file's bytes (`hash`), by which a re-index knows a moved, renamed or
+copied file without embedding it again (vclr.index.build).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ class MetadataStore:
 
     def upgrade(self) -> None:
         """Columns that older stores lack: `state` (a file's size and mtime, for incremental re-indexing; vclr <= 0.1)
-        and the image facts (filled on the next `vclr index`, without embedding again)."""
+        the content hash and the image facts (filled on the next `vclr index`, without embedding again)."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
         with self.db:
-            for name, kind in (("state", "TEXT"), *FACT_COLUMNS.items()):
+            for name, kind in (("state", "TEXT"), ("hash", "TEXT"), *FACT_COLUMNS.items()):
                 if name not in columns:
                     self.db.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
 
@@ -70,6 +71,15 @@ class MetadataStore:
         with self.db:
             self.db.executemany(f"UPDATE images SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
                                 ([f.get(n) for n in names] + [int(i)] for i, f in zip(ids, facts)))
+
+    def set_hashes(self, ids: Sequence[int], hashes: Sequence[str | None]) -> None:
+        with self.db:
+            self.db.executemany("UPDATE images SET hash = ? WHERE id = ?", ((h, int(i)) for i, h in zip(ids, hashes)))
+
+    def move_image(self, image_id: int, path: str, state: str) -> None:
+        """The same content (and vector) now lives at another path: the id, its captions and its vector stay."""
+        with self.db:
+            self.db.execute("UPDATE images SET path = ?, state = ? WHERE id = ?", (str(path), state, int(image_id)))
 
     def mark_deleted(self, table: str, ids: Iterable[int]) -> None:
         self._cached.clear()
@@ -122,6 +132,17 @@ class MetadataStore:
         first = dict(rows)  # rows come newest first: the oldest (first) caption of each image wins
         return [first.get(i) for i in ids]
 
+    def captions_of(self, image_ids: Sequence[int]) -> dict[int, list[str]]:
+        """image id -> its live captions, oldest first."""
+        ids = [int(i) for i in image_ids]
+        found: dict[int, list[str]] = {i: [] for i in ids}
+        for start in range(0, len(ids), 900):
+            part = ids[start:start + 900]
+            for image_id, text in self.db.execute(f"SELECT image_id, text FROM texts WHERE deleted = 0 AND image_id "
+                                                  f"IN ({','.join('?' * len(part))}) ORDER BY id", part):
+                found[image_id].append(text)
+        return found
+
     def without_facts(self) -> list[tuple[int, str]]:
         """(id, path) of the live images whose facts are not recorded (indexes built before they were)."""
         return self.db.execute("SELECT id, path FROM images WHERE deleted = 0 AND ext IS NULL ORDER BY id").fetchall()
@@ -156,6 +177,24 @@ class MetadataStore:
             args += list(ext)
         rows = self.db.execute(f"SELECT id FROM images WHERE {' AND '.join(clauses)} ORDER BY id", args)
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def without_hash(self) -> list[tuple[int, str, str | None]]:
+        """(id, path, state) of the live images whose content hash is not recorded (indexes from before hashes)."""
+        return self.db.execute("SELECT id, path, state FROM images WHERE deleted = 0 AND hash IS NULL").fetchall()
+
+    def hashes(self, ids: Sequence[int]) -> list[str | None]:
+        return self._column("images", "hash", ids)
+
+    def ids_by_hash(self, hashes: Iterable[str]) -> dict[str, list[int]]:
+        """hash -> ids of the live images with that content, oldest first."""
+        wanted = sorted(set(hashes))
+        found: dict[str, list[int]] = {}
+        for start in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
+            part = wanted[start:start + 900]
+            for h, image_id in self.db.execute(f"SELECT hash, id FROM images WHERE deleted = 0 AND hash IN "
+                                               f"({','.join('?' * len(part))}) ORDER BY id", part):
+                found.setdefault(h, []).append(image_id)
+        return found
 
     def live_image_states(self) -> dict[str, tuple[int, str | None]]:
         """path -> (id, file state) of every image not deleted."""

@@ -233,6 +233,90 @@ def test_index_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path, mon
     assert RetrievalIndex.load(tmp_path / "idx").manifest["num_images"] == 8
 
 
+def _small_index(n: int = 8, d: int = 8):
+    from vclr.index.format import RetrievalIndex
+
+    emb = np.random.default_rng(n).normal(size=(n, d)).astype(np.float32)
+    return RetrievalIndex.build(emb, emb, np.arange(n), [f"{i}.png" for i in range(n)], [str(i) for i in range(n)])
+
+
+# each writer a save goes through, and how it words a full disk: an errno, or a message of its own on a full disk
+_WRITERS = [("faiss", "write_index", RuntimeError("Error in faiss::FileIOWriter: write error")),
+            ("np", "save", OSError(28, "No space left on device")),
+            ("store", "save_to", __import__("sqlite3").OperationalError("database or disk is full")),
+            ("manifest", "write_text", OSError(28, "No space left on device"))]
+
+
+@pytest.mark.parametrize("writer,call", [(w, c) for w in range(len(_WRITERS)) for c in (0, 1)])
+def test_a_disk_that_fills_at_any_write_leaves_the_previous_index(tmp_path, monkeypatch, writer, call):
+    import faiss
+
+    import vclr.index.format as index_mod
+    import vclr.storage as storage
+    from vclr.errors import DiskFullError
+    from vclr.index.format import RetrievalIndex
+    from vclr.index.metadata import MetadataStore
+
+    _small_index(8).save(tmp_path / "idx")
+    bigger = _small_index(12)
+    name, method, error = _WRITERS[writer]
+    owner = {"faiss": faiss, "np": index_mod.np, "store": MetadataStore, "manifest": Path}[name]
+    real, calls = getattr(owner, method), []
+
+    def fills_up(*args, **kwargs):
+        if name == "manifest" and not str(args[0]).endswith("manifest.json"):
+            return real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == call + 1:
+            monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, fills_up)
+    monkeypatch.setattr(RetrievalIndex, "_check_disk_space", lambda self, folder: None)  # it guessed wrong
+    if name in ("store", "manifest") and call == 1:  # these write once a save: the second call never comes
+        bigger.save(tmp_path / "idx")
+        assert RetrievalIndex.load(tmp_path / "idx").manifest["num_images"] == 12
+        return
+    with pytest.raises(DiskFullError, match=r"needs about [\d.]+ MB .*the previous version is intact"):
+        bigger.save(tmp_path / "idx")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temp directory left behind
+    assert RetrievalIndex.load(tmp_path / "idx").manifest["num_images"] == 8
+
+
+def test_an_error_that_is_not_a_full_disk_keeps_its_own_kind(tmp_path, monkeypatch):
+    import vclr.index.format as index_mod
+
+    index = _small_index(8)
+    monkeypatch.setattr(index_mod.np, "save", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.raises(PermissionError):
+        index.save(tmp_path / "idx")
+
+
+def test_a_real_full_file_system_leaves_the_previous_index(tmp_path, monkeypatch):
+    """A 2 MB tmpfs (where this test may mount one): the save fails part-way for real."""
+    import subprocess
+
+    from vclr.errors import DiskFullError
+    from vclr.index.format import RetrievalIndex
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        monkeypatch.setattr(RetrievalIndex, "_check_disk_space", lambda self, folder: None)  # it asks 64 MB spare
+        _small_index(100, 64).save(small / "idx")
+        with pytest.raises(DiskFullError, match="needs about"):
+            _small_index(3000, 64).save(small / "idx")  # ~3 MB of vectors and index: does not fit
+        assert RetrievalIndex.load(small / "idx").manifest["num_images"] == 100
+        assert [p.name for p in small.iterdir()] == ["idx"]
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 # ------------------------------------------------------------------------------------------------- determinism
 
 

@@ -34,6 +34,16 @@ class ResourceError(VclrError):
     """The requested work does not fit this machine (memory, disk)."""
 
 
+class DiskFullError(ResourceError, OSError):
+    """A save stopped by a full disk (errno ENOSPC); the message says how much space it needs (vclr.storage)."""
+
+    def __init__(self, message: str):
+        OSError.__init__(self, 28, message)  # ENOSPC
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
 class IndexDirError(VclrError):
     """A missing, foreign, corrupt or inconsistent index directory, or a query that does not fit the index."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import hashlib
 import json
@@ -31,6 +32,8 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from vclr.errors import DiskFullError
 
 logger = logging.getLogger(__name__)
 
@@ -207,17 +210,49 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 
 
 def write_directory(final: str | os.PathLike, write_files: Callable[[Path], None], manifest_name: str = CHECKSUMS,
-                    manifest: dict | None = None) -> dict:
-    """`write_files(tmp)` fills a temp directory, which then replaces `final` atomically. -> the manifest written."""
+                    manifest: dict | None = None, expected_bytes: int = 0) -> dict:
+    """`write_files(tmp)` fills a temp directory, which then replaces `final` atomically. -> the manifest written.
+    A disk that fills part-way raises DiskFullError saying how much the new version needs (`expected_bytes`, or
+    what was written plus the previous version's size), with the previous version untouched."""
     final = Path(final)
     remove_stale_temp_dirs(final.parent, final.name)
     tmp = temp_dir(final)
     try:
         write_files(tmp)
         return publish_directory(tmp, final, manifest_name, manifest)
-    except BaseException:
+    except BaseException as e:
+        written = _tree_bytes(tmp)
+        full = _disk_full(e, final.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            needed = max(expected_bytes, written + (_tree_bytes(final) if final.is_dir() else 0))
+            raise DiskFullError(f"no space left on the disk of {final.parent} while writing {final.name} (after "
+                                f"{written / 1e6:.1f} MB): it needs about {needed / 1e6:.1f} MB and "
+                                f"{shutil.disk_usage(final.parent).free / 1e6:.1f} MB are free; the previous version "
+                                "is intact. Free some space or write elsewhere") from e
         raise
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC anywhere in the chain, or a writer that words it its own way (SQLite, FAISS) on a disk with no room."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(error, Exception):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _tree_bytes(folder: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    except OSError:
+        return 0
 
 
 def read_manifest(folder: Path, manifest_name: str = CHECKSUMS) -> dict:

@@ -91,6 +91,8 @@ def read_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, draft_t
         kind = _needed_format(path)
         if kind is not None:
             require_decoder(kind)
+        elif not isinstance(path, str):  # an upload: HEIC opens by its content when pillow-heif is there
+            _optional_module("heif")
         if kind == "raw":
             return _read_raw(path, max_pixels)
         with Image.open(path) as image:

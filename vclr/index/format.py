@@ -261,13 +261,17 @@ class RetrievalIndex:
             for name, content in self.attachments.items():
                 _write_attachment(tmp / name, content)
 
-        self.manifest = write_directory(path, write_files, MANIFEST, self.manifest)  # the manifest last: marks whole
+        self.manifest = write_directory(path, write_files, MANIFEST, self.manifest,  # the manifest last: marks whole
+                                        expected_bytes=self._expected_bytes())
         return path
+
+    def _expected_bytes(self) -> int:
+        vectors = self.image_embeddings.nbytes + self.text_embeddings.nbytes
+        return 2 * vectors + 64 * 2**20  # the .npy copies, FAISS files of about the same size, the metadata
 
     def _check_disk_space(self, folder: Path) -> None:
         """Refuse before writing anything when the new index cannot fit next to the old one."""
-        vectors = self.image_embeddings.nbytes + self.text_embeddings.nbytes
-        needed = 2 * vectors + 64 * 2**20  # the .npy copies, FAISS files of about the same size, the metadata
+        needed = self._expected_bytes()
         free = shutil.disk_usage(folder).free
         if free < needed:
             raise IndexDirError(f"not enough disk space in {folder} to write the index: it needs about "

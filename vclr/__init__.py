@@ -34,13 +34,14 @@ _EXPORTS = {
     "delete_from_index": "vclr.index.build",
     "Searcher": "vclr.search.searcher",
     "Hit": "vclr.search.searcher",
+    "DuplicateGroup": "vclr.search.duplicates",
     "search_by_text": "vclr.search.searcher",
     "evaluate_run": "vclr.eval.evaluate",
     "export_onnx": "vclr.export.onnx",
 }
 __all__ = ["__version__", "open_index", "Index", "Query", "open_run", "evaluate", "VclrError", "load_config",
            "model_source", "train", "build_index", "add_to_index", "delete_from_index", "Searcher", "Hit",
-           "search_by_text", "evaluate_run", "export_onnx"]
+           "DuplicateGroup", "search_by_text", "evaluate_run", "export_onnx"]
 
 if TYPE_CHECKING:
     from vclr.config import load_config
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from vclr.index.build import add_to_index, build_index, delete_from_index
     from vclr.model.source import model_source, open_run
     from vclr.search.api import Index, open_index
+    from vclr.search.duplicates import DuplicateGroup
     from vclr.search.query import Query
     from vclr.search.searcher import Hit, Searcher, search_by_text
     from vclr.train.loop import train

@@ -100,7 +100,8 @@ def cmd_index(args) -> int:
 
 def _update_report(update, out: str) -> dict:
     manifest = update.index.manifest
-    report = {"index": str(out), "rebuilt": update.rebuilt, "images": manifest["num_images"] - manifest["deleted_images"],
+    report = {"index": str(out), "rebuilt": update.rebuilt,
+              "images": manifest["num_images"] - manifest["deleted_images"],
               "captions": manifest["num_texts"] - manifest["deleted_texts"], "dim": manifest["dim"]}
     report.update({name: getattr(update, name) for name in ("added", "changed", "moved", "removed", "unchanged",
                                                             "copies", "embedded")})
@@ -248,6 +249,8 @@ def add_search_arguments(p) -> None:
     p.add_argument("--sort", choices=["relevance", "date"], default="relevance",
                    help="date: the hits scoring at least --min-score, newest first")
     p.add_argument("--min-score", type=float, metavar="COSINE", help="leave out hits scoring below this")
+    p.add_argument("--distinct", action="store_true",
+                   help="one hit per set of near-duplicate images (the threshold `vclr duplicates` calibrated)")
     p.add_argument("--images", action="store_true", help="with one --image: images even if there are captions")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--offset", type=int, default=0, help="skip this many hits (the next page)")
@@ -271,6 +274,7 @@ def search_query(args):
         raise VclrError("give at least one of --text, --image or --like")
     query = parse_query(text=args.text, image=args.image, like=args.like, not_text=args.not_text,
                         not_image=args.not_image, where=where, sort=args.sort, min_score=args.min_score, k=args.k,
+                        distinct=args.distinct,
                         offset=args.offset, images=args.images or None)
     for term in (*query.positives, *query.negatives):
         if term.kind == "image" and not term.value.is_file():
@@ -290,3 +294,58 @@ def cmd_search(args) -> int:
     else:
         print_hits(hits, dated=query.sort == "date")
     return 0
+
+
+def add_duplicates_arguments(p) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--threshold", type=float, metavar="COSINE",
+                   help="pairs scoring at least this are duplicates (default: calibrated on the index: re-encoded, "
+                        "resized and cropped copies of a sample against their nearest distinct neighbours)")
+    p.add_argument("--recalibrate", action="store_true", help="measure the threshold again")
+    add_model_arguments(p, required=False)
+    p.add_argument("--json", action="store_true", help="print the groups as JSON (threshold, calibration, groups)")
+    p.add_argument("--html", metavar="FILE", help="also write a review page: each group's images side by side, the "
+                                                  "suggested keeper first")
+
+
+def cmd_duplicates(args) -> int:
+    from tqdm import tqdm
+
+    from vclr.search.duplicates import write_review_page
+    from vclr.search.searcher import Searcher
+
+    if args.threshold is not None and not -1 <= args.threshold <= 1:
+        raise VclrError(f"--threshold is a cosine: it must be in [-1, 1], got {args.threshold}")
+    searcher = Searcher.open(args.index, model_source_of(args, required=False), load_model=False)
+    calibration = None
+    if args.threshold is None:
+        calibration = searcher.duplicate_calibration(args.recalibrate)
+    threshold = args.threshold if args.threshold is not None else calibration.threshold
+    live = searcher.index.manifest["num_images"] - searcher.index.manifest["deleted_images"]
+    with tqdm(total=live, unit="img", desc="near-duplicates", disable=None) as bar:
+        groups, _ = searcher.duplicates(threshold, progress=bar.update)
+    if args.html:
+        write_review_page(args.html, groups, threshold)
+    if args.json:
+        print(json.dumps({"threshold": threshold, "calibration": calibration and calibration.to_json(),
+                          "groups": [g.to_json() for g in groups]}))
+        return 0
+    how = "given" if calibration is None else (
+        f"calibrated: copies of {calibration.copies['n'] // 3} sampled images score >= {calibration.copies['p05']:.4f} "
+        f"(5th percentile), their nearest distinct images {calibration.neighbours['median']:.4f} (median)")
+    print(f"threshold {threshold:.4f} ({how})")
+    extra = sum(len(g.members) - 1 for g in groups)
+    print(f"{len(groups)} groups of near-duplicates among {live} images ({extra} copies beyond each keeper)")
+    for number, group in enumerate(groups, 1):
+        print(f"group {number}:")
+        for member in group.members:
+            size = f"{member.width}x{member.height}" if member.width else "?"
+            mark = "keep" if member is group.keeper else f"{member.score:.4f}"
+            print(f"  {mark:>6}  {size:>11}  {_megabytes(member.bytes):>8}  {member.path}")
+    if args.html:
+        print(f"review page: {args.html}")
+    return 0
+
+
+def _megabytes(size: int | None) -> str:
+    return "?" if size is None else f"{size / 1e6:.2f} MB"

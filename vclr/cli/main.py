@@ -18,12 +18,14 @@ from collections.abc import Sequence
 from vclr.cli.common import add_command, flags_for
 from vclr.cli.data_cmds import add_make_synthetic_arguments, add_prepare_arguments, cmd_make_synthetic, cmd_prepare
 from vclr.cli.index_cmds import (
+    add_duplicates_arguments,
     add_export_arguments,
     add_index_add_arguments,
     add_index_arguments,
     add_index_delete_arguments,
     add_search_arguments,
     add_serve_arguments,
+    cmd_duplicates,
     cmd_export,
     cmd_index,
     cmd_index_add,
@@ -75,6 +77,9 @@ COMMANDS = [  # name, function, argument adder, help, example (aliases)
     ("index-delete", cmd_index_delete, add_index_delete_arguments,
      "delete images (with their captions) or captions by id",
      "vclr index-delete --index vclr-demo/index --image-ids 3,17"),
+    ("duplicates", cmd_duplicates, add_duplicates_arguments,
+     "find near-duplicate images in an index (groups with a suggested keeper)",
+     "vclr duplicates --index photos-index --html duplicates.html"),
     ("serve", cmd_serve, add_serve_arguments, "search service: JSON API and web page over an index",
      "vclr serve --index vclr-demo/index --port 8000"),
     ("export", cmd_export, add_export_arguments,

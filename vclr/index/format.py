@@ -182,6 +182,17 @@ class RetrievalIndex:
         params = _search_params(self.image_index, selector, widen=self.image_index.ntotal / len(among))
         return self.image_index.search(xq, k, params=params)
 
+    def range_search_images(self, xq: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every live image scoring >= `radius` with each query (nq, d), through the image index: faiss's
+        (lims, D, I), the results of query q at lims[q]:lims[q+1]."""
+        xq = _as_queries(xq, self.d)
+        deleted = self.store.deleted_ids("images")
+        if not len(deleted):
+            return self.image_index.range_search(xq, radius)
+        batch = faiss.IDSelectorBatch(deleted)  # kept alive until the search returns
+        live = faiss.IDSelectorNot(batch)
+        return self.image_index.range_search(xq, radius, params=_search_params(self.image_index, live))
+
     def search_texts(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Queries (nq, d) against the captions: D, I of shape (nq, min(k, live captions))."""
         return self._search(self.text_index, "texts", xq, k)

@@ -131,6 +131,7 @@ class Query:
     k: int = 10
     offset: int = 0
     images: bool | None = None  # a lone image query: images (True) or captions (None/False, when there are any)
+    distinct: bool = False  # one hit per set of near-duplicate images (vclr.search.duplicates)
 
     def __post_init__(self):
         if not self.positives:
@@ -153,7 +154,8 @@ class Query:
 
     @classmethod
     def of(cls, *positives: TermValue, negatives=(), weights=None, where=None, sort: str = "relevance",
-           min_score: float | None = None, k: int = 10, offset: int = 0, images: bool | None = None) -> Query:
+           min_score: float | None = None, k: int = 10, offset: int = 0, images: bool | None = None,
+           distinct: bool = False) -> Query:
         """The Python API's call shape: positives as values (str: a text, Path: an image file, int: an image id),
         `weights` one per positive (default 1)."""
         weights = list(weights) if weights is not None else [1.0] * len(positives)
@@ -161,13 +163,14 @@ class Query:
             raise VclrError(f"`weights` has {len(weights)} values for {len(positives)} positive terms")
         negatives = [negatives] if isinstance(negatives, (str, Path, int, bytes)) else list(negatives)
         return cls(tuple(Term(_term_value(v), float(w)) for v, w in zip(positives, weights)),
-                   tuple(Term(_term_value(v)) for v in negatives), Where.of(where), sort, min_score, k, offset, images)
+                   tuple(Term(_term_value(v)) for v in negatives), Where.of(where), sort, min_score, k, offset, images,
+                   distinct)
 
     @property
     def single_image(self) -> bool:
         """One image (file or upload) and nothing else: answered with captions when the index has them."""
         return len(self.positives) == 1 and not self.negatives and self.positives[0].kind in ("image", "upload") \
-            and self.where.empty and self.sort == "relevance"
+            and self.where.empty and self.sort == "relevance" and not self.distinct
 
     def describe(self) -> dict:
         """The query as JSON (what an answer echoes): terms as texts, file names, ids; uploads as 'upload'."""
@@ -177,12 +180,12 @@ class Query:
 
         return {"positives": [term(t) for t in self.positives], "negatives": [term(t) for t in self.negatives],
                 "where": self.where.to_json(), "sort": self.sort, "min_score": self.min_score, "k": self.k,
-                "offset": self.offset}
+                "offset": self.offset, "distinct": self.distinct}
 
 
 def parse_query(*, text=(), image=(), upload: bytes | None = None, like=(), not_text=(), not_image=(),
                 where: dict | None = None, sort: str = "relevance", min_score: float | None = None, k: int = 10,
-                offset: int = 0, images: bool | None = None) -> Query:
+                offset: int = 0, images: bool | None = None, distinct: bool = False) -> Query:
     """The query of the CLI's flags and the service's parameters, parsed one way: texts and image files may carry a
     weight ('2:golden retriever'), `like` are indexed image ids, `upload` an uploaded image's bytes; empty `where`
     values are left out."""
@@ -192,7 +195,7 @@ def parse_query(*, text=(), image=(), upload: bytes | None = None, like=(), not_
     positives += [Term(int(image_id)) for image_id in like]
     negatives = [Term(value) for value in not_text] + [Term(Path(value)) for value in not_image]
     where = {key: value for key, value in (where or {}).items() if value not in (None, "", [], ())}
-    return Query(tuple(positives), tuple(negatives), Where.of(where), sort, min_score, k, offset, images)
+    return Query(tuple(positives), tuple(negatives), Where.of(where), sort, min_score, k, offset, images, distinct)
 
 
 def _term_value(value) -> TermValue:

@@ -35,6 +35,16 @@ from vclr.search.calibration import (
     unrelated_pair_scores,
     weak_match_threshold,
 )
+from vclr.search.duplicates import (
+    DEFAULT_THRESHOLD,
+    Calibration,
+    DuplicateGroup,
+    calibrate_threshold,
+    collapse_duplicates,
+    find_duplicates,
+    store_calibration,
+    stored_calibration,
+)
 from vclr.search.encoders import QueryEncoder, default_encoder, read_query_image
 from vclr.search.limits import check_k, check_text_query
 from vclr.search.query import Query, Term
@@ -178,8 +188,13 @@ class Searcher:
         pool = query.offset + query.k + len(own)
         if query.sort == "date":  # every hit above min_score may be the newest: take a wide pool of them
             pool = max(pool, DATE_POOL)
+        if query.distinct:  # copies fall out of the pool: take more
+            pool = max(pool * DISTINCT_POOL, DISTINCT_POOL * 10)
         hits = [h for h in self.image_hits(vector, pool, kind, among, dated=True)[0] if h.id not in own
                 and (query.min_score is None or h.score >= query.min_score)]
+        if query.distinct:
+            vectors = np.asarray(self.index.image_embeddings[[h.id for h in hits]], np.float32)  # (n, D)
+            hits = collapse_duplicates(hits, vectors, self.duplicate_threshold())
         if query.sort == "date":
             hits.sort(key=lambda h: h.taken or "", reverse=True)  # ISO dates sort as text; unknown dates last
         return [replace(h, rank=query.offset + r + 1) for r, h in enumerate(hits[query.offset:][:query.k])]
@@ -292,6 +307,26 @@ class Searcher:
         check_k(k)
         return self.by_image_embedding(self.embed_images([read_query_image(image_path)]), k, images)
 
+    def duplicate_calibration(self, recalibrate: bool = False) -> Calibration:
+        """The index's near-duplicate threshold with its figures (vclr.search.duplicates): stored once measured,
+        else measured now (decodes and embeds a sample of the collection: the model loads)."""
+        found = None if recalibrate else stored_calibration(self.index)
+        if found is None:
+            found = calibrate_threshold(self.index, self.embed_images)
+            store_calibration(self.index, found)
+        return found
+
+    def duplicate_threshold(self) -> float:
+        """What a query collapses near-duplicates at: the index's calibrated threshold, else DEFAULT_THRESHOLD (a
+        query never waits for a calibration)."""
+        found = stored_calibration(self.index)
+        return found.threshold if found is not None else DEFAULT_THRESHOLD
+
+    def duplicates(self, threshold: float | None = None, progress=None) -> tuple[list[DuplicateGroup], float]:
+        """Groups of near-duplicate images, and the threshold used (`threshold`, else the calibrated one)."""
+        threshold = self.duplicate_calibration().threshold if threshold is None else threshold
+        return find_duplicates(self.index, threshold, progress=progress), threshold
+
     def like(self, image_id: int, k: int = 5) -> list[Hit]:
         """Images most like indexed image `image_id` (itself left out)."""
         check_k(k)
@@ -301,6 +336,7 @@ class Searcher:
 
 
 DATE_POOL = 1000  # a query sorted by date orders at most this many of its best hits
+DISTINCT_POOL = 4  # a query showing one of each near-duplicate set ranks this many times its hits
 
 
 def _iso(timestamp: float | None) -> str | None:

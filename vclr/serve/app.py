@@ -153,10 +153,12 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
                          ext: list[str] = Query([], description="file types: jpg, heic"),
                          sort: str = Query("relevance", description="relevance, or date (newest first)"),
                          min_score: float | None = Query(None, description="leave out hits scoring below this cosine"),
-                         k: int = Query(10, description=f"hits, 1..{MAX_K}"), offset: int = Query(0)) -> dict:
+                         k: int = Query(10, description=f"hits, 1..{MAX_K}"), offset: int = Query(0),
+                         distinct: bool = Query(False, description="one hit per set of near-duplicate images")
+                         ) -> dict:
         """The query parameters both search routes take: parse_query's arguments."""
         return dict(text=text, not_text=not_text, sort=sort, min_score=min_score, k=k, offset=offset,
-                    where={"folder": folder, "after": after, "before": before, "ext": ext})
+                    where={"folder": folder, "after": after, "before": before, "ext": ext}, distinct=distinct)
 
     @app.get("/api/search")
     async def search(params: dict = Depends(query_parameters),
@@ -250,7 +252,7 @@ def _plain_text(query) -> bool:
     """One text, nothing else asked: the query engine batches and caches these."""
     return len(query.positives) == 1 and query.positives[0].kind == "text" and query.positives[0].weight == 1 \
         and not query.negatives and query.where.empty and query.sort == "relevance" and query.min_score is None \
-        and not query.offset
+        and not query.offset and not query.distinct
 
 
 def _too_large(max_upload_bytes: int):

@@ -19,8 +19,9 @@ function scoreLine(hit) {
   return line;
 }
 // what the form asks besides the text, as the address bar and the API name it
-const FIELDS = ["not", "folder", "after", "before", "sort"];
-const API_NAME = {not: "not_text", folder: "folder", after: "after", before: "before", sort: "sort"};
+const FIELDS = ["not", "folder", "after", "before", "sort", "distinct"];
+const API_NAME = {not: "not_text", folder: "folder", after: "after", before: "before", sort: "sort",
+                  distinct: "distinct"};
 let page = null;  // the query on screen and how many of its hits are shown: "more results" asks for the next ones
 async function show(request, what, append = false) {
   say("searching…");

@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint browser clean
+.PHONY: setup demo test test-fast lint browser ocr clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(VENV)/bin/vclr demo $(DEMO_ARGS)
 
-test: $(STAMP) browser
+test: $(STAMP) browser ocr
 	VCLR_TEST_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/python -m pytest -q
 
 # ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear; pyproject.toml) and mypy on the typed core
@@ -40,6 +40,14 @@ browser:
 	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
 	  echo "note: could not install chromium + chromium-driver; the browser test will be skipped"; }
+
+# Tesseract for `vclr index --ocr` and its tests (Debian packages), installed like Chromium; skipped tests without it.
+ocr:
+	@command -v tesseract >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  $$SUDO apt-get install -y -q tesseract-ocr >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q tesseract-ocr >/dev/null 2>&1; } || \
+	  echo "note: could not install tesseract-ocr; the OCR tests will be skipped"; }
 
 clean:
 	rm -rf $(VENV) vclr-demo .pytest_cache

@@ -207,3 +207,102 @@ def test_phone_and_camera_formats_are_indexed_and_found(source, tmp_path):
     assert {"phone.heic", "web.avif", "cam.dng"} <= names
     for name in ("phone.heic", "web.avif", "cam.dng"):  # each is its own nearest image
         assert Path(searcher.by_image_file(root / name, 1, images=True)[0].path).name == name
+
+
+# ---------------------------------------------------------------------------------------------------------- OCR
+
+
+def _invoice(path: Path) -> None:
+    from PIL import ImageDraw, ImageFont
+
+    image = Image.new("RGB", (640, 420), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=44)
+    draw.text((40, 40), "INVOICE 4711", fill="black", font=font)
+    draw.text((40, 140), "Total due: 129.00 EUR", fill="black", font=ImageFont.load_default(size=30))
+    draw.text((40, 220), "Payable within 30 days", fill="black", font=ImageFont.load_default(size=30))
+    image.save(path, quality=92)
+
+
+@pytest.fixture
+def ocr_ready():
+    from vclr.data.ocr import check_ocr
+    from vclr.errors import VclrError
+
+    try:
+        check_ocr()
+    except VclrError as e:
+        pytest.skip(str(e))
+
+
+def test_ocr_finds_an_invoice_by_its_words_with_an_untrained_model(ocr_ready, source, tmp_path, monkeypatch,
+                                                                  capsys, caplog):
+    import threading
+
+    import pytesseract
+
+    import vclr
+    import vclr.data.ocr as ocr
+
+    root = tmp_path / "photos"
+    photo_folder(root, count=12)
+    _invoice(root / "scan.jpg")
+    real_engine, calls, lock = pytesseract.image_to_string, [], threading.Lock()
+
+    def crashes_once(image, **kwargs):
+        photo = abs(image.width / image.height - 640 / 420) > 0.01  # not the invoice
+        with lock:
+            first = photo and not calls
+            calls.extend([1] if photo else [])
+        if first:
+            raise pytesseract.TesseractError(-11, "segmentation fault")  # one image: the engine dies
+        return real_engine(image, **kwargs)
+
+    monkeypatch.setattr(pytesseract, "image_to_string", crashes_once)
+    real = ocr.read_text
+    assert main(["index", "--model", TINY_MODEL, "--pretrained", source.pretrained, "--data", str(root),
+                 "--out", str(tmp_path / "index"), "--ocr", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["words_read"] == 13  # the crash on one image did not stop it
+    assert len([r for r in caplog.records if "OCR failed" in r.getMessage()]) == 1
+    index = vclr.open_index(tmp_path / "index")
+    hits = index.search("invoice 4711", k=5)
+    assert Path(hits[0].path).name == "scan.jpg" and "[INVOICE]" in hits[0].words and "[4711]" in hits[0].words
+    assert not hits[0].weak and all(h.words is None for h in hits[1:])
+    assert main(["search", "--index", str(tmp_path / "index"), "--text", "invoice 4711", "-k", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert Path(rows[0]["path"]).name == "scan.jpg" and "4711" in rows[0]["words"]
+    plain = index.search("a photo of a lake", k=13)  # no word matches: the embedding ranking alone
+    assert all(h.words is None for h in plain)
+
+    draw_photo(root / "new.png", 77)  # incremental: only the new image is read
+    read = []
+    monkeypatch.setattr(ocr, "read_text", lambda p: read.append(p) or real(p))
+    update = build_index(source, str(root), tmp_path / "index")  # the index remembers it reads text
+    assert update.words_read == 1 and [Path(p).name for p in read] == ["new.png"]
+
+
+def test_reciprocal_rank_fusion_against_its_rule(source, tmp_path):
+    """The fused order equals the stated rule computed by hand from the two rankings: word matches inside and
+    outside the embedding ranking's pool, interleaved with images found by embedding alone."""
+    from vclr.search.query import Query
+    from vclr.search.searcher import RRF_K
+
+    root = tmp_path / "photos"
+    photo_folder(root, count=10)
+    build_index(source, str(root), tmp_path / "index")
+    searcher = Searcher.open(tmp_path / "index")
+    query = Query.of("invoice", k=4)
+    full = [h.id for h in searcher.image_hits(searcher.query_vector(query), 10, "text")[0]]
+    words = {full[1]: "invoice", full[6]: "red invoice", full[8]: "an invoice invoice invoice"}
+    searcher.index.store.set_words(list(words), list(words.values()))
+    searcher.index.manifest["ocr"] = True
+    embedding = full[:4]  # the pool of a k=4 query
+    by_words = [i for i, _ in searcher.index.store.match_words("invoice", 10)]
+    assert sorted(by_words) == sorted(words)
+    fused = {i: 1 / (RRF_K + r + 1) for r, i in enumerate(embedding)}
+    for r, i in enumerate(by_words):
+        fused[i] = fused.get(i, 0) + 1 / (RRF_K + r + 1)
+    expected = sorted(fused, key=lambda i: (-fused[i], i not in by_words))[:4]
+    got = searcher.search(query)
+    assert [h.id for h in got] == expected and [h.rank for h in got] == [1, 2, 3, 4]
+    assert any(i not in embedding for i in expected)  # a word match from outside the pool made the page

@@ -35,7 +35,8 @@ def print_hits(hits, dated: bool = False) -> None:
     match is marked."""
     for hit in hits:
         date = f"  {(hit.taken or '-')[:10]}" if dated else ""
-        print(f"{hit.rank:>3}  {hit.score:+.4f}{date}  {hit.value}{'  (weak match)' if hit.weak else ''}")
+        words = f"  [text: {hit.words}]" if hit.words else ""
+        print(f"{hit.rank:>3}  {hit.score:+.4f}{date}  {hit.value}{'  (weak match)' if hit.weak else ''}{words}")
 
 
 def parse_ks(text: str) -> list[int]:

@@ -36,6 +36,9 @@ def add_index_arguments(p) -> None:
     p.add_argument("--int8", action="store_true",
                    help="with --backend onnx: int8 towers, checked first on a sample of the collection against fp32 "
                         "(cosine and top-10 neighbours); fp32 embeds instead where they fall short")
+    p.add_argument("--ocr", action="store_true",
+                   help="also read the text in each image (Tesseract), so that searches find scans, screenshots and "
+                        "signs by their words; kept up to date on later re-indexes")
     p.add_argument("--json", action="store_true", help="print what was done as one JSON object (added, changed, "
                                                        "moved, removed, unchanged, unreadable...)")
 
@@ -67,7 +70,8 @@ def cmd_index(args) -> int:
         def chooser(paths, loaded):
             return choose_towers(source, paths, loaded, backend=args.backend, int8=args.int8)
     update = build_index(source, args.data, args.out, options, rebuild=args.rebuild, workers=args.workers,
-                         batch_size=args.batch_size, in_memory_max_bytes=int(args.max_ram_gb * 2**30), towers=chooser)
+                         batch_size=args.batch_size, in_memory_max_bytes=int(args.max_ram_gb * 2**30), towers=chooser,
+                         ocr=args.ocr)
     _end_launch()
     if update.index is None:  # under `accelerate launch`, process 0 reports
         return 0
@@ -82,6 +86,8 @@ def cmd_index(args) -> int:
           + ("a fresh build" if update.rebuilt else
              f"{update.added} added{copies}, {update.changed} changed, {update.moved} moved, {update.removed} "
              f"removed, {update.unchanged} unchanged; {update.embedded} embedded"))
+    if update.words_read:
+        print(f"  read the text in {update.words_read} images (OCR): searches find them by their words")
     choice = update.backend_choice
     if choice is not None:
         guard = "" if choice.guard is None else (f"; int8 against fp32 on {choice.guard['sample']} of its images: "
@@ -104,7 +110,7 @@ def _update_report(update, out: str) -> dict:
               "images": manifest["num_images"] - manifest["deleted_images"],
               "captions": manifest["num_texts"] - manifest["deleted_texts"], "dim": manifest["dim"]}
     report.update({name: getattr(update, name) for name in ("added", "changed", "moved", "removed", "unchanged",
-                                                            "copies", "embedded")})
+                                                            "copies", "embedded", "words_read")})
     report["unreadable"] = list(update.unreadable)
     choice = update.backend_choice
     if choice is not None:

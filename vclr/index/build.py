@@ -69,6 +69,7 @@ class IndexUpdate:
     rebuilt: bool = True  # a fresh build (no index there, another model, or --rebuild)
     facts_recorded: int = 0  # images whose facts (folder, type, date...) were recorded, new ones and older ones
     backend_choice: object | None = None  # what a chooser picked to embed with, and why (vclr.export.backends)
+    words_read: int = 0  # images read by OCR in this run
 
 
 def _collection(cfg: Config, data: str | None) -> tuple[str, CaptionTable]:
@@ -115,13 +116,16 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
                 options: IndexOptions = IndexOptions(), rebuild: bool = False, workers: int = 0,
                 save_every: int = SAVE_EVERY, batch_size: int = 0,
                 in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES, *,
-                towers: Towers | Callable[[list[str], tuple], object] | None = None) -> IndexUpdate:
+                towers: Towers | Callable[[list[str], tuple], object] | None = None, ocr: bool = False
+                ) -> IndexUpdate:
     """Index a collection (a folder of images or a prepared dataset) with a model into `out_dir`; when `out_dir`
     already holds an index of the same model and collection, bring it up to date instead of rebuilding it.
     `towers`: embed through this backend of the same model (an ONNX export, fp32 or int8), or a chooser given the
     collection's paths and the loaded (model, config) that returns a choice with `.towers`
     (vclr.export.backends.choose_towers); the index records
-    which embedded it (`embedder`), and an index built by another is built afresh."""
+    which embedded it (`embedder`), and an index built by another is built afresh. `ocr`: also read the text in
+    each image (vclr.data.ocr) into the index's full-text table, so that searches find images by their words; an
+    index once read stays read (new images are read on every re-index)."""
     from vclr.embed.embedding import embed_table
 
     source = as_source(source)
@@ -150,6 +154,8 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
     update.backend_choice = choice
     if not is_main:
         return IndexUpdate(None)  # process 0 built and saved the index
+    if ocr or update.index.manifest.get("ocr"):
+        update.words_read = read_words(update.index, Path(out_dir))
     logger.info("indexed %s into %s: %d added, %d changed, %d removed, %d unchanged, %d unreadable", dataset, out_dir,
                 update.added, update.changed, update.removed, update.unchanged, len(update.unreadable))
     return update
@@ -369,6 +375,23 @@ def record_facts(index: RetrievalIndex, root: str | None = None, ids: Sequence[i
     if missing:
         index.store.set_facts([image_id for image_id, _ in missing], [image_facts(path, root) for _, path in missing])
     return len(missing)
+
+
+def read_words(index: RetrievalIndex, out_dir: Path) -> int:
+    """OCR the live images not read yet (all of them the first time; then new and changed ones), save. -> how many."""
+    from tqdm import tqdm
+
+    from vclr.data.ocr import check_ocr, read_texts
+
+    todo = index.store.without_words()
+    if todo or not index.manifest.get("ocr"):
+        check_ocr()
+        with tqdm(total=len(todo), unit="img", desc="reading text (OCR)", disable=None) as bar:
+            texts = read_texts([path for _, path in todo], progress=bar.update)
+        index.store.set_words([i for i, _ in todo], [t or "" for t in texts])
+        index.manifest["ocr"] = True
+        index.save(out_dir)
+    return len(todo)
 
 
 def _is_main() -> bool:

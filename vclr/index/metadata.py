@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, d
 CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY, text TEXT NOT NULL, image_id INTEGER NOT NULL,
                                   deleted INTEGER DEFAULT 0);
 CREATE INDEX IF NOT EXISTS texts_by_image ON texts (image_id);
-"""
+CREATE VIRTUAL TABLE IF NOT EXISTS image_words USING fts5 (words, tokenize = 'unicode61 remove_diacritics 2');
+"""  # image_words: the text OCR read in each image (rowid = image id; "" when it read none)
 
 
 class MetadataStore:
@@ -80,6 +81,31 @@ class MetadataStore:
         """The same content (and vector) now lives at another path: the id, its captions and its vector stay."""
         with self.db:
             self.db.execute("UPDATE images SET path = ?, state = ? WHERE id = ?", (str(path), state, int(image_id)))
+
+    def set_words(self, ids: Sequence[int], words: Sequence[str]) -> None:
+        """The text read in each image (OCR), full-text indexed (SQLite FTS5)."""
+        with self.db:
+            self.db.executemany("DELETE FROM image_words WHERE rowid = ?", ((int(i),) for i in ids))
+            self.db.executemany("INSERT INTO image_words (rowid, words) VALUES (?, ?)",
+                                ((int(i), w) for i, w in zip(ids, words)))
+
+    def without_words(self) -> list[tuple[int, str]]:
+        """(id, path) of the live images not read by OCR yet."""
+        return self.db.execute("SELECT id, path FROM images WHERE deleted = 0 AND id NOT IN "
+                               "(SELECT rowid FROM image_words) ORDER BY id").fetchall()
+
+    def match_words(self, text: str, limit: int) -> list[tuple[int, str]]:
+        """Live images whose OCR text holds every word of `text`, best first (FTS5's BM25): (id, the matched
+        words in context, marked [like this])."""
+        terms = re.findall(r"\w+", text)
+        if not terms:
+            return []
+        match = " ".join('"' + t.replace('"', '') + '"' for t in terms)  # quoted: FTS5 syntax in a query is text
+        rows = self.db.execute(
+            "SELECT image_words.rowid, snippet(image_words, 0, '[', ']', '…', 12) FROM image_words JOIN images ON "
+            "images.id = image_words.rowid WHERE image_words MATCH ? AND images.deleted = 0 ORDER BY bm25(image_words) "
+            "LIMIT ?", (match, int(limit)))
+        return [(int(i), s) for i, s in rows]
 
     def mark_deleted(self, table: str, ids: Iterable[int]) -> None:
         self._cached.clear()

@@ -61,6 +61,7 @@ class Hit:
     caption: str | None = None  # a caption hit
     weak: bool = False  # the score is no better than unrelated queries reach by chance (vclr.search.calibration)
     taken: str | None = None  # an image hit's date taken (EXIF, else the file's mtime), ISO 8601 local time
+    words: str | None = None  # the query's words as OCR read them in the image, marked [like this]
 
     @property
     def value(self) -> str:
@@ -68,7 +69,8 @@ class Hit:
 
     def to_json(self) -> dict:
         kind = {"path": self.path, "taken": self.taken} if self.path is not None else {"caption": self.caption}
-        return {"rank": self.rank, "score": self.score, "id": self.id, **kind, "weak": self.weak}
+        words = {"words": self.words} if self.words is not None else {}
+        return {"rank": self.rank, "score": self.score, "id": self.id, **kind, "weak": self.weak, **words}
 
 
 class QueryCache:
@@ -190,14 +192,46 @@ class Searcher:
             pool = max(pool, DATE_POOL)
         if query.distinct:  # copies fall out of the pool: take more
             pool = max(pool * DISTINCT_POOL, DISTINCT_POOL * 10)
-        hits = [h for h in self.image_hits(vector, pool, kind, among, dated=True)[0] if h.id not in own
-                and (query.min_score is None or h.score >= query.min_score)]
+        hits = [h for h in self.image_hits(vector, pool, kind, among, dated=True)[0] if h.id not in own]
+        hits = [h for h in self._with_words(query, hits, vector, among, pool)
+                if h.words is not None or query.min_score is None or h.score >= query.min_score]
         if query.distinct:
             vectors = np.asarray(self.index.image_embeddings[[h.id for h in hits]], np.float32)  # (n, D)
             hits = collapse_duplicates(hits, vectors, self.duplicate_threshold())
         if query.sort == "date":
             hits.sort(key=lambda h: h.taken or "", reverse=True)  # ISO dates sort as text; unknown dates last
         return [replace(h, rank=query.offset + r + 1) for r, h in enumerate(hits[query.offset:][:query.k])]
+
+    def _with_words(self, query: Query, hits: list[Hit], vector: np.ndarray, among: np.ndarray | None,
+                    pool: int) -> list[Hit]:
+        """Images whose OCR text holds every word of the query's texts, fused with the embedding ranking by
+        reciprocal-rank fusion: score(image) = sum over the two rankings of 1 / (RRF_K + rank), an image missing from a
+        ranking adding nothing; ties go to the word match. Word matches are never weak and pass `min_score` (the
+        words are there). An index without OCR text, or a query without texts, keeps the embedding ranking."""
+        words = " ".join(str(t.value) for t in query.positives if t.kind == "text")
+        if not words or not self.index.manifest.get("ocr"):
+            return hits
+        matches = self.index.store.match_words(words, pool)
+        if among is not None:
+            allowed = set(among.tolist())
+            matches = [(i, w) for i, w in matches if i in allowed]
+        if not matches:
+            return hits
+        fused = {h.id: 1 / (RRF_K + r + 1) for r, h in enumerate(hits)}
+        snippets = dict(matches)
+        for r, (image_id, _) in enumerate(matches):
+            fused[image_id] = fused.get(image_id, 0.0) + 1 / (RRF_K + r + 1)
+        by_id = {h.id: h for h in hits}
+        missing = [i for i, _ in matches if i not in by_id]
+        if missing:
+            scores = np.asarray(self.index.image_embeddings[missing], np.float32) @ vector[0]  # (m,)
+            facts = self.index.store.facts(missing)
+            for image_id, score, path, fact in zip(missing, scores, self.index.store.image_paths(missing), facts):
+                by_id[image_id] = Hit(0, float(score), image_id, path=path, taken=_iso(fact["taken"]))
+        for image_id, snippet in snippets.items():
+            by_id[image_id] = replace(by_id[image_id], words=snippet, weak=False)
+        order = sorted(fused, key=lambda i: (-fused[i], i not in snippets))
+        return [replace(by_id[i], rank=r + 1) for r, i in enumerate(order)]
 
     def query_vector(self, query: Query) -> np.ndarray:
         """(1, D): the L2-normalised sum of w_i * e(positive_i) minus the sum of e(negative_j) (rclip's rule)."""
@@ -336,6 +370,7 @@ class Searcher:
 
 
 DATE_POOL = 1000  # a query sorted by date orders at most this many of its best hits
+RRF_K = 60  # reciprocal-rank fusion's constant (Cormack et al. 2009): how flat the fused ranks are
 DISTINCT_POOL = 4  # a query showing one of each near-duplicate set ranks this many times its hits
 
 

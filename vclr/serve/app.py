@@ -128,6 +128,7 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
             captions = version.first_captions(hits)
             return {**query, "index_version": version.index.version, "hits": [
                 {"rank": h.rank, "score": h.score, "id": h.id, "weak": h.weak,
+                 **({"words": h.words} if h.words is not None else {}),
                  **({"kind": "image", "value": Path(h.path).name, "caption": caption, "url": f"api/image/{h.id}"}
                     if h.path is not None else {"kind": "caption", "value": h.caption})}
                 for h, caption in zip(hits, captions)]}

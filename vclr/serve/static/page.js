@@ -46,6 +46,7 @@ async function show(request, what, append = false) {
       like.addEventListener("click", () => search({like: hit.id}));
       item.append(img, el("div", "name", hit.value));
       if (hit.caption) item.append(el("div", "caption", hit.caption));
+      if (hit.words) item.append(el("div", "words", `text: ${hit.words}`));
       item.append(scoreLine(hit), like);
     } else {
       item.append(el("div", "caption", hit.value), scoreLine(hit));

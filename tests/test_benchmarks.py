@@ -31,6 +31,7 @@ def test_every_benchmark_has_a_smoke_test():
 
 CASES = [
     ("bench_index", ["--n", "3000", "--d", "16", "--queries", "100", "--kinds", "flat,ivf_flat"]),
+    ("bench_duplicates", ["--n", "4000", "--d", "32", "--planted", "40", "--subset", "1000", "--exact-below", "1000"]),
     ("bench_eval", ["--cases", "smoke", "--d", "8"]),
     ("bench_decode", ["--sizes", "128x96", "--count", "4", "--drafts", "0,2", "--workers", "1"]),
     ("bench_embed", ["--images", "8", "--size", "128x96", "--model", "vclr-tiny-rn", "--batch", "4", "--workers", "0",

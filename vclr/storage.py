@@ -235,7 +235,7 @@ def write_directory(final: str | os.PathLike, write_files: Callable[[Path], None
 
 def _disk_full(error: BaseException, folder: Path) -> bool:
     """ENOSPC anywhere in the chain, or a writer that words it its own way (SQLite, FAISS) on a disk with no room."""
-    seen = error
+    seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return True

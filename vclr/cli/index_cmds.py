@@ -317,19 +317,23 @@ def add_duplicates_arguments(p) -> None:
 def cmd_duplicates(args) -> int:
     from tqdm import tqdm
 
-    from vclr.search.duplicates import write_review_page
+    from vclr.index.format import RetrievalIndex
+    from vclr.search.duplicates import find_duplicates, write_review_page
     from vclr.search.searcher import Searcher
 
     if args.threshold is not None and not -1 <= args.threshold <= 1:
         raise VclrError(f"--threshold is a cosine: it must be in [-1, 1], got {args.threshold}")
-    searcher = Searcher.open(args.index, model_source_of(args, required=False), load_model=False)
     calibration = None
-    if args.threshold is None:
+    if args.threshold is None:  # the model embeds copies of a sample (once per index save)
+        searcher = Searcher.open(args.index, model_source_of(args, required=False), load_model=False)
+        index = searcher.index
         calibration = searcher.duplicate_calibration(args.recalibrate)
+    else:  # no model needed
+        index = RetrievalIndex.load(args.index)
     threshold = args.threshold if args.threshold is not None else calibration.threshold
-    live = searcher.index.manifest["num_images"] - searcher.index.manifest["deleted_images"]
+    live = index.manifest["num_images"] - index.manifest["deleted_images"]
     with tqdm(total=live, unit="img", desc="near-duplicates", disable=None) as bar:
-        groups, _ = searcher.duplicates(threshold, progress=bar.update)
+        groups = find_duplicates(index, threshold, progress=bar.update)
     if args.html:
         write_review_page(args.html, groups, threshold)
     if args.json:

@@ -273,6 +273,12 @@ def test_ocr_finds_an_invoice_by_its_words_with_an_untrained_model(ocr_ready, so
     assert Path(rows[0]["path"]).name == "scan.jpg" and "4711" in rows[0]["words"]
     plain = index.search("a photo of a lake", k=13)  # no word matches: the embedding ranking alone
     assert all(h.words is None for h in plain)
+    from fastapi.testclient import TestClient
+
+    from vclr.serve.app import create_app
+    with TestClient(create_app(Searcher.open(tmp_path / "index"))) as client:  # the service's one-text fast path too
+        answer = client.get("/api/search", params={"text": "invoice 4711", "k": 3}).json()
+    assert answer["hits"][0]["value"] == "scan.jpg" and "[4711]" in answer["hits"][0]["words"]
 
     draw_photo(root / "new.png", 77)  # incremental: only the new image is read
     read = []

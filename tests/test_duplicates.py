@@ -177,3 +177,25 @@ def test_range_search_pairs_equal_an_exact_scan(kind, tmp_path):
     assert len(exact) == 199
     groups = find_duplicates(index, threshold)
     assert all(len(g.members) == 2 for g in groups) and len(groups) == len(got)
+
+
+def test_hnsw_range_search_over_many_queries_does_not_abort(tmp_path):
+    """faiss's HNSW range search aborts the process when one call spans two of its interrupt-check blocks (here
+    ~1,000 queries at efSearch 512): vclr splits the queries (run in a child process: an abort would end pytest)."""
+    import subprocess
+    import sys
+
+    code = """
+import faiss, numpy as np
+from vclr.index.format import IndexOptions, RetrievalIndex
+x = np.random.default_rng(0).normal(size=(4000, 64)).astype('float32')
+faiss.normalize_L2(x)
+index = RetrievalIndex.build(x, x[:5], np.arange(5), [str(i) for i in range(4000)], [str(i) for i in range(5)],
+                             options=IndexOptions(kind='hnsw', exact_below=0))
+faiss.downcast_index(index.image_index).hnsw.efSearch = 512
+lims, D, I = index.range_search_images(x, 0.999)
+assert len(lims) == 4001 and (I[lims[:-1]] >= 0).all()
+print('ok', int(lims[-1]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok 4000"), done.stderr[-500:]

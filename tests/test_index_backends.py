@@ -134,3 +134,24 @@ def test_backend_errors_name_the_problem(torch_index, small_shapes, tmp_path, ca
     assert main(["index", "--run", str(_run(torch_index)), "--data", str(small_shapes / "test"), "--out",
                  str(tmp_path / "idx"), "--backend", "torch", "--int8"]) == 2
     assert "--backend onnx" in capsys.readouterr().err
+
+
+def test_a_model_whose_int8_export_fails_its_check_is_indexed_in_fp32(torch_index, small_shapes, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The OpenMoji LiT model's int8 export fails its own probes (EfficientNet's convolutions: cosine 0.96): `onnx
+    --int8` and `auto` embed in fp32 and say so, and the refused export is not tried again."""
+    import vclr.export.onnx as onnx_mod
+
+    monkeypatch.setattr(onnx_mod, "MIN_COSINE_INT8", 1.01)  # no int8 export passes its check
+    exports = []
+    real = onnx_mod.export_onnx
+    monkeypatch.setattr(onnx_mod, "export_onnx", lambda *a, **k: exports.append(k.get("int8")) or real(*a, **k))
+    assert main(["index", "--run", str(_run(torch_index)), "--data", str(small_shapes / "test"), "--out",
+                 str(tmp_path / "idx"), "--backend", "onnx", "--int8"]) == 0
+    assert "embedded with onnx fp32: int8 failed the guard" in capsys.readouterr().out
+    assert exports.count(True) == 1
+    monkeypatch.setattr(backends, "AUTO_MIN_IMAGES", 1)
+    paths = [str(p) for p in sorted((small_shapes / "test").rglob("*.png"))]
+    choice = choose_towers(model_source(run=_run(torch_index)), paths)
+    assert choice.precision == "fp32" and "int8" not in choice.speeds and "export_check" in choice.guard
+    assert exports.count(True) == 1  # refused once, remembered

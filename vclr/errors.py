@@ -44,6 +44,15 @@ class DiskFullError(ResourceError, OSError):
         return self.args[1]
 
 
+class ExportDisagrees(VclrError):
+    """An ONNX export whose towers embed too far from the PyTorch model's; `cosine`: the smallest on its probes
+    (vclr.export.onnx). A model that quantises badly raises it for its int8 export."""
+
+    def __init__(self, cosine: float, message: str):
+        super().__init__(message)
+        self.cosine = cosine
+
+
 class IndexDirError(VclrError):
     """A missing, foreign, corrupt or inconsistent index directory, or a query that does not fit the index."""
 

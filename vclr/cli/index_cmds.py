@@ -93,6 +93,8 @@ def cmd_index(args) -> int:
         guard = "" if choice.guard is None else (f"; int8 against fp32 on {choice.guard['sample']} of its images: "
                                                  f"cosine >= {choice.guard['min_cosine']:.4f}, top-10 overlap "
                                                  f"{choice.guard['top10_overlap']:.2f}")
+        if choice.guard and "export_check" in choice.guard:  # refused before any image was compared
+            guard = f"; the int8 export failed its own check (cosine {choice.guard['min_cosine']:.4f} on its probes)"
         print(f"  embedded with {choice.backend} {choice.precision}: {choice.reason}{guard}")
     if update.unreadable:
         print(f"  {len(update.unreadable)} unreadable files skipped (listed in {Path(args.out) / 'manifest.json'}"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vclr.data.cache import cache_dir
-from vclr.errors import VclrError
+from vclr.errors import ExportDisagrees, VclrError
 from vclr.model.source import ModelSource, model_identity
 from vclr.search.onnx import OnnxQueryEncoder
 from vclr.storage import atomic_write_text
@@ -79,8 +79,12 @@ def choose_towers(source: ModelSource, paths: list[str], loaded: tuple | None = 
     if backend == "onnx" and not int8:  # nothing to guard or time: no sample decoded
         return BackendChoice("onnx", "fp32", _export(source, identity, "fp32"), reason="asked for")
     pixels = _sample_pixels(model, paths, jpeg_draft)
-    quantised = _export(source, identity, "int8")
-    guard = int8_guard(_torch_vectors(model, pixels), quantised.embed_pixels(pixels))
+    try:
+        quantised: OnnxQueryEncoder | None = _export(source, identity, "int8")
+        guard = int8_guard(_torch_vectors(model, pixels), quantised.embed_pixels(pixels))
+    except ExportDisagrees as e:  # this model quantises badly everywhere (its export's own probes): fp32 then
+        quantised, guard = None, {"sample": 0, "min_cosine": round(e.cosine, 5), "passed": False,
+                                  "export_check": str(e)}
     if backend == "onnx":
         if guard["passed"]:
             return BackendChoice("onnx", "int8", quantised, reason="asked for; passed the guard", guard=guard)
@@ -150,9 +154,18 @@ def _export(source: ModelSource, identity: dict, precision: str) -> OnnxQueryEnc
 
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir() / "onnx" / f"{identity['model_name'].replace('/', '_')}-{digest}-{precision}"
+    refused = folder.with_name(folder.name + ".refused.json")  # an export that failed its check: not tried again
+    if refused.is_file():
+        record = json.loads(refused.read_text())
+        raise ExportDisagrees(record["cosine"], record["message"])
     if not (folder / "export.json").is_file():
         logger.info("exporting %s as %s ONNX to %s (once)", identity["model_name"], precision, folder)
-        export_onnx(source, folder, int8=precision == "int8")
+        try:
+            export_onnx(source, folder, int8=precision == "int8")
+        except ExportDisagrees as e:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(refused, json.dumps({"cosine": e.cosine, "message": str(e)}))
+            raise
     return OnnxQueryEncoder.load(folder, spinning=True)  # a collection's batches follow each other
 
 
@@ -177,7 +190,7 @@ def _torch_vectors(model, pixels: np.ndarray) -> np.ndarray:
                            for i in range(0, len(pixels), 64)])
 
 
-def _fastest(model, source: ModelSource, identity: dict, pixels: np.ndarray, quantised: OnnxQueryEncoder,
+def _fastest(model, source: ModelSource, identity: dict, pixels: np.ndarray, quantised: OnnxQueryEncoder | None,
              guard: dict) -> BackendChoice:
     from vclr.embed.embedding import encode_image_batch
 
@@ -187,8 +200,9 @@ def _fastest(model, source: ModelSource, identity: dict, pixels: np.ndarray, qua
     if speeds is None:
         full, batch = _export(source, identity, "fp32"), pixels[:TIMING_BATCH]
         speeds = {"torch": _rate(lambda: encode_image_batch(model, torch.from_numpy(batch)), len(batch)),
-                  "onnx fp32": _rate(lambda: full.embed_pixels(batch), len(batch)),
-                  "onnx int8": _rate(lambda: quantised.embed_pixels(batch), len(batch))}
+                  "onnx fp32": _rate(lambda: full.embed_pixels(batch), len(batch))}
+        if quantised is not None:
+            speeds["onnx int8"] = _rate(lambda: quantised.embed_pixels(batch), len(batch))
         _remember(key, speeds)
     allowed = {name: rate for name, rate in speeds.items() if name != "onnx int8" or guard["passed"]}
     best = max(allowed, key=allowed.get)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vclr.errors import VclrError
+from vclr.errors import ExportDisagrees, VclrError
 from vclr.export.format import (
     FORMAT_VERSION,
     IMAGE_FILE,
@@ -225,6 +225,6 @@ def _check(model: DualEncoder, tokenizer, folder: Path, min_cosine: float) -> fl
                (encoder.embed_images(images) * embed_pil_images(model, images)).sum(1)]
     lowest = float(min(c.min() for c in cosines))
     if lowest < min_cosine:
-        raise VclrError(f"the ONNX export disagrees with the PyTorch model (cosine {lowest:.6f} < {min_cosine}); "
-                        "nothing was written")
+        raise ExportDisagrees(lowest, f"the ONNX export disagrees with the PyTorch model (cosine {lowest:.6f} < "
+                              f"{min_cosine}); nothing was written")
     return lowest

@@ -187,11 +187,19 @@ class RetrievalIndex:
         (lims, D, I), the results of query q at lims[q]:lims[q+1]."""
         xq = _as_queries(xq, self.d)
         deleted = self.store.deleted_ids("images")
-        if not len(deleted):
-            return self.image_index.range_search(xq, radius)
-        batch = faiss.IDSelectorBatch(deleted)  # kept alive until the search returns
-        live = faiss.IDSelectorNot(batch)
-        return self.image_index.range_search(xq, radius, params=_search_params(self.image_index, live))
+        params = None
+        if len(deleted):
+            batch = faiss.IDSelectorBatch(deleted)  # kept alive until the search returns
+            live = faiss.IDSelectorNot(batch)
+            params = _search_params(self.image_index, live)
+        block = _range_block(self.image_index)
+        if len(xq) <= block:
+            return self.image_index.range_search(xq, radius, params=params)
+        parts = [self.image_index.range_search(xq[start:start + block], radius, params=params)
+                 for start in range(0, len(xq), block)]
+        counts = np.concatenate([np.diff(lims) for lims, _, _ in parts])
+        lims = np.concatenate([[0], np.cumsum(counts)]).astype(parts[0][0].dtype)
+        return lims, np.concatenate([D for _, D, _ in parts]), np.concatenate([I for _, _, I in parts])
 
     def search_texts(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Queries (nq, d) against the captions: D, I of shape (nq, min(k, live captions))."""
@@ -348,6 +356,17 @@ def _search_params(index: faiss.Index, selector: faiss.IDSelector, widen: float 
     if hasattr(inner, "hnsw"):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=math.ceil(inner.hnsw.efSearch * factor))
     return faiss.SearchParameters(sel=selector)
+
+
+def _range_block(index: faiss.Index) -> int:
+    """The most queries one range search may take. faiss's HNSW range search runs its queries in blocks of its
+    interrupt-check period, 1e8 / (levels * d * efSearch) queries (about 600 at 1M x 512), and aborts the process
+    when a call spans two blocks (its result is allocated once per block): stay within one."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    if not hasattr(inner, "hnsw"):
+        return 1 << 30
+    flops = max(1, inner.hnsw.max_level) * inner.d * inner.hnsw.efSearch
+    return max(1, 10**8 // (flops + 1) // 2)  # half the period: the level count can grow as items are added
 
 
 def exact_search(xq: np.ndarray, xb: np.ndarray, k: int, among: np.ndarray | None = None

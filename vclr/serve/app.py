@@ -167,7 +167,8 @@ def create_app(searcher: Searcher | LiveIndex, max_upload_bytes: int = MAX_UPLOA
         if not params["text"] and not like:
             check_text_query("")  # the query is empty: one message for every way of asking
         query, k = parse_query(like=like, **params), params["k"]
-        if _plain_text(query):  # the batched, cached path
+        # the batched, cached path; an index with OCR text fuses word matches into every text query (Searcher.search)
+        if _plain_text(query) and not live.current.index.manifest.get("ocr"):
             text = query.positives[0].value
             return JSONResponse(await engine.submit(TextQuery(text, k), render({"query": text, "k": k})))
         return JSONResponse(await engine.submit(SearchQuery(query), render({"query": query.describe(), "k": k})))

@@ -175,6 +175,32 @@ def test_heic_avif_and_raw_are_read_upright_and_exif_rotation_applies(tmp_path):
     assert image_facts(str(tmp_path / "turned.jpg"))["width"] == 64
 
 
+@pytest.mark.parametrize("name", ["bomb.jpg", "bomb.png", "bomb.avif", "bomb.heic", "bomb.dng"])
+def test_a_decompression_bomb_of_each_format_is_refused_from_its_header(name, tmp_path, caplog):
+    """The pixel count comes from the header (HEIC's, RAW's sensor size) before any decoding: a file over the limit
+    is refused (here the limit is lowered, to keep the files small)."""
+    pytest.importorskip("pillow_heif").register_heif_opener()
+    pytest.importorskip("rawpy")
+    from vclr.data.images import read_image
+
+    path = tmp_path / name
+    write_dng(path, _scene(1)) if name.endswith(".dng") else _scene(1).save(path)
+    assert read_image(str(path)) is not None
+    with caplog.at_level("WARNING"):
+        assert read_image(str(path), max_pixels=96 * 64 - 1) is None
+    assert "over the 6143-pixel limit" in caplog.text
+
+
+def test_an_animated_image_is_read_by_its_first_frame(tmp_path):
+    from vclr.data.images import read_image
+
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ("red", "blue", "green")]
+    for name in ("anim.gif", "anim.webp"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=100, loop=0)
+        image = read_image(str(tmp_path / name))
+        assert image.size == (40, 30) and image.getpixel((5, 5))[0] > 200 and image.getpixel((5, 5))[2] < 50
+
+
 def test_a_missing_decoder_is_one_clear_line_and_the_files_are_skipped(tmp_path, monkeypatch, caplog):
     import vclr.data.images as images
 

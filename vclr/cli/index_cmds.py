@@ -327,11 +327,11 @@ def cmd_duplicates(args) -> int:
         raise VclrError(f"--threshold is a cosine: it must be in [-1, 1], got {args.threshold}")
     calibration = None
     if args.threshold is None:  # the model embeds copies of a sample (once per index save)
-        searcher = Searcher.open(args.index, model_source_of(args, required=False), load_model=False)
+        searcher = Searcher.open(args.index, model_source_of(args, required=False), load_model=False, mmap=True)
         index = searcher.index
         calibration = searcher.duplicate_calibration(args.recalibrate)
     else:  # no model needed
-        index = RetrievalIndex.load(args.index)
+        index = RetrievalIndex.load(args.index, mmap=True)  # vectors read from the page cache, not copied
     threshold = args.threshold if args.threshold is not None else calibration.threshold
     live = index.manifest["num_images"] - index.manifest["deleted_images"]
     with tqdm(total=live, unit="img", desc="near-duplicates", disable=None) as bar:

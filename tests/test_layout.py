@@ -14,7 +14,7 @@ PACKAGE = Path(vclr.__file__).parent
 FOUNDATION = {"errors", "storage", "config", "rundir"}
 ALLOWED = {
     "errors": set(),
-    "storage": set(),
+    "storage": {"errors"},  # DiskFullError: a full disk is the user's to fix
     "config": {"errors", "storage"},
     "rundir": {"errors", "storage", "config"},
     "data": {"errors", "storage", "config"},
@@ -22,7 +22,7 @@ ALLOWED = {
     "embed": FOUNDATION | {"model", "data"},
     "train": FOUNDATION | {"model", "data", "embed", "eval.metrics"},  # pure metric functions for validation
     "index": FOUNDATION | {"model", "data", "embed"},
-    "search": FOUNDATION | {"model", "data.images", "embed", "index", "export.format"},
+    "search": FOUNDATION | {"model", "data.images", "data.cache", "embed", "index", "export.format"},
     "export": FOUNDATION | {"model", "data", "embed", "index", "search"},
     "eval": FOUNDATION | {"model", "data", "embed", "index", "train"},  # train: sweeps train each grid point
     "serve": FOUNDATION | {"model", "data.images", "index", "search"},

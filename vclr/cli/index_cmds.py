@@ -353,10 +353,17 @@ def cmd_duplicates(args) -> int:
         for member in group.members:
             size = f"{member.width}x{member.height}" if member.width else "?"
             mark = "keep" if member is group.keeper else f"{member.score:.4f}"
-            print(f"  {mark:>6}  {size:>11}  {_megabytes(member.bytes):>8}  {member.path}")
+            taken = _day(member.taken)
+            print(f"  {mark:>6}  {size:>11}  {_megabytes(member.bytes):>8}  {taken:>10}  {member.path}")
     if args.html:
         print(f"review page: {args.html}")
     return 0
+
+
+def _day(timestamp: float | None) -> str:
+    import datetime
+
+    return "?" if timestamp is None else datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d")
 
 
 def _megabytes(size: int | None) -> str:

@@ -1,7 +1,8 @@
 """Data: caption tables, images and the datasets that feed training.
 
 Owns the caption table and the map-style training dataset (`dataset`), the training batch (`batch`), safe image
-decoding with PIL only (`images`), webdataset/parquet shards (`shards`), training data sources behind one protocol
+decoding of every image format (`images`: PIL, and HEIC and camera RAW through the `photos` extra), the text inside
+images (`ocr`: Tesseract), webdataset/parquet shards (`shards`), training data sources behind one protocol
 (`sources`), plain photo folders (`folder`), device decoding (`device_decode`), dataset converters (`prepare`), the
 demo data (`synthetic`) and vclr's cache directory (`cache`).
 

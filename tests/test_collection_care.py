@@ -131,8 +131,9 @@ def _scene(seed: int, size=(96, 64)) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def write_dng(path: Path, scene: Image.Image) -> Path:
-    """A tiny, valid DNG (an uncompressed RGGB Bayer mosaic of `scene`), as a camera would write one."""
+def write_dng(path: Path, scene: Image.Image, preview: Image.Image | None = None) -> Path:
+    """A tiny, valid DNG (an uncompressed RGGB Bayer mosaic of `scene`), as a camera would write one; with `preview`,
+    that image as its embedded preview (IFD0, the mosaic in a sub-IFD, as cameras lay them out)."""
     import tifffile
 
     rgb = np.asarray(scene, np.float64) / 255
@@ -146,7 +147,14 @@ def write_dng(path: Path, scene: Image.Image) -> Path:
             (33422, "B", 4, (0, 1, 1, 2)), (50717, "H", 1, 4095),
             (50721, "2i", 9, (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1)), (50778, "H", 1, 21),
             (50728, "2I", 3, (1, 1, 1, 1, 1, 1))]
-    tifffile.imwrite(path, cfa, photometric=32803, extratags=tags, subfiletype=0, metadata=None)
+    if preview is None:
+        tifffile.imwrite(path, cfa, photometric=32803, extratags=tags, subfiletype=0, metadata=None)
+        return path
+    dng, cfa_tags, colour = tags[:2], tags[2:5], tags[5:]
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.asarray(preview), photometric="rgb", subfiletype=1, subifds=1, extratags=dng + colour,
+                  metadata=None)
+        tif.write(cfa, photometric=32803, subfiletype=0, extratags=cfa_tags, metadata=None)
     return path
 
 
@@ -164,6 +172,11 @@ def test_heic_avif_and_raw_are_read_upright_and_exif_rotation_applies(tmp_path):
         assert image.size == (96, 64) and np.abs(np.asarray(image, float) - np.asarray(scene, float)).mean() < 12
     raw = read_image(str(tmp_path / "a.dng"))  # half-size demosaic: no preview in this file
     assert raw.size == (48, 32) and raw.mode == "RGB"
+    big = _scene(5, size=(600, 400))
+    write_dng(tmp_path / "previewed.dng", scene, preview=big)  # the camera's preview stands for the file
+    assert np.array_equal(np.asarray(read_image(str(tmp_path / "previewed.dng"))), np.asarray(big))
+    write_dng(tmp_path / "thumb.dng", scene, preview=_scene(5, size=(160, 120)))  # a thumbnail is too small: demosaic
+    assert read_image(str(tmp_path / "thumb.dng")).size == (48, 32)
     assert image_facts(str(tmp_path / "a.dng"))["width"] == 96
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to show

@@ -6,5 +6,6 @@ bounds and service limits (`limits`), the weak-match calibration (`calibration`)
 their calibrated threshold, one hit per set in results (`duplicates`).
 
 May import: vclr.config, vclr.errors, vclr.storage, vclr.index, vclr.export.format, vclr.data (image decoding, the
-cache folder), and (lazily, in the PyTorch encoders) vclr.model and vclr.embed. Never vclr.train or Accelerate; `onnx` never imports torch.
+cache folder), and (lazily, in the PyTorch encoders) vclr.model and vclr.embed. Never vclr.train or Accelerate;
+`onnx` never imports torch.
 """

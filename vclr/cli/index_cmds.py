@@ -90,12 +90,7 @@ def cmd_index(args) -> int:
         print(f"  read the text in {update.words_read} images (OCR): searches find them by their words")
     choice = update.backend_choice
     if choice is not None:
-        guard = "" if choice.guard is None else (f"; int8 against fp32 on {choice.guard['sample']} of its images: "
-                                                 f"cosine >= {choice.guard['min_cosine']:.4f}, top-10 overlap "
-                                                 f"{choice.guard['top10_overlap']:.2f}")
-        if choice.guard and "export_check" in choice.guard:  # refused before any image was compared
-            guard = f"; the int8 export failed its own check (cosine {choice.guard['min_cosine']:.4f} on its probes)"
-        print(f"  embedded with {choice.backend} {choice.precision}: {choice.reason}{guard}")
+        print(f"  embedded with {choice.backend} {choice.precision}: {choice.reason}{_guard_note(choice.guard)}")
     if update.unreadable:
         print(f"  {len(update.unreadable)} unreadable files skipped (listed in {Path(args.out) / 'manifest.json'}"
               f" under unreadable_files), e.g. {update.unreadable[0]}")
@@ -104,6 +99,16 @@ def cmd_index(args) -> int:
         print(f"  {modality:<7}{tuning['factory']}{setting}: cross-modal recall@{tuning['k']} "
               f"{tuning['recall']:.3f}, {tuning['qps']:.0f} queries/s")
     return 0
+
+
+def _guard_note(guard: dict | None) -> str:
+    """What the int8 guard measured, for the index report."""
+    if guard is None:
+        return ""
+    if "export_check" in guard:  # refused before any of the collection's images was compared
+        return f"; the int8 export failed its own check (cosine {guard['min_cosine']:.4f} on its probes)"
+    return (f"; int8 against fp32 on {guard['sample']} of its images: cosine >= {guard['min_cosine']:.4f}, top-10 "
+            f"overlap {guard['top10_overlap']:.2f}")
 
 
 def _update_report(update, out: str) -> dict:

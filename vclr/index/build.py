@@ -262,7 +262,7 @@ def _update(index: RetrievalIndex, model: DualEncoder, cfg: Config, table: Capti
     hashed_now = _backfill_hashes(index, current)
     gone = [path for path in live if path not in current]
     changed = {path for path, (_, state) in live.items() if path in current and current[path] != state}
-    reuse = _reuse_by_content(index, table, live, gone, changed, unreadable)
+    reuse = _reuse_by_content(index, table, live, gone=gone, changed=changed, unreadable=unreadable)
     _apply_reuse(index, reuse, current)
     gone = [path for path in gone if live[path][0] not in reuse.moved.values()]
     changed -= set(reuse.same_bytes)
@@ -311,7 +311,7 @@ def _backfill_hashes(index: RetrievalIndex, current: dict[str, str]) -> int:
     return len(missing)
 
 
-def _reuse_by_content(index: RetrievalIndex, table: CaptionTable, live: dict, gone: list[str], changed: set[str],
+def _reuse_by_content(index: RetrievalIndex, table: CaptionTable, live: dict, *, gone: list[str], changed: set[str],
                       unreadable: dict) -> _Reuse:
     """Hash the new and changed files and match them with the index's: a new file with a gone file's bytes (and
     the same captions) moved there; one with a present file's bytes (and no captions of its own) is a copy; a

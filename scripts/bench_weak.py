@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     searcher = Searcher.open(args.index, load_model=False)
     index = searcher.index
     rng = np.random.default_rng(args.seed)
-    live = np.setdiff1d(np.arange(len(index.text_embeddings)), index.store.deleted_ids("texts"))
+    live = index.live_ids("texts")
     drawn = np.sort(rng.choice(live, min(args.captions, len(live)), replace=False))
     texts, owners = index.store.texts(drawn), index.caption_image[drawn]
     tops = [hits[0] for hits in searcher.image_hits(searcher.embed_texts(texts), 1, "text")]

@@ -221,8 +221,8 @@ def write_directory(final: str | os.PathLike, write_files: Callable[[Path], None
         write_files(tmp)
         return publish_directory(tmp, final, manifest_name, manifest)
     except BaseException as e:
-        written = _tree_bytes(tmp)
         full = _disk_full(e, final.parent)
+        written = _tree_bytes(tmp) if full else 0  # before the temp directory goes
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             needed = max(expected_bytes, written + (_tree_bytes(final) if final.is_dir() else 0))

@@ -44,7 +44,6 @@ OPTIONAL_FORMATS: dict[str, OptionalFormat] = {
 }
 PILLOW_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
 IMAGE_SUFFIXES = PILLOW_SUFFIXES + tuple(s for f in OPTIONAL_FORMATS.values() for s in f.suffixes)
-_RAW_SUFFIXES = frozenset(OPTIONAL_FORMATS["raw"].suffixes)
 
 
 class MissingDecoder(Exception):
@@ -89,12 +88,12 @@ def read_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, draft_t
     """
     try:
         kind = _needed_format(path)
-        if kind is not None:
-            require_decoder(kind)
-        elif not isinstance(path, str):  # an upload: HEIC opens by its content when pillow-heif is there
-            _optional_module("heif")
         if kind == "raw":
             return _read_raw(path, max_pixels)
+        if kind is not None:
+            require_decoder(kind)  # HEIF's opener registered with Pillow
+        elif not isinstance(path, str):  # an upload: HEIC opens by its content when pillow-heif is there
+            _optional_module("heif")
         with Image.open(path) as image:
             if image.width * image.height > max_pixels:
                 logger.warning("image %s refused: %dx%d pixels is over the %d-pixel limit", path, image.width,
@@ -184,14 +183,14 @@ def image_facts(path: str, root: str | None = None) -> dict:
     facts.update(bytes=stat.st_size, taken=stat.st_mtime, taken_from="mtime")
     try:
         kind = _needed_format(path)
-        if kind is not None:
-            require_decoder(kind)
         if kind == "raw":  # LibRaw's sizes; rawpy does not expose the capture time
             with require_decoder("raw").imread(path) as raw:
                 facts["width"], facts["height"] = raw.sizes.width, raw.sizes.height
                 if raw.sizes.flip in (5, 6):  # shot in portrait
                     facts["width"], facts["height"] = raw.sizes.height, raw.sizes.width
             return facts
+        if kind is not None:
+            require_decoder(kind)  # HEIF's opener registered with Pillow
         with Image.open(path) as image:
             exif = image.getexif()
             facts["width"], facts["height"] = image.size

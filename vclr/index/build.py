@@ -154,7 +154,7 @@ def build_index(source: ModelSource | str | os.PathLike, data: str | None, out_d
     update.backend_choice = choice
     if not is_main:
         return IndexUpdate(None)  # process 0 built and saved the index
-    if ocr or update.index.manifest.get("ocr"):
+    if ocr or update.index.manifest.get("ocr"):  # after the vectors are saved: OCR is slow, a kill keeps them
         update.words_read = read_words(update.index, Path(out_dir))
     logger.info("indexed %s into %s: %d added, %d changed, %d removed, %d unchanged, %d unreadable", dataset, out_dir,
                 update.added, update.changed, update.removed, update.unchanged, len(update.unreadable))

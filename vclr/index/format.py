@@ -182,6 +182,10 @@ class RetrievalIndex:
         params = _search_params(self.image_index, selector, widen=self.image_index.ntotal / len(among))
         return self.image_index.search(xq, k, params=params)
 
+    def live_ids(self, table: str = "images") -> np.ndarray:
+        """(n,) sorted ids of the live (not deleted) images or captions."""
+        return np.setdiff1d(np.arange(self.store.count(table)), self.store.deleted_ids(table))
+
     def range_search_images(self, xq: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every live image scoring >= `radius` with each query (nq, d), through the image index: faiss's
         (lims, D, I), the results of query q at lims[q]:lims[q+1]."""

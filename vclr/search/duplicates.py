@@ -1,7 +1,7 @@
 """Near-duplicate images of an index: the same picture saved again resized, re-encoded, cropped or turned.
 
     groups = find_duplicates(index, threshold=0.97)        # list[DuplicateGroup], largest groups first
-    calibration = calibrate_threshold(searcher)            # the threshold this index and model call "the same"
+    calibration = calibrate_threshold(index, embed)        # the threshold this index and model call "the same"
     hits = collapse_duplicates(hits, vectors, threshold)   # one hit per near-duplicate group (search results)
 
 Pairs come from a FAISS range search of every live image against the image index (the index's own kind: exact,
@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
@@ -73,7 +73,7 @@ class Calibration:
 def near_pairs(index: RetrievalIndex, threshold: float, chunk: int = 16384,
                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of live images (i < j) scoring >= `threshold`: (i, j, score) arrays, via FAISS range search."""
-    live = np.setdiff1d(np.arange(index.image_index.ntotal), index.store.deleted_ids("images"))
+    live = index.live_ids()
     rows, cols, scores = [], [], []
     for start in range(0, len(live), chunk):
         ids = live[start:start + chunk]
@@ -152,7 +152,7 @@ def calibrate_threshold(index: RetrievalIndex, embed_images: Callable[[Sequence[
     `embed_images`: PIL images -> (N, D) unit vectors, as the index's images were embedded."""
     from vclr.data.images import read_image
 
-    live = np.setdiff1d(np.arange(index.image_index.ntotal), index.store.deleted_ids("images"))
+    live = index.live_ids()
     if len(live) < 2:
         raise VclrError("the index holds fewer than 2 images: there is nothing to compare")
     ids = np.sort(np.random.default_rng(seed).choice(live, min(sample, len(live)), replace=False))
@@ -220,7 +220,7 @@ def collapse_duplicates(hits: list, vectors: np.ndarray, threshold: float) -> li
     for row in range(len(hits)):
         if not kept or float((vectors[kept] @ vectors[row]).max()) < threshold:
             kept.append(row)
-    return [replace(hits[row], rank=rank + 1) for rank, row in enumerate(kept)]
+    return [hits[row] for row in kept]
 
 
 def write_review_page(path, groups: Sequence[DuplicateGroup], threshold: float, max_groups: int = 500) -> None:

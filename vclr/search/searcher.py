@@ -110,6 +110,7 @@ class Searcher:
     index_dir: Path | None = None
     text_cache: QueryCache | None = None  # text query -> embedding (the service keeps one)
     _weak_below: dict = field(default_factory=dict, repr=False)  # calibration thresholds and sample, computed once
+    _duplicates: Calibration | None = field(default=None, repr=False)  # the index's near-duplicate calibration
 
     @classmethod
     def open(cls, index_dir: str | Path, source: ModelSource | str | os.PathLike | None = None,
@@ -230,8 +231,7 @@ class Searcher:
                 by_id[image_id] = Hit(0, float(score), image_id, path=path, taken=_iso(fact["taken"]))
         for image_id, snippet in snippets.items():
             by_id[image_id] = replace(by_id[image_id], words=snippet, weak=False)
-        order = sorted(fused, key=lambda i: (-fused[i], i not in snippets))
-        return [replace(by_id[i], rank=r + 1) for r, i in enumerate(order)]
+        return [by_id[i] for i in sorted(fused, key=lambda i: (-fused[i], i not in snippets))]  # search() numbers them
 
     def query_vector(self, query: Query) -> np.ndarray:
         """(1, D): the L2-normalised sum of w_i * e(positive_i) minus the sum of e(negative_j) (rclip's rule)."""
@@ -307,7 +307,7 @@ class Searcher:
     def _image_sample(self) -> np.ndarray:
         """Up to STANDOUT_SAMPLE live image vectors (a fixed draw): where a query's mean and spread are measured."""
         if "sample" not in self._weak_below:
-            live = np.setdiff1d(np.arange(self.index.image_index.ntotal), self.index.store.deleted_ids("images"))
+            live = self.index.live_ids()
             rows = np.sort(np.random.default_rng(0).choice(live, min(STANDOUT_SAMPLE, len(live)), replace=False))
             self._weak_below["sample"] = np.asarray(self.index.image_embeddings[rows], dtype=np.float32)
         return self._weak_below["sample"]
@@ -344,16 +344,23 @@ class Searcher:
     def duplicate_calibration(self, recalibrate: bool = False) -> Calibration:
         """The index's near-duplicate threshold with its figures (vclr.search.duplicates): stored once measured,
         else measured now (decodes and embeds a sample of the collection: the model loads)."""
-        found = None if recalibrate else stored_calibration(self.index)
+        found = None if recalibrate else self._stored_duplicates()
         if found is None:
             found = calibrate_threshold(self.index, self.embed_images)
             store_calibration(self.index, found)
+            self._duplicates = found
         return found
+
+    def _stored_duplicates(self) -> Calibration | None:
+        """The stored calibration, read once it exists (an index save has one at most)."""
+        if self._duplicates is None:
+            self._duplicates = stored_calibration(self.index)
+        return self._duplicates
 
     def duplicate_threshold(self) -> float:
         """What a query collapses near-duplicates at: the index's calibrated threshold, else DEFAULT_THRESHOLD (a
         query never waits for a calibration)."""
-        found = stored_calibration(self.index)
+        found = self._stored_duplicates()
         return found.threshold if found is not None else DEFAULT_THRESHOLD
 
     def duplicates(self, threshold: float | None = None, progress=None) -> tuple[list[DuplicateGroup], float]:

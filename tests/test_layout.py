@@ -20,14 +20,15 @@ ALLOWED = {
     "data": {"errors", "storage", "config"},
     "model": FOUNDATION,
     "embed": FOUNDATION | {"model", "data"},
-    "train": FOUNDATION | {"model", "data", "embed", "eval.metrics"},  # pure metric functions for validation
+    "bench": FOUNDATION | {"model", "data", "embed", "eval.metrics", "eval.plots"},  # pure functions of eval
+    "train": FOUNDATION | {"model", "data", "embed", "bench", "eval.metrics"},  # metrics for validation
     "index": FOUNDATION | {"model", "data", "embed"},
     "search": FOUNDATION | {"model", "data.images", "data.cache", "embed", "index", "export.format"},
     "export": FOUNDATION | {"model", "data", "embed", "index", "search"},
-    "eval": FOUNDATION | {"model", "data", "embed", "index", "train"},  # train: sweeps train each grid point
+    "eval": FOUNDATION | {"model", "data", "embed", "index", "train", "bench"},  # train: sweeps train each point
     "serve": FOUNDATION | {"model", "data.images", "index", "search"},
-    "cli": FOUNDATION | {"model", "data", "embed", "train", "index", "search", "export", "eval", "serve"},
-    "__init__": {"errors", "config", "model", "train", "index", "search", "eval", "export"},  # the lazy public API
+    "cli": FOUNDATION | {"model", "data", "embed", "bench", "train", "index", "search", "export", "eval", "serve"},
+    "__init__": {"errors", "config", "model", "bench", "train", "index", "search", "eval", "export"},  # lazy API
 }
 
 

@@ -6,6 +6,7 @@
     hits = index.search("golden retriever", Path("pool.jpg"), negatives=["fruit"], weights=[2, 1], k=10)
     model, cfg = vclr.open_run("vclr-demo/run")
     report = vclr.evaluate("vclr-demo/run", "vclr-demo/data/test")
+    rows = vclr.bench(models=["vclr-demo/run", "ViT-B-32,vit.pt"], datasets=["shapes"], out="bench")
 
 The names below are imported on first use (PEP 562), so `import vclr` costs nothing: `vclr --help` and a text query
 through an index's traced tower stay fast.
@@ -38,12 +39,16 @@ _EXPORTS = {
     "search_by_text": "vclr.search.searcher",
     "evaluate_run": "vclr.eval.evaluate",
     "export_onnx": "vclr.export.onnx",
+    "benchmark": "vclr.bench.matrix",
+    "compare_models": "vclr.bench.matrix:compare",
 }
 __all__ = ["__version__", "open_index", "Index", "Query", "open_run", "evaluate", "VclrError", "load_config",
            "model_source", "train", "build_index", "add_to_index", "delete_from_index", "Searcher", "Hit",
-           "DuplicateGroup", "search_by_text", "evaluate_run", "export_onnx"]
+           "DuplicateGroup", "search_by_text", "evaluate_run", "export_onnx", "benchmark", "compare_models"]
 
 if TYPE_CHECKING:
+    from vclr.bench.matrix import benchmark
+    from vclr.bench.matrix import compare as compare_models
     from vclr.config import load_config
     from vclr.errors import VclrError
     from vclr.eval.evaluate import evaluate_run

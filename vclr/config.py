@@ -187,6 +187,10 @@ class TrainConfig:
     # torch.profiler over this many optimizer steps after the first 10: a timeline, an operator table and the
     # device's busy share in RUN/profile/ (vclr.train.profiling); 0 = off
     profile_steps: int = 0
+    # datasets scored by `vclr benchmark`'s code at each validation (names or paths, vclr.bench.datasets), logged
+    # as bench/<dataset>/<figure> beside the val_ rows; benchmark_root: where CLIP_benchmark-named ones lie
+    benchmark: tuple[str, ...] = ()
+    benchmark_root: str = ""
 
     def __post_init__(self):
         _check(self.profile_steps >= 0, "train.profile_steps", self.profile_steps, ">= 0 (0 = off)")
@@ -215,6 +219,33 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class BenchmarkConfig:
+    """`vclr benchmark` and train.benchmark; CLIP_benchmark's defaults wherever it has one."""
+
+    batch_size: int = 64  # CLIP_benchmark's --batch_size: figures equal its own at the same batching
+    num_workers: int = 0  # image decoding workers
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+    bootstrap: int = 1000  # resamples behind each 95% interval; 0 = no intervals
+    confidence: float = 0.95
+    seed: int = 0  # the bootstrap's replicates, the linear probe's init, shuffles and splits
+    fewshot_k: int = -1  # linear probe: training examples per class; -1 = all
+    lp_epochs: int = 10
+    lp_lr: float = 0.1
+    # linear probe on a dataset without a val split: this share of train picks the weight decay (0: weight decay 0)
+    lp_val_proportion: float = 0.2
+    failures: int = 8  # worst misses shown on each failure sheet
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "benchmark.batch_size", self.batch_size, ">= 1")
+        _check(self.bootstrap >= 0, "benchmark.bootstrap", self.bootstrap, ">= 0 (0 = no intervals)")
+        _check(0 < self.confidence < 1, "benchmark.confidence", self.confidence, "in (0, 1)")
+        _check(self.fewshot_k == -1 or self.fewshot_k >= 1, "benchmark.fewshot_k", self.fewshot_k, "-1 or >= 1")
+        _check(0 <= self.lp_val_proportion < 1, "benchmark.lp_val_proportion", self.lp_val_proportion, "[0, 1)")
+        _check(len(self.recall_ks) > 0 and all(k >= 1 for k in self.recall_ks), "benchmark.recall_ks",
+               self.recall_ks, "a list of integers >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -222,6 +253,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -21,7 +21,8 @@ ARGUMENT_FLAGS = {
     "test_fraction": "--test-fraction", "skin_tones": "--skin-tones", "label_column": "--label-column",
     "name_column": "--name-column", "grid": "--grid", "api_key": "--api-key", "where": "--where", "sort": "--sort",
     "min_score": "--min-score", "offset": "--offset", "weights": "--text W:TEXT", "backend": "--backend",
-    "int8": "--int8",
+    "int8": "--int8", "models": "--model", "datasets": "--dataset", "dataset_root": "--dataset-root",
+    "fewshot_k": "--fewshot-k",
 }
 
 

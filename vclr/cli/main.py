@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from vclr.cli.bench_cmds import add_benchmark_arguments, cmd_benchmark
 from vclr.cli.common import add_command, flags_for
 from vclr.cli.data_cmds import add_make_synthetic_arguments, add_prepare_arguments, cmd_make_synthetic, cmd_prepare
 from vclr.cli.index_cmds import (
@@ -92,6 +93,10 @@ COMMANDS = [  # name, function, argument adder, help, example (aliases)
     ("zero-shot", cmd_zero_shot, add_zero_shot_arguments,
      "zero-shot classification: images vs prompts of their class names",
      "vclr zero-shot --run runs/fmnist --data data/fashion-mnist/test --template 'a photo of a {}'"),
+    ("benchmark", cmd_benchmark, add_benchmark_arguments,
+     "score models x datasets x tasks (zero-shot, retrieval, linear probe...) as CLIP_benchmark, with intervals",
+     "vclr benchmark --model demo=vclr-demo/run --model ViT-B-32,vit.pt --dataset shapes --dataset fashion-mnist "
+     "--out bench"),
     ("sweep", cmd_sweep, add_sweep_arguments, "train + evaluate every point of a config grid; table and plot",
      "vclr sweep --config configs/demo.yaml --grid loss.triplet_margin=0.1,0.5,0.9 --out runs/margin"),
     ("models", cmd_models, add_models_arguments, "list model configs accepted by model.name", "vclr models"),

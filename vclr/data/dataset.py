@@ -286,10 +286,14 @@ def decode_images(paths: Sequence[str], decoder: ImageDecoder) -> list[torch.Ten
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B, 3, H, W) normalised; runs on whatever device the batch is on."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) normalised; runs on whatever device the batch is on.
+
+    The same float operations, in the same order, as torchvision's ToTensor then Normalize (x / 255, - mean, / std):
+    the input is open_clip's own preprocess bit for bit, so embeddings (and benchmark figures) equal open_clip's
+    and CLIP_benchmark's exactly rather than within rounding."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return images.float().div(255).sub(mean_t).div(std_t)
 
 
 def stable_id(data: str | bytes) -> int:

@@ -343,3 +343,85 @@ def prepare_webdataset(shards_dir: str | os.PathLike, out_dir: str | os.PathLike
     if skipped:
         logger.warning("webdataset: skipped %d samples without an image or a caption", skipped)
     return {split: write_split(out, split, rows) for split, rows in splits.items() if rows}
+
+
+# ------------------------------------------------------------------------------- CLIP_benchmark's webdataset layout
+
+CLIP_BENCHMARK_FILES = ("classnames.txt", "zeroshot_classification_templates.txt", "dataset_type.txt")
+CLIP_BENCHMARK_IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")  # the order its reader takes them in (to_tuple)
+
+
+def clip_benchmark_splits(root: str | os.PathLike) -> list[str]:
+    """The splits of a dataset in CLIP_benchmark's webdataset layout (ROOT/<split>/nshards.txt + 0.tar ...)."""
+    root = Path(root)
+    return sorted(p.parent.name for p in root.glob("*/nshards.txt")) if root.is_dir() else []
+
+
+def _clip_benchmark_shards(root: Path, split: str) -> list[Path]:
+    text = (root / split / "nshards.txt").read_text().strip()
+    try:
+        count = int(text)
+    except ValueError:
+        raise PrepareError(f"{root / split / 'nshards.txt'} must hold the number of shards, got {text[:40]!r}") \
+            from None
+    shards = [root / split / f"{i}.tar" for i in range(count)]
+    missing = [s for s in shards if not s.is_file()]
+    if missing:
+        raise PrepareError(f"shard {missing[0]} is missing ({split}/nshards.txt lists {count})")
+    return shards
+
+
+def _clip_benchmark_row(key: str, members: dict, kind: str, classnames: list[str]) -> tuple[str, dict]:
+    ext = next((e for e in CLIP_BENCHMARK_IMAGE_KEYS if e in members), None)
+    if ext is None:
+        raise PrepareError(f"sample {key} has no image ({'/'.join(CLIP_BENCHMARK_IMAGE_KEYS)})")
+    if kind == "retrieval":
+        if "txt" not in members:
+            raise PrepareError(f"sample {key} of a retrieval dataset has no .txt captions")
+        return ext, {"captions": members["txt"].decode("utf-8").splitlines()}
+    if "cls" not in members:
+        raise PrepareError(f"sample {key} of a classification dataset has no .cls label")
+    label = int(members["cls"].decode().strip())
+    if classnames and not 0 <= label < len(classnames):
+        raise PrepareError(f"sample {key}: label {label} is outside classnames.txt's {len(classnames)} classes")
+    return ext, {"label": label, **({"class_name": classnames[label]} if classnames else {})}
+
+
+def prepare_clip_benchmark(root: str | os.PathLike, out_dir: str | os.PathLike,
+                           splits: Sequence[str] | None = None) -> dict[str, int]:
+    """A dataset in CLIP_benchmark's webdataset layout (as `clip_benchmark` and the hub's clip-benchmark/wds_* hold
+    it: ROOT/<split>/nshards.txt and 0.tar..., ROOT/classnames.txt, zeroshot_classification_templates.txt,
+    dataset_type.txt) -> vclr's standard format, samples in shard order (the order CLIP_benchmark reads them), the
+    three text files copied beside the split folders. Classification samples get `label` (and `class_name`),
+    retrieval samples `captions` (the .txt's lines). Multi-label datasets (.npy targets) are not supported."""
+    root, out = Path(root), Path(out_dir)
+    available = clip_benchmark_splits(root)
+    if not available:
+        raise PrepareError(f"{root} is not in CLIP_benchmark's webdataset layout (no <split>/nshards.txt)")
+    kind = (root / "dataset_type.txt").read_text().strip().lower() if (root / "dataset_type.txt").is_file() \
+        else "classification"  # CLIP_benchmark's own default
+    if kind not in ("classification", "retrieval"):
+        raise PrepareError(f"{root}: dataset_type {kind!r} is not supported (classification or retrieval)")
+    classnames = (root / "classnames.txt").read_text(encoding="utf-8").splitlines() \
+        if (root / "classnames.txt").is_file() else []
+    classnames = [c.strip() for c in classnames]
+    counts = {}
+    for split in splits or available:
+        if split not in available:
+            raise PrepareError(f"{root} has no split {split!r} (it has {', '.join(available)})")
+        rows = []
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for shard in tqdm(_clip_benchmark_shards(root, split), desc=f"{root.name} {split}", unit="shard", leave=False):
+            try:
+                for key, members in _wds_samples(shard):
+                    ext, row = _clip_benchmark_row(f"{shard.name}/{key}", members, kind, classnames)
+                    file_name = f"{len(rows):07d}.{ext}"
+                    (out / split / file_name).write_bytes(members[ext])
+                    rows.append({"file_name": file_name, **row})
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise PrepareError(f"shard {shard} is broken ({type(e).__name__}: {e}); download it again") from None
+        counts[split] = write_split(out, split, rows)
+    for name in CLIP_BENCHMARK_FILES:
+        if (root / name).is_file():
+            atomic_write_text(out / name, (root / name).read_text(encoding="utf-8"))
+    return counts

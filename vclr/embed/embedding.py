@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -202,3 +203,27 @@ def embed_table(model: DualEncoder, cfg: Config, table: CaptionTable, batch_size
                       spill("texts.npy"))
     return Embeddings(image_embeddings, text_embeddings, caption_image,
                       [table.image_paths[i] for i in kept], texts, [table.image_paths[i] for i in unreadable], kept)
+
+
+def fill_template(template: str, name: str) -> str:
+    """A zero-shot prompt: CLIP_benchmark's templates hold `{c}`, vclr's `{}`."""
+    return template.format(c=name) if "{c}" in template else template.replace("{}", name)
+
+
+@torch.no_grad()
+def class_embeddings(model: DualEncoder, cfg: Config, class_names: Sequence[str],
+                     templates: Sequence[str]) -> np.ndarray:
+    """(K, D) one unit vector per class: the mean of its prompts' unit embeddings, renormalised (CLIP's prompt
+    ensemble). One batch per class, normalised and averaged in float32 torch as CLIP_benchmark's
+    `zero_shot_classifier` does, so that zero-shot figures equal its own bit for bit."""
+    if not templates or any("{}" not in t and "{c}" not in t for t in templates):
+        raise VclrError(f"each zero-shot template needs a '{{}}' (or '{{c}}') for the class name, got "
+                        f"{list(templates)}")
+    tokenizer, device = get_tokenizer(cfg.model), model_device(model)
+    rows = []
+    for name in class_names:
+        with _autocast(device):
+            emb = model.encode_text(tokenizer([fill_template(t, name) for t in templates]).to(device))  # (T, D)
+        emb = F.normalize(emb.float(), dim=-1).mean(dim=0)
+        rows.append((emb / emb.norm()).cpu())
+    return torch.stack(rows).numpy().astype(np.float32) if rows else np.zeros((0, model.embed_dim), np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 
 from vclr.config import Config, config_hashes
 from vclr.data.dataset import CaptionTable, load_caption_table, load_class_labels
-from vclr.embed.embedding import embed_table, embed_texts
+from vclr.embed.embedding import class_embeddings, embed_table
 from vclr.errors import VclrError
 from vclr.eval.metrics import (
     KNN_K,
@@ -222,15 +222,6 @@ def standard_templates(class_names: Sequence[str]) -> tuple[str, ...]:
     if set(class_names) == set(open_clip.IMAGENET_CLASSNAMES):
         return tuple(template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES)
     return DEFAULT_TEMPLATES
-
-
-def class_embeddings(model, cfg, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    """(K, D) one unit vector per class: the mean of its prompt embeddings, renormalised (CLIP's prompt ensemble)."""
-    if not templates or any("{}" not in t for t in templates):
-        raise VclrError(f"each zero-shot template needs a '{{}}' for the class name, got {list(templates)}")
-    prompts = [t.replace("{}", name) for name in class_names for t in templates]
-    emb = embed_texts(model, cfg, prompts).reshape(len(class_names), len(templates), -1).mean(axis=1)  # (K, D)
-    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 
 def zero_shot_run(model_source: ModelSource | str | Path, data: str, label_column: str = "label",

@@ -1,4 +1,5 @@
-"""Report figures (matplotlib, PNG): recall@k curves, training curves, a retrieval example sheet, sweep results.
+"""Report figures (matplotlib, PNG): recall@k curves, training curves, a retrieval example sheet, sweep results,
+benchmark bars with their intervals and failure sheets.
 
 Every figure is written through vclr.storage's atomic writer and labels its axes and series.
 """
@@ -134,6 +135,55 @@ def sweep_plot(values: Sequence, metrics: dict[str, Sequence[float]], parameter:
     ax.set_title(f"Sweep over {parameter}")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def interval_bars(groups: Sequence[str], series: dict[str, Sequence[tuple[float, float, float]]], ylabel: str,
+                  title: str, path: str | os.PathLike) -> Path:
+    """Grouped bars, one group per dataset and one bar per model (`series`: model -> (value, low, high) per group,
+    nan where it has none), the intervals drawn as error bars."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.9 * len(groups) * max(1, len(series)) ** 0.5), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, cells) in enumerate(series.items()):
+        values = np.array([c[0] for c in cells], dtype=float)
+        errors = np.array([[c[0] - c[1] for c in cells], [c[2] - c[0] for c in cells]], dtype=float)
+        xs = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(xs, values, width, yerr=np.nan_to_num(errors), capsize=3, label=name)
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=20 if len(groups) > 3 else 0, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def failure_sheet(rows: Sequence[tuple[str, Sequence[tuple[str, str, bool]]]], path: str | os.PathLike,
+                  title: str) -> Path:
+    """One row per failure: its text on the left, then its images, each (path, label, framed green)."""
+    from PIL import Image
+
+    columns = max(1, max((len(images) for _, images in rows), default=1))
+    fig, axes = plt.subplots(max(1, len(rows)), columns + 1, figsize=(1.7 * columns + 3.2, 1.8 * max(1, len(rows))),
+                             squeeze=False, gridspec_kw={"width_ratios": [2.6] + [1] * columns})
+    for r, (text, images) in enumerate(rows):
+        axes[r][0].axis("off")
+        axes[r][0].text(0, 0.5, "\n".join(line for part in text.split("\n") for line in _wrap(part, 34)),
+                        va="center", fontsize=7)
+        for c in range(columns):
+            ax = axes[r][c + 1]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(images):
+                ax.axis("off")
+                continue
+            image_path, label, framed = images[c]
+            with Image.open(image_path) as image:
+                ax.imshow(image.convert("RGB"))
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if framed else "0.8")
+                spine.set_linewidth(3 if framed else 1)
+            ax.set_title(label, fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

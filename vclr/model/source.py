@@ -170,7 +170,7 @@ def _download_host(name: str, tag: str) -> str | None:
     return None if snapshots.is_dir() and any(snapshots.iterdir()) else HUB_HOST
 
 
-def _reachable(host: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+def reachable(host: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Can a TCP connection to host:443 be opened within `timeout` (name lookup included, which sockets do not
     time out by themselves: it runs in a thread that is abandoned if it hangs)?"""
     import socket
@@ -197,7 +197,7 @@ def _check_download_possible(name: str, tag: str) -> None:
     if host is None:
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and host == HUB_HOST
-    if offline or not _reachable(host):
+    if offline or not reachable(host):
         what = f"pretrained weights {tag!r} for {name}" if tag else f"the model {name}"
         why = "HF_HUB_OFFLINE is set" if offline else f"no network ({host} cannot be reached)"
         raise ModelSourceError(f"cannot download {what}: {why}; give a local checkpoint file as `pretrained` "

@@ -57,9 +57,9 @@ def preprocess_image(image, cfg: dict) -> np.ndarray:
 
 def normalize(pixels, cfg: dict) -> np.ndarray:
     """uint8 (..., 3, S, S), 0..255 -> float32 normalised with the export's mean and std."""
-    mean = np.asarray(cfg["mean"], dtype=np.float32).reshape(3, 1, 1) * 255
-    std = np.asarray(cfg["std"], dtype=np.float32).reshape(3, 1, 1) * 255
-    return (np.asarray(pixels, dtype=np.float32) - mean) / std
+    mean = np.asarray(cfg["mean"], dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(cfg["std"], dtype=np.float32).reshape(3, 1, 1)
+    return (np.asarray(pixels, dtype=np.float32) / np.float32(255) - mean) / std  # as torchvision's, in float32
 
 
 class OnnxQueryEncoder:

@@ -77,20 +77,26 @@ def train_overrides(data, run, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def untrained_index(data: Path, run: Path) -> Path:
-    """An index of `data` embedded by an untrained tiny model saved as a run (for tests of the service and the query
-    path, not of the model): RUN and RUN_index beside it."""
+def untrained_run(run: Path, seed: int = 0, overrides: tuple[str, ...] = ()) -> Path:
+    """An untrained tiny model (the default config: vclr-tiny-rn at 64 px) saved as a vclr run."""
     import torch
 
     from vclr.config import load_config
-    from vclr.index.build import build_index
     from vclr.model.build import build_model
     from vclr.rundir import save_model_as_run
 
-    cfg = load_config(None, [f"train.output_dir={run}"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    save_model_as_run(run, cfg, model)
+    cfg = load_config(None, [f"train.output_dir={run}", *overrides])
+    torch.manual_seed(seed)
+    save_model_as_run(run, cfg, build_model(cfg.model))
+    return run
+
+
+def untrained_index(data: Path, run: Path) -> Path:
+    """An index of `data` embedded by an untrained tiny model saved as a run (for tests of the service and the query
+    path, not of the model): RUN and RUN_index beside it."""
+    from vclr.index.build import build_index
+
+    untrained_run(run)
     index_dir = run.parent / f"{run.name}_index"
     build_index(run, str(data), index_dir)
     return index_dir
@@ -205,9 +211,10 @@ def clip_benchmark_retrieval(out: Path, count: int, seed: int = 1) -> Path:
     items = []
     for i in range(count):
         colour, shape, where = list(SHAPE_COLOURS)[i % 5], ("circle", "square")[(i // 5) % 2], POSITIONS[i % 7]
+        # every caption unique: equal captions tie exactly, and CLIP_benchmark's torch.topk orders ties its own way
         items.append((position_scene(rng, i % 7, colour, shape == "square"),
-                      [f"a {colour} {shape}", f"a {shape} at the {where}", f"{colour} {shape} on noise",
-                       f"picture {i} of a {colour} {shape}", f"the {shape} in {colour}, {where}"]))
+                      [f"a {colour} {shape} ({i})", f"shape {i}: a {shape} at the {where}", f"{colour} {shape} {i}",
+                       f"picture {i} of a {colour} {shape}", f"the {shape} in {colour}, {where}, {i}"]))
     with contextlib.redirect_stdout(io.StringIO()):
         convert_retrieval_dataset(items, "test", str(out), transform=PIL_to_bytes("jpg"), image_format="jpg",
                                   verbose=False)

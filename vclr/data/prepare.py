@@ -419,7 +419,9 @@ def prepare_clip_benchmark(root: str | os.PathLike, out_dir: str | os.PathLike,
                     (out / split / file_name).write_bytes(members[ext])
                     rows.append({"file_name": file_name, **row})
             except (tarfile.TarError, EOFError, OSError) as e:
-                raise PrepareError(f"shard {shard} is broken ({type(e).__name__}: {e}); download it again") from None
+                first = (str(e).strip().splitlines() or [""])[0].rstrip(":")
+                raise PrepareError(f"shard {shard} is broken ({type(e).__name__}: {first}); download it again") \
+                    from None
         counts[split] = write_split(out, split, rows)
     for name in CLIP_BENCHMARK_FILES:
         if (root / name).is_file():

@@ -1,5 +1,7 @@
-"""CLIP_benchmark's own `clip_benchmark eval`, as the reference vclr's benchmark is tested and timed against, with
-the faults it has on this stack mended in place (each named here; nothing else of it changes):
+"""CLIP_benchmark's own `clip_benchmark eval`, as the reference vclr's benchmark is tested and timed against, and
+datasets written by its own webdataset converter to compare them on (tests/test_bench_reference.py,
+scripts/bench_benchmark.py). The faults it has on this stack are mended in place (each named here; nothing else of
+it changes):
 
 1. numpy >= 2.4: `metrics.zeroshot_classification.accuracy` calls float() on a one-element array (TypeError: only
    0-dimensional arrays can be converted to Python scalars); the same float32 sum is read with `.item()`.
@@ -18,8 +20,11 @@ Use --no_amp on a CPU: its default autocast runs bf16 there (2.7x slower than fp
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import sys
+from pathlib import Path
 
 
 def _seed_from_argv(argv: list[str]) -> int:
@@ -63,10 +68,65 @@ def mend(seed: int) -> None:
     torch.utils.data.random_split = seeded_random_split
 
 
+# ----------------------------------------------------------------- data written by CLIP_benchmark's own converter
+
+
+class _Items(list):
+    """(image, target) items with the attributes CLIP_benchmark's converter reads (classes, templates)."""
+
+    classes: list[str] = []
+    templates: list[str] = []
+
+
+HUES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan")
+
+
+def write_classification(out: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A zero-shot / linear-probe set in CLIP_benchmark's webdataset layout, written by its own converter: 7 classes
+    of disc hue (vclr.data.synthetic.hue_scene) as PNGs, class names and templates included."""
+    import numpy as np
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset
+
+    from vclr.data.synthetic import hue_scene
+
+    rng = np.random.default_rng(seed)
+    for split, count in sizes.items():
+        items = _Items((hue_scene(rng, i % 7), i % 7) for i in range(count))
+        items.classes = [f"{hue} disc" for hue in HUES]
+        items.templates = ["a photo of a {c}.", "a picture with a {c}.", "{c}"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert_dataset(items, split, str(out), transform=PIL_to_bytes("png"), image_format="png", verbose=False)
+    return out
+
+
+def write_retrieval(out: Path, count: int, seed: int = 1) -> Path:
+    """A retrieval set of `count` JPEGs with 5 captions each, by CLIP_benchmark's own converter. Every caption is
+    unique: equal captions tie exactly, and CLIP_benchmark's torch.topk orders ties its own way (vclr by index)."""
+    import numpy as np
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_retrieval_dataset
+
+    from vclr.data.synthetic import PLACES, position_scene
+
+    rng = np.random.default_rng(seed)
+    colours = ("red", "green", "blue", "yellow", "purple")
+    items = []
+    for i in range(count):
+        colour, shape, where = colours[i % 5], ("circle", "square")[(i // 5) % 2], PLACES[i % 7]
+        items.append((position_scene(rng, i % 7, colour, shape == "square"),
+                      [f"a {colour} {shape} ({i})", f"shape {i}: a {shape} at the {where}", f"{colour} {shape} {i}",
+                       f"picture {i} of a {colour} {shape}", f"the {shape} in {colour}, {where}, {i}"]))
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert_retrieval_dataset(items, "test", str(out), transform=PIL_to_bytes("jpg"), image_format="jpg",
+                                  verbose=False)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     mend(_seed_from_argv(argv))
     from clip_benchmark import cli
+
+    import vclr.model.build  # noqa: F401  registers vclr's model configs with open_clip (its tiny ones for timings)
 
     sys.argv = ["clip_benchmark", *argv]
     return cli.main() or 0

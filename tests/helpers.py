@@ -151,74 +151,28 @@ def write_shards(split_dir: Path, out: Path, n_shards: int, sizes=None) -> Path:
 
 # ------------------------------------------------------------------------ datasets in CLIP_benchmark's own layout
 
-POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom")
-SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 215, 40),
-                 "purple": (140, 40, 170)}
 
+def _reference_module():
+    """scripts/clip_benchmark_reference.py: CLIP_benchmark as the reference, and the data it is compared on (the
+    benchmark script uses them too)."""
+    import importlib.util
+    import sys
 
-def position_scene(rng: np.random.Generator, position: int, colour: str, square: bool = False) -> Image.Image:
-    """A noisy image of one shape at one of 7 positions, of a random size: classes a random tower tells apart only
-    in part."""
-    w, h = int(rng.integers(70, 130)), int(rng.integers(60, 120))
-    image = Image.fromarray((rng.random((h, w, 3)) * 90 + 120).astype(np.uint8))
-    fx, fy = [(0.25, 0.25), (0.5, 0.25), (0.75, 0.25), (0.25, 0.5), (0.5, 0.5), (0.75, 0.5), (0.5, 0.78)][position]
-    x, y, r = int(fx * w + rng.integers(-6, 7)), int(fy * h + rng.integers(-6, 7)), int(min(w, h) * 0.16)
-    (ImageDraw.Draw(image).rectangle if square else ImageDraw.Draw(image).ellipse)([x - r, y - r, x + r, y + r],
-                                                                                   fill=SHAPE_COLOURS[colour])
-    return image
-
-
-class _Items(list):
-    """(image, target) items with the attributes CLIP_benchmark's converter reads (classes, templates)."""
-
-    classes: list[str] = []
-    templates: list[str] = []
-
-
-def hue_scene(rng: np.random.Generator, hue: int) -> Image.Image:
-    """A small disc of one of 7 neighbouring hues (jittered) on colourful noise: classes a random tower's features
-    separate only in part."""
-    import colorsys
-
-    w, h = int(rng.integers(70, 130)), int(rng.integers(60, 120))
-    image = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
-    rgb = colorsys.hsv_to_rgb((hue / 7 * 0.6 + rng.normal(0, 0.03)) % 1, 0.8, 0.9)
-    x, y, r = int(rng.integers(w // 4, 3 * w // 4)), int(rng.integers(h // 4, 3 * h // 4)), int(min(w, h) * 0.2)
-    ImageDraw.Draw(image).ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(255 * c) for c in rgb))
-    return image
+    if "clip_benchmark_reference" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("clip_benchmark_reference",
+                                                      REPO_ROOT / "scripts" / "clip_benchmark_reference.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["clip_benchmark_reference"] = module
+    return sys.modules["clip_benchmark_reference"]
 
 
 def clip_benchmark_classification(out: Path, sizes: dict[str, int], seed: int = 0) -> Path:
-    """A zero-shot / linear-probe set written by CLIP_benchmark's own converter (its webdataset layout): 7 classes
-    by the disc's hue, class names and templates included."""
-    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset
-
-    rng = np.random.default_rng(seed)
-    for split, count in sizes.items():
-        items = _Items((hue_scene(rng, i % 7), i % 7) for i in range(count))
-        items.classes = ["red disc", "orange disc", "yellow disc", "lime disc", "green disc", "teal disc", "cyan disc"]
-        items.templates = ["a photo of a {c}.", "a picture with a {c}.", "{c}"]
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert_dataset(items, split, str(out), transform=PIL_to_bytes("png"), image_format="png", verbose=False)
-    return out
+    return _reference_module().write_classification(out, sizes, seed)
 
 
 def clip_benchmark_retrieval(out: Path, count: int, seed: int = 1) -> Path:
-    """A retrieval set of `count` JPEGs with 5 captions each, by CLIP_benchmark's own converter."""
-    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_retrieval_dataset
-
-    rng = np.random.default_rng(seed)
-    items = []
-    for i in range(count):
-        colour, shape, where = list(SHAPE_COLOURS)[i % 5], ("circle", "square")[(i // 5) % 2], POSITIONS[i % 7]
-        # every caption unique: equal captions tie exactly, and CLIP_benchmark's torch.topk orders ties its own way
-        items.append((position_scene(rng, i % 7, colour, shape == "square"),
-                      [f"a {colour} {shape} ({i})", f"shape {i}: a {shape} at the {where}", f"{colour} {shape} {i}",
-                       f"picture {i} of a {colour} {shape}", f"the {shape} in {colour}, {where}, {i}"]))
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert_retrieval_dataset(items, "test", str(out), transform=PIL_to_bytes("jpg"), image_format="jpg",
-                                  verbose=False)
-    return out
+    return _reference_module().write_retrieval(out, count, seed)
 
 
 def random_open_clip_checkpoint(path: Path, name: str = "ViT-B-32", seed: int = 0) -> Path:

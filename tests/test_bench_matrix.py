@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import hue_scene, untrained_run
+from helpers import untrained_run
 
 from vclr.bench import matrix
 from vclr.bench.datasets import UnknownDataset, resolve_dataset
 from vclr.bench.matrix import benchmark, compare, parse_model_spec
 from vclr.cli.main import main
 from vclr.config import BenchmarkConfig
+from vclr.data.synthetic import hue_scene
 from vclr.errors import VclrError
 
 FAST = BenchmarkConfig(bootstrap=50, lp_epochs=2)

@@ -42,6 +42,8 @@ CASES = [
                      "--no-reference", "--data-dir", "train-data", "--out-dir", "train-out"]),
     ("bench_onnx", ["--models", "vclr-tiny-rn", "--repeats", "2", "--batch", "4"]),
     ("bench_cli", ["--repeats", "1"]),
+    ("bench_benchmark", ["--models", "2", "--arch", "vclr-tiny-rn", "--test", "14", "--train", "21", "--val", "14",
+                         "--retrieval", "10", "--bootstrap", "20", "--work", "bench-work"]),
     ("bench_serve", ["--images", "300", "--model", "vclr-tiny-rn", "--levels", "1", "--seconds", "1", "--warmup", "0"]),
     ("bench_serve", ["--images", "300", "--model", "vclr-tiny-rn", "--levels", "1", "--seconds", "1", "--warmup", "0",
                      "--backend", "onnx", "--int8"]),

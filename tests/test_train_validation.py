@@ -187,3 +187,24 @@ def test_held_out_share_is_the_same_wherever_the_dataset_lies(small_shapes, tmp_
     names = [[p.rsplit("/", 1)[1] for p in split_held_out(load_caption_table(folder), 0.2)[1].image_paths]
              for folder in (small_shapes / "train", moved)]
     assert names[0] == names[1] and names[0]
+
+
+@pytest.mark.slow
+def test_train_benchmark_scores_its_datasets_at_each_validation_as_vclr_benchmark_does(small_shapes, tmp_path):
+    from vclr.bench.matrix import benchmark
+    from vclr.config import BenchmarkConfig
+    from vclr.errors import VclrError
+
+    test = small_shapes / "test"
+    run = tmp_path / "run"
+    train_mod.train(_short(small_shapes, run, **{"train.benchmark": f"[{test}]"}))
+    rows = [row for row in read_metrics(run) if "bench_s" in row]
+    assert [row["step"] for row in rows] == [5, 10]
+    key = f"bench/{test.parent.name}-test"
+    final = benchmark([str(run)], [str(test)], tmp_path / "bench", settings=BenchmarkConfig(bootstrap=0),
+                      report=False)[0]["metrics"]
+    for name, value in final.items():  # the last validation saw the final weights: the same figures
+        assert rows[-1][f"{key}/{name}"] == round(value, 6)
+    with pytest.raises(VclrError, match="train.eval_every"):
+        train_mod.train(_short(small_shapes, tmp_path / "r2", **{"train.benchmark": f"[{test}]",
+                                                                  "train.eval_every": 0}))

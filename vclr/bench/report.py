@@ -141,11 +141,13 @@ def _failure_sheets(out: Path, rows: list[dict]) -> dict[str, Path]:
 
     written = {}
     for row in rows:
-        sheet = _failure_rows(row)
-        if sheet and "cell" in row:
-            path = out / "failures" / _slug(row["model"]) / f"{_slug(row['dataset'])}-{_slug(row['task'])}.png"
-            written[row["cell"]] = failure_sheet(sheet, path, f"{row['model']} on {row['dataset']} ({row['task']}): "
-                                                 "worst misses")
+        if "cell" not in row or not row.get("failures"):
+            continue
+        # named by the cell too: a sheet already drawn for these figures is not drawn again on a rerun
+        path = out / "failures" / _slug(row["model"]) / \
+            f"{_slug(Path(row['dataset']).name)}-{_slug(row['task'])}-{row['cell'][:8]}.png"
+        written[row["cell"]] = path if path.is_file() else failure_sheet(
+            _failure_rows(row), path, f"{row['model']} on {row['dataset']} ({row['task']}): worst misses")
     return written
 
 

@@ -218,8 +218,10 @@ DEFAULT_TASKS = {"classification": ("zeroshot_classification",), "retrieval": ("
 
 
 def fits(task: str, dataset: BenchmarkDataset) -> bool:
-    """Whether a task can run on a dataset of its kind (retrieval also on classification sets with captions,
-    such as Fashion-MNIST's class captions)."""
+    """Whether a task can run on a dataset: of its kind (retrieval also on classification sets with captions, such
+    as Fashion-MNIST's class captions), with a train split for a linear probe."""
+    if task == "linear_probe" and "train" not in dataset.splits:
+        return False
     return TASKS[task].kind == dataset.kind or (task == "retrieval" and dataset.kind == "classification")
 
 

@@ -194,3 +194,39 @@ def make_synthetic(
         atomic_write_text(split_dir / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         logger.info("wrote %d %s images to %s", len(rows), split, split_dir)
     return out
+
+
+# ------------------------------------------------------------------ small scenes for benchmark tests and timings
+
+PLACES = ("top left", "top", "top right", "left", "centre", "right", "bottom")
+_PLACE_XY = ((0.25, 0.25), (0.5, 0.25), (0.75, 0.25), (0.25, 0.5), (0.5, 0.5), (0.75, 0.5), (0.5, 0.78))
+
+
+def _noise(rng: np.random.Generator, low: int, spread: int) -> Image.Image:
+    """A noise background of a random size (70-130 x 60-120), so every model resizes and crops it."""
+    w, h = int(rng.integers(70, 130)), int(rng.integers(60, 120))
+    return Image.fromarray((rng.random((h, w, 3)) * spread + low).astype(np.uint8))
+
+
+def hue_scene(rng: np.random.Generator, hue: int, classes: int = 7) -> Image.Image:
+    """A disc of one of `classes` neighbouring hues (jittered) on colourful noise: classes that a random tower's
+    features separate only in part (a linear probe on them learns, but not perfectly)."""
+    import colorsys
+
+    image = _noise(rng, 0, 255)
+    w, h = image.size
+    rgb = colorsys.hsv_to_rgb((hue / classes * 0.6 + rng.normal(0, 0.03)) % 1, 0.8, 0.9)
+    x, y, r = int(rng.integers(w // 4, 3 * w // 4)), int(rng.integers(h // 4, 3 * h // 4)), int(min(w, h) * 0.2)
+    ImageDraw.Draw(image).ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(255 * c) for c in rgb))
+    return image
+
+
+def position_scene(rng: np.random.Generator, position: int, colour: str, square: bool = False) -> Image.Image:
+    """One shape of a named colour at one of 7 PLACES on grey noise."""
+    image = _noise(rng, 120, 90)
+    w, h = image.size
+    fx, fy = _PLACE_XY[position]
+    x, y, r = int(fx * w + rng.integers(-6, 7)), int(fy * h + rng.integers(-6, 7)), int(min(w, h) * 0.16)
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if square else draw.ellipse)([x - r, y - r, x + r, y + r], fill=COLORS[colour])
+    return image

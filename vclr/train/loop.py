@@ -35,7 +35,7 @@ from vclr.train.loss import CombinedLoss, gather_features, text_ids
 from vclr.train.optim import param_groups, warmup_cosine
 from vclr.train.profiling import StepProfiler
 from vclr.train.state import Trainer, TrainResult, TrainState
-from vclr.train.validate import Validator
+from vclr.train.validate import BenchmarkScorer, Validator
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +120,17 @@ def cache_locked_towers(cfg: Config, model: DualEncoder, source: TrainingSource,
 
 def make_validator(cfg: Config, source: TrainingSource, model: DualEncoder, accelerator) -> Validator | None:
     if not cfg.train.eval_every:
+        if cfg.train.benchmark:
+            raise VclrError("train.benchmark scores its datasets at each validation: set train.eval_every too")
         return None
     table = validation_table(cfg, source)
     if table is None:
         raise VclrError("train.eval_every needs validation data: pass data.val=TABLE, data.val_fraction=0.1 or "
                         "data.test=TABLE")
+    scorer = BenchmarkScorer(cfg.train.benchmark, cfg.train.benchmark_root, cfg.benchmark, cfg) \
+        if cfg.train.benchmark else None
     return Validator(table, model, get_tokenizer(cfg.model), accelerator, cfg.eval.batch_size, cfg.eval.ks,
-                     cfg.data.jpeg_draft)
+                     cfg.data.jpeg_draft, scorer)
 
 
 def start_trackers(trainer: Trainer) -> None:

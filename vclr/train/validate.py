@@ -4,19 +4,26 @@ processes (Accelerate's `gather_for_metrics`).
 
 The validation images are decoded once (uint8, at the model's eval preprocessing) and its captions tokenised once,
 so an evaluation costs only the two towers' forward passes.
+
+`train.benchmark` adds datasets scored by `vclr benchmark`'s own tasks (vclr.bench.tasks: zero-shot classification,
+retrieval, ... each dataset's default) at each validation, on the main process: rows `bench/<dataset>/<figure>` beside
+the `val_` ones, with their cost `bench_s`, the same figures `vclr benchmark` gives for the saved weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vclr.config import DataConfig
+from vclr.config import BenchmarkConfig, DataConfig
 from vclr.data.dataset import CaptionTable, decode_images, normalize_images, tokenize_all
 from vclr.embed.embedding import embed_tokens, encode_image_batch, image_decoder
 from vclr.eval.metrics import retrieval_metrics
@@ -30,8 +37,9 @@ class Validator:
     """`validator(model)` -> {"val_image_to_text_R@1": ..., "val_rsum": ..., "val_s": seconds} on one table."""
 
     def __init__(self, table: CaptionTable, model: DualEncoder, tokenizer, accelerator, batch_size: int = 256,
-                 ks: Sequence[int] = (1, 5, 10), jpeg_draft: float = DataConfig.jpeg_draft):
-        self.accelerator, self.batch_size, self.ks = accelerator, batch_size, tuple(ks)
+                 ks: Sequence[int] = (1, 5, 10), jpeg_draft: float = DataConfig.jpeg_draft,
+                 benchmark: BenchmarkScorer | None = None):
+        self.accelerator, self.batch_size, self.ks, self.benchmark = accelerator, batch_size, tuple(ks), benchmark
         images = decode_images(table.image_paths, image_decoder(model, jpeg_draft))
         kept = [i for i, image in enumerate(images) if image is not None]
         if len(kept) < len(images):
@@ -102,4 +110,44 @@ class Validator:
                                     self.ks)
         row = {f"val_{k}": round(v, 4) for k, v in metrics.items() if "_R@" in k or k == "rsum"}
         row["val_s"] = round(time.perf_counter() - start, 2)
+        if self.benchmark is not None:
+            row.update(self.benchmark(model, self.accelerator))
+        return row
+
+
+class BenchmarkScorer:
+    """train.benchmark: datasets resolved once (a bad name fails before training), scored at each validation."""
+
+    def __init__(self, names: Sequence[str], root: str, settings: BenchmarkConfig, cfg):
+        from vclr.bench.datasets import resolve_dataset
+
+        self.datasets = [resolve_dataset(name, root or None) for name in names]
+        self.settings = dataclasses.replace(settings, bootstrap=0)  # figures only: intervals are `vclr benchmark`'s
+        self.cfg = cfg
+
+    @staticmethod
+    def _key(name: str) -> str:
+        path = Path(name)
+        short = f"{path.parent.name}-{path.name}" if path.exists() and path.parent.name else name
+        return re.sub(r"[^\w.-]+", "-", short).strip("-")
+
+    @torch.no_grad()
+    def __call__(self, model: DualEncoder, accelerator) -> dict[str, float]:
+        from vclr.bench.features import Featurizer
+        from vclr.bench.tasks import TASKS, tasks_for
+
+        if not accelerator.is_main_process:
+            return {}
+        start, was_training = time.perf_counter(), model.training
+        model.eval()
+        row = {}
+        try:
+            featurizer = Featurizer(model, self.cfg, None, self.settings.batch_size, self.settings.num_workers)
+            for dataset in self.datasets:
+                for task in tasks_for(dataset):
+                    metrics = TASKS[task].run(featurizer, dataset, self.settings).metrics
+                    row.update({f"bench/{self._key(dataset.name)}/{k}": round(v, 6) for k, v in metrics.items()})
+        finally:
+            model.train(was_training)
+        row["bench_s"] = round(time.perf_counter() - start, 2)
         return row

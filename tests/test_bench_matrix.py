@@ -280,3 +280,24 @@ def test_bad_cells_fail_in_one_line_and_the_others_complete(run, small_shapes, t
     summary = (tmp_path / "out" / "results.md").read_text()
     assert "cells that failed" in summary and "0.tar is broken" in summary and "0.tar is broken" in captured.out
     assert "cells failed" in captured.out
+
+
+def test_clip_benchmark_names_come_from_its_hub_copies_or_say_why_not(monkeypatch):
+    pytest.importorskip("clip_benchmark")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VclrError, match="clip-benchmark/wds_cifar10.*dataset_root"):
+        resolve_dataset("cifar10")
+
+
+def test_clip_benchmark_builder_datasets_are_written_in_the_standard_format(tmp_path, monkeypatch):
+    """A name CLIP_benchmark's builder knows, with a root that is not its webdataset layout, goes through the builder
+    (here its offline `dummy` set): images, labels, its class names and its templates for the name."""
+    pytest.importorskip("clip_benchmark")
+    from vclr.bench import datasets
+
+    monkeypatch.setattr(datasets, "clip_benchmark_names", lambda: ["dummy"])
+    data = resolve_dataset("dummy", root=str(tmp_path / "downloads"))
+    assert data.kind == "classification" and data.classnames == ("blank image", "noisy image")
+    assert data.templates and all("{c}" in t for t in data.templates)  # CLIP_benchmark's templates for "dummy"
+    rows = (data.split("test") / "metadata.jsonl").read_text().splitlines()
+    assert json.loads(rows[0])["label"] == 0 and (data.split("test") / json.loads(rows[0])["file_name"]).is_file()

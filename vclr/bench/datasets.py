@@ -202,15 +202,9 @@ def _download_wds(name: str) -> Path:
 
 
 def _prepare_fashion_mnist(out: Path) -> None:
-    from vclr.data.prepare import FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES, prepare_fashion_mnist, with_article
+    from vclr.data.prepare import prepare_fashion_mnist
 
-    prepare_fashion_mnist(out)
-    atomic_write_text(out / "dataset_type.txt", "classification\n")
-    # the class names with their article, in the templates' places: the prompts are the captions the Fashion-MNIST
-    # recipe trains on ("a photo of a t-shirt")
-    atomic_write_text(out / "classnames.txt", "".join(with_article(c) + "\n" for c in FASHION_MNIST_CLASSES))
-    atomic_write_text(out / "zeroshot_classification_templates.txt",
-                      "".join(t.replace("{}", "{c}") + "\n" for t in FASHION_MNIST_TEMPLATES))
+    prepare_fashion_mnist(out)  # with its class names and templates
 
 
 def _prepare_openmoji(out: Path) -> None:

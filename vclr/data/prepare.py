@@ -155,7 +155,8 @@ def fashion_mnist_source(source: str | os.PathLike | None = None) -> Path:
 
 def prepare_fashion_mnist(out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
                           limit: int | None = None) -> dict[str, int]:
-    """Fashion-MNIST (IDX files from Debian's dataset-fashion-mnist) -> 28x28 PNGs with class-name captions."""
+    """Fashion-MNIST (IDX files from Debian's dataset-fashion-mnist) -> 28x28 PNGs with class-name captions, labels,
+    and the class names and prompt templates of a zero-shot benchmark."""
     src, out = fashion_mnist_source(source), Path(out_dir)
     counts = {}
     for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
@@ -174,6 +175,12 @@ def prepare_fashion_mnist(out_dir: str | os.PathLike, source: str | os.PathLike 
             captions = [t.format(with_article(name)) for t in FASHION_MNIST_TEMPLATES]
             rows.append({"file_name": file_name, "captions": captions, "label": int(labels[i]), "class_name": name})
         counts[split] = write_split(out, split, rows)
+    # for zero-shot benchmarks (CLIP_benchmark's file names): the class names with their article in the templates'
+    # places, so that the prompts are the captions the Fashion-MNIST recipe trains on ("a photo of a t-shirt")
+    atomic_write_text(out / "dataset_type.txt", "classification\n")
+    atomic_write_text(out / "classnames.txt", "".join(with_article(c) + "\n" for c in FASHION_MNIST_CLASSES))
+    atomic_write_text(out / "zeroshot_classification_templates.txt",
+                      "".join(t.replace("{}", "{c}") + "\n" for t in FASHION_MNIST_TEMPLATES))
     return counts
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import clip_benchmark_classification, clip_benchmark_retrieval, random_open_clip_checkpoint
 
@@ -40,6 +41,12 @@ def files(tmp_path_factory):
             "checkpoint": random_open_clip_checkpoint(root / "vit-b-32.pt"), "root": root}
 
 
+@pytest.fixture(autouse=True)
+def shared_cache(files, monkeypatch):
+    """One vclr cache for the module: the converted datasets keep their paths, so the tests share features."""
+    monkeypatch.setenv("VCLR_CACHE", str(files["root"] / "cache"))
+
+
 def vclr_figures(files, **settings) -> dict:
     """vclr's figures; both tests share one results folder, so the second embeds nothing (its features are kept)."""
     rows = benchmark([f"ViT-B-32,{files['checkpoint']}"], [str(files["zs"]), str(files["ret"])], files["root"] / "out",
@@ -66,6 +73,26 @@ def test_zero_shot_retrieval_and_linear_probe_equal_clip_benchmark(files):
     # the figures say something: the probe learns (7 classes: chance 0.14) and the search over weight decays ran
     assert theirs[("zs", "linear_probe")]["lp_acc1"] > 0.4
     assert ours[("zs", "linear_probe")]["weight_decay"] > 0
+
+
+def test_the_features_themselves_equal_clip_benchmarks(files):
+    """Not only the figures: the unit vectors CLIP_benchmark's linear probe cached for the test images (its
+    --feature_root) are vclr's, bit for bit (open_clip's preprocess exactly, the same batches)."""
+    import torch
+
+    from vclr.bench.datasets import resolve_dataset
+    from vclr.bench.features import Featurizer
+    from vclr.bench.matrix import model_key, parse_model_spec
+    from vclr.data.labelled import load_labelled_images
+
+    vclr_figures(files)  # cached by the test before: nothing is embedded again
+    reference(files["root"], "lp", files["checkpoint"], files["zs"], "linear_probe", "--train_split", "train",
+              "--val_split", "val")
+    [theirs] = (files["root"] / "features").glob("*/features_test.pt")
+    paths, _, _ = load_labelled_images(resolve_dataset(str(files["zs"])).split("test"))
+    key = model_key(parse_model_spec(f"ViT-B-32,{files['checkpoint']}").source)
+    ours, kept = Featurizer(None, None, files["root"] / "out" / "features" / key, 64).images(paths)
+    assert len(kept) == len(paths) and np.array_equal(ours, torch.load(theirs).numpy())
 
 
 def test_a_few_shot_probe_equals_clip_benchmark(files):

@@ -9,6 +9,8 @@ trainer, so that searching and serving need neither the training code nor Accele
     RUN/data_report.json          what the training data held and what was skipped
     RUN/checkpoints/step_XXXXXXX  accelerate save_state + checksums.json (vclr.storage), newest `keep` kept
     RUN/checkpoints/best          the same, at the best validation figure so far; best.json says which step and why
+    RUN/checkpoints/ema           model.safetensors of the weights' moving average (train.ema_decay) + ema.json
+    RUN/train_report.json         trainable and total parameters, peak memory, steps per second
     RUN/tensorboard/              event files, when train.log_with includes tensorboard
     RUN/text_tower/               a Hugging Face text tower's config and tokenizer files (its weights are in
                                   model.safetensors): the run needs nothing outside itself to embed, wherever it lies
@@ -50,6 +52,8 @@ DATA_REPORT_FILE = "data_report.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_CHECKPOINT = "best"
 BEST_FILE = "best.json"
+EMA_CHECKPOINT = "ema"
+TRAIN_REPORT_FILE = "train_report.json"
 TRACKER_DIR = "tensorboard"
 TEXT_TOWER_DIR = "text_tower"
 # a Hugging Face model dir's weight files; the run's model.safetensors holds the trained weights instead
@@ -215,6 +219,28 @@ def best_checkpoint(run_dir: str | Path) -> Path:
 def read_best(run_dir: str | Path) -> dict | None:
     path = best_checkpoint(run_dir) / BEST_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def ema_checkpoint(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / EMA_CHECKPOINT
+
+
+def save_ema(run_dir: str | Path, model, record: dict) -> Path:
+    """The EMA weights as checkpoints/ema/model.safetensors (replaced atomically), `record` beside them as ema.json."""
+    from safetensors.torch import save
+
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / MODEL_FILE).write_bytes(save(state))
+        (tmp / "ema.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+    write_directory(ema_checkpoint(run_dir), write)
+    return ema_checkpoint(run_dir)
+
+
+def write_train_report(run_dir: str | Path, report: dict) -> None:
+    atomic_write_text(Path(run_dir) / TRAIN_REPORT_FILE, json.dumps(report, indent=2))
 
 
 def _save_state(accelerator, final: Path, extra_files: dict[str, str] | None = None) -> Path:

@@ -5,8 +5,9 @@
     diffs = compare("bench/", "demo", "ViT-B-32")                   # paired differences with p-values
 
 A model spec is any model source vclr knows, with an optional `LABEL=` in front: a run directory (`DIR`, or
-`DIR@best` for its best checkpoint), an open_clip config with optional weights as CLIP_benchmark writes them
-(`ViT-B-32`, `ViT-B-32,laion2b_s34b_b79k`, `ViT-B-32,weights.pt`) or `hf-hub:org/repo`.
+`DIR@best` for its best checkpoint, `DIR@ema` for its weights' moving average), an open_clip config with optional
+weights as CLIP_benchmark writes them (`ViT-B-32`, `ViT-B-32,laion2b_s34b_b79k`, `ViT-B-32,weights.pt`),
+`local-dir:DIR` (an open_clip export) or `hf-hub:org/repo`.
 
 OUT holds `results.jsonl` (one row per model x dataset x task: every figure, its interval, the model's identity and
 the dataset's fingerprint), `features/` (each model's embeddings of each dataset: zero-shot and a linear probe
@@ -39,7 +40,7 @@ from vclr.bench.tasks import TASKS, TaskResult, check_tasks, tasks_for
 from vclr.config import BenchmarkConfig, config_hash
 from vclr.errors import VclrError
 from vclr.model.source import ModelSource, OpenClipSource, RunSource, model_source
-from vclr.rundir import CONFIG_FILE, weights_file
+from vclr.rundir import CONFIG_FILE
 from vclr.storage import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def parse_model_spec(text: str) -> ModelSpec:
     if not sep or "/" in label or "," in label:  # an `=` inside a path or a tag is no label
         label, spec = "", text
     spec = spec.strip()
-    run, _, checkpoint = spec.rpartition("@") if spec.endswith("@best") else (spec, "", "final")
+    run, _, checkpoint = spec.rpartition("@") if spec.endswith(("@best", "@ema")) else (spec, "", "final")
     if (Path(run) / CONFIG_FILE).is_file():
         return ModelSpec(label or Path(run).resolve().name, model_source(run=run, checkpoint=checkpoint or "final"),
                          text)
@@ -77,7 +78,7 @@ def parse_model_spec(text: str) -> ModelSpec:
 def _weights_stamp(source: ModelSource) -> list:
     """Size and mtime of the weights a source reads: retraining a run in place makes new cells, not stale ones."""
     if isinstance(source, RunSource):
-        path = weights_file(source.run_dir) if source.checkpoint == "final" else source._weights()
+        path = source._weights()
     elif isinstance(source, OpenClipSource) and source._is_file():
         path = Path(source.pretrained)
     else:

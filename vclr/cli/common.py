@@ -22,7 +22,8 @@ ARGUMENT_FLAGS = {
     "name_column": "--name-column", "grid": "--grid", "api_key": "--api-key", "where": "--where", "sort": "--sort",
     "min_score": "--min-score", "offset": "--offset", "weights": "--text W:TEXT", "backend": "--backend",
     "int8": "--int8", "models": "--model", "datasets": "--dataset", "dataset_root": "--dataset-root",
-    "fewshot_k": "--fewshot-k",
+    "fewshot_k": "--fewshot-k", "alpha": "--alpha", "alphas": "--alphas", "fine_tuned": "--fine-tuned",
+    "base": "--base",
 }
 
 
@@ -55,8 +56,9 @@ def add_model_arguments(p, required: bool = True) -> None:
                                    "(`vclr models` lists them)")
     p.add_argument("--pretrained", help="with --model: an open_clip pretrained tag (downloads), or a local checkpoint "
                                         "(.pt/.bin/.safetensors, open_clip's or a vclr model.safetensors)")
-    p.add_argument("--checkpoint", choices=["final", "best"], default="final",
-                   help="with --run: the final weights, or those at the best validation figure (checkpoints/best)")
+    p.add_argument("--checkpoint", choices=["final", "best", "ema"], default="final",
+                   help="with --run: the final weights, those at the best validation figure (checkpoints/best), or "
+                        "their moving average (checkpoints/ema, train.ema_decay)")
 
 
 def model_source_of(args, required: bool = True):

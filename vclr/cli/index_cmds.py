@@ -223,9 +223,16 @@ def cmd_serve(args) -> int:
 def add_export_arguments(p) -> None:
     add_model_arguments(p, required=False)
     p.add_argument("--index", help="export the model this index was built with (instead of --run/--model)")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--out", required=True, help="the export folder: text.onnx, image.onnx, tokenizer.json, "
-                                                "export.json (preprocessing, model identity, checksums)")
+    p.add_argument("--format", choices=["onnx", "open_clip"], default="onnx",
+                   help="onnx: towers for `vclr serve --backend onnx`; open_clip: open_clip's hub layout, loaded by "
+                        "open_clip.create_model_and_transforms('local-dir:OUT') (or hf-hub: after --push-to-hub)")
+    p.add_argument("--out", required=True, help="the export folder (onnx: text.onnx, image.onnx, tokenizer.json, "
+                                                "export.json; open_clip: open_clip_config.json and the weights; "
+                                                "--merge-lora: a run dir)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="write the run again with its LoRA adapters merged into plain weights (a run dir at --out)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="with --format open_clip: also upload the folder to the "
+                                                        "Hugging Face hub as REPO (needs the network and a token)")
     p.add_argument("--int8", action="store_true",
                    help="quantise both towers to int8 (onnxruntime dynamic quantisation): several times faster on "
                         "CPUs with int8 dot-product units (AVX-512 VNNI, AVX-VNNI, AMX, ARM dotprod), approximate")
@@ -239,9 +246,34 @@ def cmd_export(args) -> int:
     source = model_source_of(args, required=False)
     if source is None and not args.index:
         raise VclrError("name the model to export: --run DIR, --model NAME [--pretrained TAG|FILE], or --index DIR")
+    if args.merge_lora or args.format == "open_clip":
+        return _export_plain(args, source)
     report = export_onnx(source, args.out, index_dir=args.index, int8=args.int8)
     print(f"exported {report['model']} to {args.out}: text and image towers as {report['precision']} ONNX (dynamic "
           f"batch), checked against PyTorch: cosine >= {report['min_cosine']:.6f}")
+    return 0
+
+
+def _export_plain(args, source) -> int:
+    """--merge-lora (a plain run) and --format open_clip (open_clip's hub layout)."""
+    if source is None:
+        from vclr.export.onnx import index_source
+
+        source = index_source(args.index)
+    if args.merge_lora:
+        from vclr.model.lora import save_merged_run
+
+        report = save_merged_run(source, args.out)
+        print(f"merged the LoRA adapters of {report['model']} into plain weights: run dir {report['out']}")
+        return 0
+    from vclr.export.open_clip import export_open_clip
+
+    report = export_open_clip(source, args.out, repo=args.push_to_hub)
+    checked = f"; open_clip embeds it within {report['max_difference']:.1e} of vclr" \
+        if report["max_difference"] is not None else ""
+    print(f"exported {report['model']} to {report['out']} in open_clip's layout (open_clip.create_model_and_"
+          f"transforms('local-dir:{report['out']}')){checked}" + (f"; uploaded to {report['repo']}" if report["repo"]
+                                                                 else ""))
     return 0
 
 

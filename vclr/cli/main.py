@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from vclr.cli.bench_cmds import add_benchmark_arguments, cmd_benchmark
 from vclr.cli.common import add_command, flags_for
 from vclr.cli.data_cmds import add_make_synthetic_arguments, add_prepare_arguments, cmd_make_synthetic, cmd_prepare
+from vclr.cli.finetune_cmds import add_wise_ft_arguments, cmd_wise_ft
 from vclr.cli.index_cmds import (
     add_duplicates_arguments,
     add_export_arguments,
@@ -97,6 +98,9 @@ COMMANDS = [  # name, function, argument adder, help, example (aliases)
      "score models x datasets x tasks (zero-shot, retrieval, linear probe...) as CLIP_benchmark, with intervals",
      "vclr benchmark --model demo=vclr-demo/run --model ViT-B-32,vit.pt --dataset shapes --dataset fashion-mnist "
      "--out bench"),
+    ("wise-ft", cmd_wise_ft, add_wise_ft_arguments,
+     "interpolate a fine-tuned run with its base model (WiSE-FT): one alpha, or a sweep scored by vclr benchmark",
+     "vclr wise-ft --base vclr-demo/run --fine-tuned runs/ft --alphas 0,0.5,1 --benchmark shapes --out runs/wise"),
     ("sweep", cmd_sweep, add_sweep_arguments, "train + evaluate every point of a config grid; table and plot",
      "vclr sweep --config configs/demo.yaml --grid loss.triplet_margin=0.1,0.5,0.9 --out runs/margin"),
     ("models", cmd_models, add_models_arguments, "list model configs accepted by model.name", "vclr models"),

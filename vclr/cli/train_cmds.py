@@ -27,6 +27,12 @@ def cmd_train(args) -> int:
     if result.main_process:  # under `accelerate launch`, one report, not one per process
         print(f"trained {result.step} steps in {result.elapsed_s:.0f}s, loss {result.first_loss:.4f} -> "
               f"{result.last_loss:.4f}; run dir {result.run_dir}")
+        if result.report:
+            r = result.report
+            memory = "peak CUDA memory" if r["peak_memory"].startswith("cuda") else "peak process memory"
+            print(f"trainable parameters {r['trainable_parameters']:,} of {r['total_parameters']:,} "
+                  f"({100 * r['trainable_share']:.2f}%), {memory} {r['peak_memory_bytes'] / 2**30:.2f} GiB, "
+                  f"{r['steps_per_s']} steps/s")
     return 0
 
 

@@ -73,7 +73,7 @@ def export_onnx(source: ModelSource | None, out_dir: str | Path, index_dir: str 
     quantised towers (manifest `precision` "int8"), checked against PyTorch at MIN_COSINE_INT8."""
     _check_exporter_installed()
     if source is None:
-        source = _index_source(index_dir)
+        source = index_source(index_dir)
     model, cfg = source.load(torch.device("cpu"))
     model = model.float().eval()
     image_cfg = _image_cfg(model)
@@ -113,7 +113,7 @@ def _check_exporter_installed() -> None:
         raise VclrError(f"the ONNX export needs {', '.join(missing)}: pip install 'vclr[onnx]'")
 
 
-def _index_source(index_dir: str | Path | None) -> ModelSource:
+def index_source(index_dir: str | Path | None) -> ModelSource:
     from vclr.index.format import RetrievalIndex
 
     if index_dir is None:

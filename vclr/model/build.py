@@ -124,7 +124,8 @@ def build_model(cfg: ModelConfig, logit_bias: bool = False, tower_weights: bool 
     model_cfg = _open_clip_config(cfg.name)
     if not tower_weights:
         cfg = replace(cfg, pretrained="", image_tower_weights="")
-    pretrained = cfg.pretrained or None
+    run_weights = _vclr_weights(cfg.pretrained)  # a vclr run's model.safetensors: fine-tuning a vclr model
+    pretrained = (cfg.pretrained or None) if run_weights is None else None
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained={pretrained!r}: no such checkpoint file")
     with _quiet_random_init_warning():
@@ -139,7 +140,42 @@ def build_model(cfg: ModelConfig, logit_bias: bool = False, tower_weights: bool 
     lock_towers(clip, cfg)
     if cfg.image_pool_levels:
         pool_levels(clip, cfg)
-    return DualEncoder(cfg, clip, model_cfg["embed_dim"], reset_temperature=not pretrained)
+    if run_weights is not None:  # the base's weights before any adapter, so its state dict fits the towers as built
+        _load_clip_weights(clip, run_weights, cfg)
+    if cfg.lora_rank:
+        from vclr.model.lora import add_lora
+
+        add_lora(clip, cfg)
+    model = DualEncoder(cfg, clip, model_cfg["embed_dim"], reset_temperature=not (pretrained or run_weights))
+    if run_weights is not None:
+        heads = {k: v for k, v in run_weights.items() if k.split(".")[0] in ("image_projector", "text_projector")}
+        model.load_state_dict(heads, strict=False)
+    return model
+
+
+def _vclr_weights(pretrained: str) -> dict | None:
+    """The state dict of a vclr run's weights (keys under `clip.`) named by model.pretrained, else None."""
+    if not pretrained or Path(pretrained).suffix != ".safetensors" or not Path(pretrained).is_file():
+        return None
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(pretrained, framework="pt") as f:
+        if not any(key.startswith("clip.") for key in f.keys()):
+            return None
+    return load_file(pretrained)
+
+
+def _load_clip_weights(clip: nn.Module, state: dict, cfg: ModelConfig) -> None:
+    """A vclr run's tower weights into freshly built towers; every tensor must fit."""
+    own = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    try:
+        clip.load_state_dict(own)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ConfigError(f"model.pretrained={cfg.pretrained!r} (a vclr run's weights) does not fit model.name="
+                          f"{cfg.name} with these settings: {first}") from None
+    logger.info("loaded the weights of %s (a vclr run) into %s", cfg.pretrained, cfg.name)
 
 
 def get_tokenizer(cfg: ModelConfig):

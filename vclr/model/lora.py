@@ -70,6 +70,8 @@ def add_lora(clip: nn.Module, cfg: ModelConfig) -> int:
     if not towers:
         raise ConfigError("model.lora_rank is set but both towers are locked (model.lock_image, model.lock_text): "
                           "there is no tower to adapt")
+    for parameter in clip.parameters():  # the towers' own weights (embeddings, norms...) stay as loaded
+        parameter.requires_grad_(False)
     count = 0
     for name, tower in towers.items():
         found = [n for n, _ in tower.named_modules() if n and _matches(n, targets)]
@@ -79,8 +81,6 @@ def add_lora(clip: nn.Module, cfg: ModelConfig) -> int:
                               f"{', '.join(_candidates(tower)[:20])})")
         config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=sorted({n.rsplit('.', 1)[-1] for n in found}))
-        for parameter in tower.parameters():
-            parameter.requires_grad_(False)
         peft.inject_adapter_in_model(config, tower)
         count += sum(p.numel() for n, p in tower.named_parameters() if "lora_" in n)
         for pname, parameter in tower.named_parameters():  # its head into the joint space trains
@@ -88,6 +88,8 @@ def add_lora(clip: nn.Module, cfg: ModelConfig) -> int:
                 parameter.requires_grad_(True)
     if "text" in towers and isinstance(getattr(clip, "text_projection", None), nn.Parameter):
         clip.text_projection.requires_grad_(True)  # open_clip's CLIP keeps the text head outside the tower
+    if isinstance(getattr(clip, "logit_bias", None), nn.Parameter):
+        clip.logit_bias.requires_grad_(True)  # SigLIP's bias trains as ever (the scale follows learn_temperature)
     logger.info("LoRA rank %d (alpha %g) on the %s tower(s): %d adapter parameters", cfg.lora_rank, cfg.lora_alpha,
                 " and ".join(towers), count)
     return count
@@ -100,12 +102,20 @@ def _lora_layers(module: nn.Module):
 
 
 def merge_lora(module: nn.Module) -> nn.Module:
-    """Fold every LoRA adapter into its base layer and put the base layer back in its place (in place)."""
-    for name, layer in _lora_layers(module):
-        layer.merge()
+    """Fold every LoRA adapter into its base layer and put the base layer back in its place (in place), outermost
+    first and looked up afresh each time (peft's attention wrapper holds a wrapped `out_proj`, which its own
+    unloading folds in too)."""
+    while layers := _lora_layers(module):
+        name, layer = layers[0]
+        if hasattr(layer, "unload_and_optionally_merge_module"):  # peft's attention: its own unloading
+            base = layer.unload_and_optionally_merge_module(merge=not layer.merged, safe_merge=False,
+                                                            adapter_names=None)
+        else:
+            if not layer.merged:
+                layer.merge()
+            base = layer.get_base_layer()
         parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, layer.get_base_layer())
+        setattr(module.get_submodule(parent_name) if parent_name else module, child, base)
     return module
 
 
@@ -125,7 +135,19 @@ def without_lora(cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, lora_rank=0, lora_targets=()) if cfg.lora_rank else cfg
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+def save_merged_run(source, out) -> dict:
+    """A run with LoRA adapters written again as a plain run: the adapters folded into the towers' weights
+    (`vclr export --merge-lora`). -> what was written."""
+    from vclr.errors import VclrError
+    from vclr.rundir import save_model_as_run, save_text_tower_files
+
+    model, cfg = source.load(torch.device("cpu"))
+    if not cfg.model.lora_rank or not _has_lora(model):
+        raise VclrError(f"{source.describe().get('run_dir', source.describe())} has no LoRA adapters (its "
+                        "model.lora_rank is 0): there is nothing to merge")
+    merge_lora(model)
+    cfg = replace(cfg, model=without_lora(cfg.model))
+    save_model_as_run(out, cfg, model)
+    if cfg.model.text_tower_dir:  # a Hugging Face text tower's config and tokenizer go with the run
+        save_text_tower_files(out, cfg.model.text_tower_dir)
+    return {"out": str(out), "model": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())}

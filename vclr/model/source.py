@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from vclr.config import Config, ModelConfig, config_hash
 from vclr.errors import ModelSourceError, VclrError
-from vclr.rundir import CONFIG_FILE, MODEL_FILE, best_checkpoint, inference_model_config, load_run_config, weights_file
+from vclr.rundir import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    best_checkpoint,
+    ema_checkpoint,
+    inference_model_config,
+    load_run_config,
+    weights_file,
+)
 
 # vclr.model.dual_encoder imports open_clip (seconds), and torch itself is not needed to name a source (a
 # service that answers through an ONNX export never imports it): both are loaded when a model is built
@@ -34,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+CHECKPOINTS = ("final", "best", "ema")  # a run's weights: its final ones, at its best validation, their moving average
 
 
 def default_device() -> torch.device:
@@ -62,7 +71,8 @@ def _load_state(path: Path) -> dict:
 @dataclass(frozen=True)
 class RunSource:
     """A vclr training run directory: its resolved config and its final (or newest checkpoint's) weights; with
-    checkpoint="best", the weights at its best validation figure (checkpoints/best, train.eval_every)."""
+    checkpoint="best", the weights at its best validation figure (checkpoints/best, train.eval_every); with "ema",
+    their exponential moving average (checkpoints/ema, train.ema_decay)."""
 
     run_dir: str
     checkpoint: str = "final"  # or "best"
@@ -78,13 +88,17 @@ class RunSource:
         return model.to(device or default_device()).eval(), cfg
 
     def _weights(self) -> Path:
-        if self.checkpoint != "best":
+        if self.checkpoint == "final":
             return weights_file(self.run_dir)
-        path = best_checkpoint(self.run_dir) / MODEL_FILE
-        if not path.is_file():
-            raise ModelSourceError(f"`checkpoint` is best, but {self.run_dir} has no checkpoints/best (it is kept when "
-                                   "training validates: train.eval_every)")
-        return path
+        if self.checkpoint not in CHECKPOINTS:
+            raise ModelSourceError(f"`checkpoint` must be one of {', '.join(CHECKPOINTS)}, got {self.checkpoint!r}")
+        folder = best_checkpoint(self.run_dir) if self.checkpoint == "best" else ema_checkpoint(self.run_dir)
+        if not (folder / MODEL_FILE).is_file():
+            why = "training validates: train.eval_every" if self.checkpoint == "best" else "training keeps an EMA: " \
+                "train.ema_decay"
+            raise ModelSourceError(f"`checkpoint` is {self.checkpoint}, but {self.run_dir} has no "
+                                   f"checkpoints/{self.checkpoint} (it is kept when {why})")
+        return folder / MODEL_FILE
 
     def describe(self) -> dict:
         described = {"kind": "run", "run_dir": str(Path(self.run_dir).resolve())}

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vclr.config import Config
 from vclr.data.cache import cache_dir
 from vclr.data.dataset import ImageTextDataset, normalize_images
 from vclr.errors import DataError
@@ -168,3 +169,25 @@ def locked_features(model: DualEncoder, dataset: ImageTextDataset, device: torch
         if text:
             features.texts = _text_features(model, dataset, device)
     return features
+
+
+def caches_image_tower(cfg: Config, model: DualEncoder) -> bool:
+    """Are the locked image tower's outputs cached per image (a frozen prefix, unaugmented pixels)?"""
+    return cfg.train.cache_locked_towers and model.frozen_image_part() is not None and not cfg.data.augment \
+        and cfg.data.decode_on == "loader"
+
+
+def cache_locked_towers(cfg: Config, model: DualEncoder, source, accelerator) -> LockedFeatures:
+    """Cached outputs of the locked towers' frozen parts (train.cache_locked_towers); the model then trains on them."""
+    from vclr.data.sources import MapSource
+
+    if not isinstance(source, MapSource):  # streamed shards: no stable rows to cache by
+        return LockedFeatures()
+    image = source.dataset.image_input == "rows"
+    text = cfg.train.cache_locked_towers and model.frozen_text_part() is not None
+    locked = locked_features(model.to(accelerator.device), source.dataset, accelerator.device, image, text,
+                             accelerator)
+    model.use_cached_inputs(image=locked.images is not None, text=locked.texts is not None)
+    if image or text:
+        logger.info("locked towers cached: image %s, text %s; training runs only the parts that train", image, text)
+    return locked

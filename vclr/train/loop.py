@@ -24,18 +24,18 @@ from vclr.config import Config, config_to_dict
 from vclr.data.batch import TrainBatch
 from vclr.data.dataset import normalize_images
 from vclr.data.device_decode import decode_resize
-from vclr.data.sources import MapSource, TrainingSource, open_training_source, validation_table
+from vclr.data.sources import open_training_source
 from vclr.errors import ResourceError, VclrError
 from vclr.model.build import build_model, get_tokenizer, image_preprocess_cfg
-from vclr.model.dual_encoder import DualEncoder
 from vclr.train.budget import BudgetClock
+from vclr.train.finetune import WeightEMA, enable_grad_checkpointing, training_report
 from vclr.train.gradcache import grad_cache_step
-from vclr.train.locked_cache import LockedFeatures, locked_features
+from vclr.train.locked_cache import cache_locked_towers, caches_image_tower
 from vclr.train.loss import CombinedLoss, gather_features, text_ids
 from vclr.train.optim import param_groups, warmup_cosine
 from vclr.train.profiling import StepProfiler
 from vclr.train.state import Trainer, TrainResult, TrainState
-from vclr.train.validate import BenchmarkScorer, Validator
+from vclr.train.validate import make_validator
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
     model = build_model(cfg.model, logit_bias=cfg.loss.siglip_weight > 0)
+    if cfg.train.grad_checkpointing:
+        enable_grad_checkpointing(model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     preprocess = image_preprocess_cfg(model)
@@ -77,14 +79,20 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
                                                                            lambda: state.max_steps))
     validator = make_validator(cfg, source, model, accelerator)
     locked = cache_locked_towers(cfg, model, source, accelerator)
+    ema = WeightEMA(model.to(accelerator.device), cfg.train.ema_decay) if cfg.train.ema_decay else None
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = CombinedLoss(cfg.loss, gather=gather_features, embed_dim=accelerator.unwrap_model(model).embed_dim)
     loss_fn.to(accelerator.device)
     accelerator.register_for_checkpointing(scheduler, state)
     if loss_fn.bank is not None:
         accelerator.register_for_checkpointing(loss_fn.bank)  # the queue of negatives resumes with the run
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # the average resumes with the run
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, source, loss_fn, state,
-                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"], validator, locked)
+                      tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"], validator, locked, ema)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("training %d of %d parameters (%.2f%%)", trainable, sum(p.numel() for p in model.parameters()),
+                100 * trainable / max(1, sum(p.numel() for p in model.parameters())))
     if resume:
         _restore(trainer)
     if accelerator.is_main_process:
@@ -96,41 +104,6 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
             rundir.save_text_tower_files(run_dir, cfg.model.text_tower_dir)
     start_trackers(trainer)
     return trainer
-
-
-def caches_image_tower(cfg: Config, model: DualEncoder) -> bool:
-    """Are the locked image tower's outputs cached per image (a frozen prefix, unaugmented pixels)?"""
-    return cfg.train.cache_locked_towers and model.frozen_image_part() is not None and not cfg.data.augment \
-        and cfg.data.decode_on == "loader"
-
-
-def cache_locked_towers(cfg: Config, model: DualEncoder, source: TrainingSource, accelerator) -> LockedFeatures:
-    """Cached outputs of the locked towers' frozen parts (train.cache_locked_towers); the model then trains on them."""
-    if not isinstance(source, MapSource):  # streamed shards: no stable rows to cache by
-        return LockedFeatures()
-    image = source.dataset.image_input == "rows"
-    text = cfg.train.cache_locked_towers and model.frozen_text_part() is not None
-    locked = locked_features(model.to(accelerator.device), source.dataset, accelerator.device, image, text,
-                             accelerator)
-    model.use_cached_inputs(image=locked.images is not None, text=locked.texts is not None)
-    if image or text:
-        logger.info("locked towers cached: image %s, text %s; training runs only the parts that train", image, text)
-    return locked
-
-
-def make_validator(cfg: Config, source: TrainingSource, model: DualEncoder, accelerator) -> Validator | None:
-    if not cfg.train.eval_every:
-        if cfg.train.benchmark:
-            raise VclrError("train.benchmark scores its datasets at each validation: set train.eval_every too")
-        return None
-    table = validation_table(cfg, source)
-    if table is None:
-        raise VclrError("train.eval_every needs validation data: pass data.val=TABLE, data.val_fraction=0.1 or "
-                        "data.test=TABLE")
-    scorer = BenchmarkScorer(cfg.train.benchmark, cfg.train.benchmark_root, cfg.benchmark, cfg) \
-        if cfg.train.benchmark else None
-    return Validator(table, model, get_tokenizer(cfg.model), accelerator, cfg.eval.batch_size, cfg.eval.ks,
-                     cfg.data.jpeg_draft, scorer)
 
 
 def start_trackers(trainer: Trainer) -> None:
@@ -251,6 +224,8 @@ def train_step(trainer: Trainer, batch: TrainBatch) -> dict[str, torch.Tensor]:
         trainer.optimizer.zero_grad(set_to_none=True)
     if acc.sync_gradients:
         trainer.scheduler.step()
+        if trainer.ema is not None:
+            trainer.ema.update(acc.unwrap_model(trainer.model))
     return {k: v.detach() for k, v in losses.items()} | {"logit_scale": logit_scale}
 
 
@@ -326,6 +301,11 @@ def validate(trainer: Trainer) -> bool:
     Returns whether train.early_stop_patience ran out."""
     cfg, state, acc = trainer.cfg, trainer.state, trainer.accelerator
     row = {"step": state.step, **trainer.validator(acc.unwrap_model(trainer.model))}
+    if trainer.ema is not None:  # the moving average, validated beside the weights and kept as checkpoints/ema
+        row.update({f"ema_{k}": v for k, v in trainer.validator(trainer.ema.model).items()})
+        if acc.is_main_process:
+            rundir.save_ema(trainer.run_dir, trainer.ema.model, {"step": state.step, "decay": trainer.ema.decay,
+                                                                 "validation": row})
     _log(trainer, row)
     value = row[f"val_{cfg.train.best_metric}"]
     logger.info("step %d: validation %s %.2f (best %.2f at step %d) in %.1f s", state.step, cfg.train.best_metric,
@@ -412,6 +392,11 @@ def cleanup(trainer: Trainer, result: TrainResult) -> None:
         save_checkpoint(trainer)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.save_model(trainer.model, str(trainer.run_dir), safe_serialization=True)
+    if trainer.accelerator.is_main_process:
+        if trainer.ema is not None:
+            rundir.save_ema(trainer.run_dir, trainer.ema.model, {"step": result.step, "decay": trainer.ema.decay})
+        result.report = training_report(trainer.model, trainer.accelerator.device, result.step, result.elapsed_s)
+        rundir.write_train_report(trainer.run_dir, result.report)
     report = trainer.source.report()
     if report["skipped_or_repaired"]:
         logger.warning("training data: skipped rows %s", report["skipped_or_repaired"])

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from vclr.config import Config
 from vclr.data.sources import TrainingSource
 from vclr.model.dual_encoder import DualEncoder
+from vclr.train.finetune import WeightEMA
 from vclr.train.locked_cache import LockedFeatures
 from vclr.train.loss import CombinedLoss
 from vclr.train.validate import Validator
@@ -45,6 +46,7 @@ class TrainResult:
     elapsed_s: float
     stopped_early: bool  # by train.max_minutes or train.early_stop_patience
     main_process: bool = True  # False in the other processes of a multi-process launch
+    report: dict = field(default_factory=dict)  # trainable parameters, peak memory, steps/s (RUN/train_report.json)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Trainer:
     image_size: int
     validator: Validator | None = None
     locked: LockedFeatures = field(default_factory=LockedFeatures)
+    ema: WeightEMA | None = None  # train.ema_decay
 
     @property
     def run_dir(self) -> Path:

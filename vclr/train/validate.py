@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from vclr.config import BenchmarkConfig, DataConfig
 from vclr.data.dataset import CaptionTable, decode_images, normalize_images, tokenize_all
 from vclr.embed.embedding import embed_tokens, encode_image_batch, image_decoder
+from vclr.errors import VclrError
 from vclr.eval.metrics import retrieval_metrics
 from vclr.model.build import image_preprocess_cfg
 from vclr.model.dual_encoder import DualEncoder
@@ -151,3 +152,21 @@ class BenchmarkScorer:
             model.train(was_training)
         row["bench_s"] = round(time.perf_counter() - start, 2)
         return row
+
+
+def make_validator(cfg, source, model: DualEncoder, accelerator) -> Validator | None:
+    if not cfg.train.eval_every:
+        if cfg.train.benchmark:
+            raise VclrError("train.benchmark scores its datasets at each validation: set train.eval_every too")
+        return None
+    from vclr.data.sources import validation_table
+    from vclr.model.build import get_tokenizer
+
+    table = validation_table(cfg, source)
+    if table is None:
+        raise VclrError("train.eval_every needs validation data: pass data.val=TABLE, data.val_fraction=0.1 or "
+                        "data.test=TABLE")
+    scorer = BenchmarkScorer(cfg.train.benchmark, cfg.train.benchmark_root, cfg.benchmark, cfg) \
+        if cfg.train.benchmark else None
+    return Validator(table, model, get_tokenizer(cfg.model), accelerator, cfg.eval.batch_size, cfg.eval.ks,
+                     cfg.data.jpeg_draft, scorer)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import typing
@@ -50,6 +49,12 @@ class ModelConfig:
     # FLIP: training drops this share of an open_clip ViT image tower's patches (random per image, each step), so
     # its steps cost about (1 - p) as much; validation, embedding and search see every patch
     patch_dropout: float = 0.0
+    # LoRA through peft (vclr.model.lora): adapters of this rank on the unlocked towers' attention and MLP layers;
+    # with the heads and the temperature they alone train, the towers' own weights stay as loaded; 0 = off
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank (peft's rule): 2 at rank 8
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()  # module names to adapt (peft's suffix rule); () = vclr.model.lora's defaults
 
     def __post_init__(self):
         _check(self.init_temperature > 0, "model.init_temperature", self.init_temperature, "> 0")
@@ -57,6 +62,9 @@ class ModelConfig:
         _check(self.projector_hidden_dim > 0, "model.projector_hidden_dim", self.projector_hidden_dim, "> 0")
         _check(0 <= self.projector_dropout < 1, "model.projector_dropout", self.projector_dropout, "[0, 1)")
         _check(0 <= self.patch_dropout < 1, "model.patch_dropout", self.patch_dropout, "[0, 1)")
+        _check(self.lora_rank >= 0, "model.lora_rank", self.lora_rank, ">= 0 (0 = no adapters)")
+        _check(self.lora_alpha > 0, "model.lora_alpha", self.lora_alpha, "> 0")
+        _check(0 <= self.lora_dropout < 1, "model.lora_dropout", self.lora_dropout, "[0, 1)")
         _check(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups",
                self.lock_image_unlocked_groups, ">= 0")
         _check(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", self.lock_text_unlocked_layers,
@@ -187,6 +195,15 @@ class TrainConfig:
     # torch.profiler over this many optimizer steps after the first 10: a timeline, an operator table and the
     # device's busy share in RUN/profile/ (vclr.train.profiling); 0 = off
     profile_steps: int = 0
+    # an exponential moving average of the weights (timm's ModelEmaV3), validated beside them and kept in
+    # checkpoints/ema (`--checkpoint ema`); e.g. 0.999; 0 = off
+    ema_decay: float = 0.0
+    # recompute the towers' activations in the backward pass (open_clip's set_grad_checkpointing, Hugging Face's
+    # gradient checkpointing for HF text towers): less memory, about a third more compute
+    grad_checkpointing: bool = False
+    # a locked image tower on augmented data (data.augment): compute this many augmented views of each image once and
+    # cache them, each step taking one at random (vclr.train.locked_cache): LiT with augmentation at cached speed
+    cache_views: int = 0
     # datasets scored by `vclr benchmark`'s code at each validation (names or paths, vclr.bench.datasets), logged
     # as bench/<dataset>/<figure> beside the val_ rows; benchmark_root: where CLIP_benchmark-named ones lie
     benchmark: tuple[str, ...] = ()
@@ -206,6 +223,8 @@ class TrainConfig:
                "rsum or a recall such as text_to_image_R@1")
         _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
         _check(self.grad_cache_chunk >= 0, "train.grad_cache_chunk", self.grad_cache_chunk, ">= 0 (0 = off)")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "[0, 1) (0 = off)")
+        _check(self.cache_views >= 0, "train.cache_views", self.cache_views, ">= 0 (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -352,7 +371,7 @@ def config_from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Conf
     return _build(Config, tree)
 
 
-BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; `configs/` in the checkout
+BUILTIN_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # in the wheel; `configs/` in the checkout
 
 
 def builtin_configs() -> list[str]:
@@ -394,46 +413,22 @@ def config_to_dict(cfg: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists: plain YAML/JSON
 
 
-# Every ModelConfig field is in exactly one of these sets (tests/test_config.py fails until a new field is placed):
-# the config hash says which indexes, caches and exports a model may use, so each field is a decision.
-# - hashed: it changes what the model computes;
-HASHED_FIELDS = {"name", "pretrained", "init_temperature", "learn_temperature", "max_logit_scale", "projector",
-                 "projector_hidden_dim", "lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn",
-                 "lock_text", "lock_text_unlocked_layers"}
-# - hashed only away from their default: added after index manifests began recording config hashes, so an index
-#   built before they existed still matches the run that built it;
-NEWER_FIELDS = {"init_logit_bias", "projector_dropout", "image_pool_levels"}
-# - hashed as "set" or "": where a model's initial tower weights were read from. The trained weights define the
-#   model, not these paths, so a run moved elsewhere (its text tower then read from its own copy) keeps its hash;
-LOCATION_FIELDS = {"text_tower_dir", "image_tower_weights"}
-# - not hashed: training-only settings that leave the embeddings unchanged (FLIP patch dropout is off in eval).
-UNHASHED_FIELDS = {"patch_dropout"}
-# fields that an earlier vclr hashed at every value (before they were placed above): indexes and exports it wrote
-# carry that hash, which `config_hashes` still accepts
-LEGACY_ALWAYS_HASHED = {"image_pool_levels", "patch_dropout"}
-
-
-def config_hash(section: Any, always_hashed: frozenset[str] = frozenset()) -> str:
-    """Short stable hash of a config (section); the index manifest uses the model section's. `always_hashed`: fields
-    hashed at every value, as an earlier vclr did (config_hashes)."""
-    values = json.loads(json.dumps(dataclasses.asdict(section)))
-    for field_ in dataclasses.fields(section):
-        if field_.name in always_hashed:
-            continue
-        if field_.name in UNHASHED_FIELDS or (field_.name in NEWER_FIELDS
-                                              and getattr(section, field_.name) == field_.default):
-            values.pop(field_.name)
-        if field_.name in LOCATION_FIELDS and values[field_.name]:
-            values[field_.name] = "set"
-    blob = json.dumps(values, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def config_hashes(section: Any) -> tuple[str, ...]:
-    """The hash this vclr records first, then the one earlier versions recorded for the same config: what an index or
-    export built from it may carry."""
-    return tuple(dict.fromkeys([config_hash(section), config_hash(section, frozenset(LEGACY_ALWAYS_HASHED))]))
-
-
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# the config hash: which indexes, caches and exports a model's config may use (vclr.config.hashing)
+from vclr.config.hashing import (  # noqa: E402
+    HASHED_FIELDS,
+    LEGACY_ALWAYS_HASHED,
+    LOCATION_FIELDS,
+    NEWER_FIELDS,
+    UNHASHED_FIELDS,
+    config_hash,
+    config_hashes,
+)
+
+__all__ = ["BenchmarkConfig", "Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimConfig",
+           "TrainConfig", "builtin_configs", "config_from_dict", "config_hash", "config_hashes", "config_to_dict",
+           "load_config", "resolve_config_path", "save_config", "HASHED_FIELDS", "NEWER_FIELDS", "LOCATION_FIELDS",
+           "UNHASHED_FIELDS", "LEGACY_ALWAYS_HASHED"]

@@ -225,3 +225,58 @@ def test_validation_on_cached_locked_towers_equals_the_full_towers(lit_files, tm
     cached = validator(model)
     assert validator._frozen_cache[0] is not None and validator._frozen_cache[1] is not None
     assert {k: v for k, v in cached.items() if k != "val_s"} == {k: v for k, v in full.items() if k != "val_s"}
+
+
+def test_cached_augmented_views_equal_the_uncached_augmented_path(lit_files, tmp_path, caplog):
+    """train.cache_views: K seeded augmented views of each image are computed once; training on them equals training
+    with the locked tower run every step on the same seeded views (the uncached path), and another K, seed or
+    augmentation is another cache."""
+    name, text_dir, weights = lit_files
+    data = make_synthetic(tmp_path / "data", num_train=48, num_test=8, seed=4)
+
+    def run(folder, cached=True, views=3, jitter=0.3):
+        cfg = load_config(None, [f"data.train={data / 'train'}", f"train.output_dir={tmp_path / folder}",
+                                 f"model.name={name}", f"model.text_tower_dir={text_dir}",
+                                 f"model.image_tower_weights={weights}", "model.lock_image=true",
+                                 "model.lock_text=true", "data.batch_size=16", "optim.max_steps=6",
+                                 "optim.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100",
+                                 "data.augment=true", f"data.augment_color_jitter={jitter}", "data.augment_scale=0.5",
+                                 f"train.cache_views={views}", f"train.cache_locked_towers={str(cached).lower()}"])
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            train_mod.train(cfg)
+        return load_file(tmp_path / folder / "model.safetensors"), caplog.text
+
+    uncached, _ = run("uncached", cached=False)
+    cached, log = run("cached")
+    assert "x 3 augmented views" in log
+    for key, value in uncached.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    _, log = run("again")
+    assert "reusing the locked image tower's outputs" in log
+    for folder, options in (("views", {"views": 2}), ("jitter", {"jitter": 0.1})):
+        _, log = run(folder, **options)
+        assert "computing the locked image tower's outputs once" in log, folder
+
+
+def test_views_are_the_same_pixels_every_time_and_differ_from_each_other(tmp_path):
+    from vclr.config import DataConfig
+    from vclr.data.dataset import ImageTextDataset, load_caption_table
+
+    data = make_synthetic(tmp_path / "data", num_train=8, num_test=2, seed=5)
+    table = load_caption_table(data / "train")
+    settings = DataConfig(augment=True, augment_scale=0.5, augment_color_jitter=0.4, augment_grayscale=0.5)
+    dataset = ImageTextDataset(table, get_tokenizer(ModelConfig()), 64, augment=True, augment_settings=settings,
+                               views=4, cache_images=False)
+    first = [dataset.image(0, view) for view in range(4)]
+    assert all(torch.equal(a, dataset.image(0, view)) for view, a in enumerate(first))  # seeded: the same again
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[2], first[3])  # and views differ
+    epochs = set()
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        image = dataset[0][0]
+        epochs.add(next(view for view in range(4) if torch.equal(image, first[view])))  # an item is one of them
+    assert len(epochs) > 1  # and another one in other epochs
+    with pytest.raises(Exception, match="train.cache_views"):
+        train_mod.train(load_config(None, [f"data.train={data / 'train'}", f"train.output_dir={tmp_path / 'r'}",
+                                           "train.cache_views=2", "data.augment=true", "data.batch_size=4"]))

@@ -86,6 +86,10 @@ class DataConfig:
     cache_images: bool = True  # decode + resize once into RAM (uint8) when the dataset fits in `cache_max_gb`
     cache_max_gb: float = 4.0
     augment: bool = False  # random resized crop; off by default: crops and flips break captions about position
+    augment_scale: float = 0.8  # the crop keeps at least this share of the image's area (vclr.data.augment)
+    augment_color_jitter: float = 0.0  # brightness, contrast and saturation jitter (hue a quarter of it); 0 = off
+    augment_grayscale: float = 0.0  # probability of a greyscale view
+    augment_blur: float = 0.0  # probability of a Gaussian blur
     # where images are decoded: "loader" = PIL in the data loader (cached as uint8 when they fit); "device" = the
     # loader only reads encoded bytes and the training device decodes whole batches (nvJPEG on CUDA) and resizes
     decode_on: Literal["loader", "device"] = "loader"
@@ -98,6 +102,9 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.batch_size >= 2, "data.batch_size", self.batch_size, ">= 2 (contrastive needs negatives)")
+        _check(0 < self.augment_scale <= 1, "data.augment_scale", self.augment_scale, "(0, 1]")
+        for name in ("augment_color_jitter", "augment_grayscale", "augment_blur"):
+            _check(0 <= getattr(self, name) <= 1, f"data.{name}", getattr(self, name), "[0, 1]")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         _check(len(self.caption_columns) > 0, "data.caption_columns", self.caption_columns, "at least one column")
         _check(self.cache_max_gb >= 0, "data.cache_max_gb", self.cache_max_gb, ">= 0")

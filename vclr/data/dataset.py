@@ -26,6 +26,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from vclr.config import DataConfig
+from vclr.data.augment import augmentation, seeded, view_of, view_seed
 from vclr.data.batch import IMAGE_INPUTS, ImageInput
 from vclr.data.images import read_image
 from vclr.errors import DataError
@@ -223,23 +224,17 @@ def split_held_out(table: CaptionTable, fraction: float) -> tuple[CaptionTable, 
     return part(False), part(True)
 
 
-def random_crop(image_size: int, interpolation: str = "bicubic") -> T.RandomResizedCrop:
-    """The augmentation's crop, for the PIL and the device-decode paths alike: mild (scale 0.8-1, near-square),
-    because captions describe the whole scene and its layout."""
-    return T.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1),
-                               interpolation=T.InterpolationMode(interpolation), antialias=True)
-
-
-def decode_transform(image_size: int, augment: bool = False,
-                     interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
+def decode_transform(image_size: int, augment: bool = False, interpolation: str = "bicubic",
+                     settings=None) -> Callable[[Image.Image], torch.Tensor]:
     """PIL -> uint8 (3, S, S), as open_clip's own preprocess: the short side resized on the PIL image with the model's
-    interpolation, then a centre crop (or a random resized crop when augmenting); its ToTensor of that uint8 image,
-    normalised later on batches (normalize_images), gives open_clip's input exactly.
+    interpolation, then a centre crop (or, when augmenting, vclr.data.augment's crop and the photometric changes its
+    `settings`, a DataConfig, turn on); its ToTensor of that uint8 image, normalised later on batches
+    (normalize_images), gives open_clip's input exactly.
 
     No flips, ever: captions say "left" and "right".
     """
     if augment:
-        geometry = random_crop(image_size, interpolation)
+        geometry = augmentation(image_size, interpolation, settings)
     else:
         geometry = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode(interpolation)),
                               T.CenterCrop(image_size)])
@@ -317,12 +312,15 @@ class ImageTextDataset(Dataset):
     `image_input` says what an item carries for its image (TrainBatch.image_input): "pixels"; "encoded", the file's
     bytes, decoded later on the training device (`vclr.data.device_decode`; `cache_images` then keeps the bytes in
     RAM); or "rows", the image's row number, for a locked image tower whose outputs are cached per row
-    (vclr.train.locked_cache computes them through `image(i)`).
+    (vclr.train.locked_cache computes them through `image(i)`). With `views` K (train.cache_views) an augmented
+    item takes one of K seeded views of its image each epoch (vclr.data.augment): its pixels, or, as "rows", the row
+    `view * N + i` of a cache holding every view.
     """
 
     def __init__(self, table: CaptionTable, tokenizer, image_size: int, *, seed: int = 0, augment: bool = False,
                  cache_images: bool = True, cache_max_gb: float = 4.0, image_input: ImageInput = "pixels",
-                 decode_now: bool = True, jpeg_draft: float = DataConfig.jpeg_draft):
+                 decode_now: bool = True, jpeg_draft: float = DataConfig.jpeg_draft, augment_settings=None,
+                 views: int = 0):
         if image_input not in IMAGE_INPUTS:
             raise ValueError(f"image_input must be one of {IMAGE_INPUTS}, got {image_input!r}")
         self.table = table
@@ -332,7 +330,9 @@ class ImageTextDataset(Dataset):
         self.image_input = image_input
         self.encoded = image_input == "encoded"
         self.encoded_cache: list[bytes | None] | None = None
-        self.decoder = ImageDecoder(decode_transform(image_size, augment), draft_size(image_size, jpeg_draft))
+        self.decoder = ImageDecoder(decode_transform(image_size, augment, settings=augment_settings),
+                                    draft_size(image_size, jpeg_draft))
+        self.views = views if augment else 0
         texts, caption_image = table.flat_captions()
         self.tokens = tokenize_all(tokenizer, texts)  # (C, L)
         self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in table.captions])])  # (N + 1,)
@@ -397,15 +397,23 @@ class ImageTextDataset(Dataset):
         draw = np.random.default_rng((self.seed, self.epoch, i)).integers(stop - start)
         return int(start + draw)
 
-    def image(self, i: int) -> torch.Tensor | bytes | None:
+    def image(self, i: int, view: int | None = None) -> torch.Tensor | bytes | None:
+        """Image i's pixels (or bytes); with `view`, that seeded augmented view of it."""
         if self.encoded:
             return self.encoded_cache[i] if self.encoded_cache is not None else read_bytes(self.table.image_paths[i])
+        if view is not None:
+            with seeded(view_seed(self.seed, i, view)):
+                return self.decoder(self.table.image_paths[i])
         if self.cache is not None:
             return self.cache[i]
         return self.decoder(self.table.image_paths[i])
 
     def __getitem__(self, i: int):
-        image = i if self.image_input == "rows" else self.image(i)
+        view = view_of(self.seed, self.epoch, i, self.views) if self.views else None
+        if self.image_input == "rows":
+            image = i if view is None else view * len(self) + i  # a row of the cache of every view
+        else:
+            image = self.image(i, view)
         if image is None:
             self.unreadable_on_the_fly.add(i)
             return None  # unreadable on the fly: collate drops it

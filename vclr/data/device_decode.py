@@ -16,7 +16,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from vclr.data.dataset import random_crop
+from vclr.data.augment import random_crop
 
 logger = logging.getLogger(__name__)
 

@@ -82,14 +82,15 @@ class ShardPairs:
     None-image rows are dropped by the collate."""
 
     def __init__(self, tokenizer, image_size: int, seed: int, caption_columns: Sequence[str], encoded: bool,
-                 augment: bool, jpeg_draft: float = DataConfig.jpeg_draft):
+                 augment: bool, jpeg_draft: float = DataConfig.jpeg_draft, augment_settings=None):
         self.tokenizer = tokenizer
         self.seed = seed
         self.epoch = 0
         self.caption_columns = tuple(caption_columns)
         self.encoded = encoded
         self.image_input = "encoded" if encoded else "pixels"  # what its rows carry (vclr.data.batch)
-        self.decoder = ImageDecoder(decode_transform(image_size, augment), draft_size(image_size, jpeg_draft))
+        self.decoder = ImageDecoder(decode_transform(image_size, augment, settings=augment_settings),
+                                    draft_size(image_size, jpeg_draft))
 
     def __call__(self, row: dict) -> dict:
         image_key = sample_image_key(row)

@@ -56,7 +56,8 @@ class MapSource:
                                         cache_images=cfg.data.cache_images, cache_max_gb=cfg.data.cache_max_gb,
                                         image_input="rows" if cached_image_rows else
                                         "encoded" if cfg.data.decode_on == "device" else "pixels",
-                                        jpeg_draft=cfg.data.jpeg_draft,
+                                        jpeg_draft=cfg.data.jpeg_draft, augment_settings=cfg.data,
+                                        views=cfg.train.cache_views,
                                         # images are decoded in setup, unless a locked image tower's cache makes
                                         # pixels unnecessary (vclr.train.locked_cache)
                                         decode_now=False)
@@ -91,7 +92,7 @@ class ShardSource:
         self.cfg, self.shards = cfg, shards
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
         self.pairs = ShardPairs(tokenizer, image_size, cfg.train.seed, cfg.data.caption_columns,
-                                cfg.data.decode_on == "device", cfg.data.augment, cfg.data.jpeg_draft)
+                                cfg.data.decode_on == "device", cfg.data.augment, cfg.data.jpeg_draft, cfg.data)
         logger.info("streaming %d shards from %s", len(shards), cfg.data.train)
 
     def loader(self, epoch: int):

@@ -1,7 +1,8 @@
 """Locked towers computed once (LiT on small data): when a tower's frozen part is a prefix that the trainable rest
 only reads the output of (`DualEncoder.image_split` / `text_split`) and its input is deterministic (no
-augmentation), its outputs for every training image and caption are computed once, kept on disk as memory-mapped
-.npy files, and training runs only the trainable rest.
+augmentation, or train.cache_views seeded augmented views of each image), its outputs for every training image (and
+view) and caption are computed once, kept on disk as memory-mapped .npy files, and training runs only the trainable
+rest.
 
     $VCLR_CACHE/locked/<key>/images.npy     (N, ...) float32, row-aligned with the training table
     $VCLR_CACHE/locked/<key>/texts.npy      (C, ...) float32, aligned with the dataset's caption rows
@@ -26,9 +27,10 @@ import torch
 from tqdm import tqdm
 
 from vclr.config import Config
+from vclr.data.augment import augmentation_key
 from vclr.data.cache import cache_dir
 from vclr.data.dataset import ImageTextDataset, normalize_images
-from vclr.errors import DataError
+from vclr.errors import ConfigError, DataError
 from vclr.model.build import image_preprocess_cfg
 from vclr.model.dual_encoder import DualEncoder
 from vclr.model.towers import TowerSplit
@@ -99,35 +101,44 @@ def _mapped(folder: Path, name: str) -> torch.Tensor:
     return torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c"))  # copy-on-write map, read as needed
 
 
-def _image_batches(model: DualEncoder, dataset: ImageTextDataset, device: torch.device):
-    """Normalised (b, 3, S, S) batches of the dataset's images in row order (from its RAM cache when it has one)."""
+def _image_batches(model: DualEncoder, dataset: ImageTextDataset, device: torch.device, view: int | None = None):
+    """Normalised (b, 3, S, S) batches of the dataset's images in row order (from its RAM cache when it has one);
+    with `view`, that seeded augmented view of each."""
     preprocess = image_preprocess_cfg(model)
     for start in range(0, len(dataset), BATCH):
         rows = range(start, min(start + BATCH, len(dataset)))
-        images = [dataset.image(i) for i in rows]
+        images = [dataset.image(i, view) for i in rows]
         bad = [dataset.table.image_paths[i] for i, image in zip(rows, images) if image is None]
         if bad:
             raise DataError(f"{bad[0]} could not be read while caching the locked image tower; remove or replace it")
         yield normalize_images(torch.stack(images).to(device), preprocess["mean"], preprocess["std"])
 
 
-def image_cache_key(model: DualEncoder, split: TowerSplit, dataset: ImageTextDataset) -> str:
+def image_cache_key(model: DualEncoder, split: TowerSplit, dataset: ImageTextDataset, augment=None) -> str:
     """The frozen image part's key: its weights, the data, the model's preprocessing and how far JPEGs are decoded
-    (data.jpeg_draft changes the pixels a little)."""
-    return cache_key("images", split, dataset, {**image_preprocess_cfg(model), "draft_to": dataset.decoder.draft_to})
+    (data.jpeg_draft changes the pixels a little); with views, their number, the seed and the augmentation."""
+    views = {"views": dataset.views, "seed": dataset.seed, **augmentation_key(augment)} if dataset.views else {}
+    return cache_key("images", split, dataset, {**image_preprocess_cfg(model), "draft_to": dataset.decoder.draft_to,
+                                                **views})
 
 
-def _image_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device) -> torch.Tensor:
-    """Per-row outputs of the frozen image part; afterwards the dataset serves row numbers instead of pixels."""
+def _image_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device,
+                    augment=None) -> torch.Tensor:
+    """Per-row outputs of the frozen image part (with views: every view of every row, view-major: (K * N, ...));
+    afterwards the dataset serves row numbers instead of pixels."""
     split = model.image_split()
-    key = image_cache_key(model, split, dataset)
+    key = image_cache_key(model, split, dataset, augment)
     folder = _cached("images", key)
     if folder is None:
-        logger.info("computing the locked image tower's outputs once for %d images", len(dataset))
+        views = dataset.views or 1
+        logger.info("computing the locked image tower's outputs once for %d images%s", len(dataset),
+                    f" x {views} augmented views" if dataset.views else "")
         original = {path: i for i, path in enumerate(dataset.table.image_paths)}
         dataset.prepare_images()  # decodes with threads (when it fits data.cache_max_gb), drops unreadable rows
-        values = _compute(split.frozen, _image_batches(model, dataset, device), -(-len(dataset) // BATCH),
-                          "locked image tower")
+        values = np.concatenate([
+            _compute(split.frozen, _image_batches(model, dataset, device, view if dataset.views else None),
+                     -(-len(dataset) // BATCH), f"locked image tower, view {view + 1} of {views}")
+            for view in range(views)])
         kept = np.asarray([original[path] for path in dataset.table.image_paths], dtype=np.int64)
         folder = _save("images", key, {"images": values, "rows": kept})
     else:
@@ -157,13 +168,13 @@ def _text_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.
 
 
 def locked_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device, image: bool, text: bool,
-                    accelerator=None) -> LockedFeatures:
+                    accelerator=None, augment=None) -> LockedFeatures:
     """The cached outputs of the towers asked for; the main process computes them first, the others then read
     them. Without a cached image tower the dataset decodes its images as usual."""
     features = LockedFeatures()
     with accelerator.main_process_first() if accelerator is not None else nullcontext():
         if image:
-            features.images = _image_features(model, dataset, device)
+            features.images = _image_features(model, dataset, device, augment)
         else:
             dataset.prepare_images()
         if text:
@@ -172,9 +183,14 @@ def locked_features(model: DualEncoder, dataset: ImageTextDataset, device: torch
 
 
 def caches_image_tower(cfg: Config, model: DualEncoder) -> bool:
-    """Are the locked image tower's outputs cached per image (a frozen prefix, unaugmented pixels)?"""
-    return cfg.train.cache_locked_towers and model.frozen_image_part() is not None and not cfg.data.augment \
-        and cfg.data.decode_on == "loader"
+    """Are the locked image tower's outputs cached per image (a frozen prefix; unaugmented pixels, or augmented
+    ones with train.cache_views)?"""
+    cacheable = model.frozen_image_part() is not None and cfg.data.decode_on == "loader"
+    if cfg.train.cache_views and not (cacheable and cfg.data.augment):
+        raise ConfigError("train.cache_views caches augmented views of a locked image tower: it needs "
+                          "model.lock_image=true, data.augment=true and data.decode_on=loader (with "
+                          "train.cache_locked_towers=false the same seeded views are drawn every step instead)")
+    return cfg.train.cache_locked_towers and cacheable and (not cfg.data.augment or cfg.train.cache_views > 0)
 
 
 def cache_locked_towers(cfg: Config, model: DualEncoder, source, accelerator) -> LockedFeatures:
@@ -186,7 +202,7 @@ def cache_locked_towers(cfg: Config, model: DualEncoder, source, accelerator) ->
     image = source.dataset.image_input == "rows"
     text = cfg.train.cache_locked_towers and model.frozen_text_part() is not None
     locked = locked_features(model.to(accelerator.device), source.dataset, accelerator.device, image, text,
-                             accelerator)
+                             accelerator, cfg.data)
     model.use_cached_inputs(image=locked.images is not None, text=locked.texts is not None)
     if image or text:
         logger.info("locked towers cached: image %s, text %s; training runs only the parts that train", image, text)

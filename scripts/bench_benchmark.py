@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import clip_benchmark_reference as reference
+
+from vclr.export.backends import machine
 
 SCRIPTS = Path(__file__).resolve().parent
 
@@ -100,17 +101,6 @@ def agreement(vclr_out: Path, reference_out: Path) -> tuple[int, int]:
             compared += 1
             equal += mine.get(name) == value
     return equal, compared
-
-
-def machine() -> dict:
-    from vclr.export.backends import cpu_flags
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    except OSError:
-        model = platform.processor()
-    return {"cpu": model, "cpu_flags": cpu_flags(), "cores": os.cpu_count()}
 
 
 def main(argv: list[str] | None = None) -> int:

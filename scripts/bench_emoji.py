@@ -15,6 +15,8 @@ Variants (configs/ recipes):
   siglip         lit with the sigmoid loss (siglip_lit)
   lit_partial    the top layer of each tower unlocked (lit_partial)
   finetune       both towers fine-tuned, lower tower LR and layer-wise decay (lit_finetune)
+  lit_augment    lit with data.augment: the locked towers run every step on fresh augmentations (no cache)
+  lit_views      lit with data.augment and train.cache_views=4: 4 seeded augmented views per image, cached
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ VARIANTS = {
     "siglip": ("siglip_lit_minilm_effl0", ["optim.max_steps=100000"]),
     "lit_partial": ("lit_partial_minilm_effl0", ["optim.max_steps=100000"]),
     "finetune": ("lit_finetune_minilm_effl0", ["optim.max_steps=100000"]),
+    # augmentation for the locked towers: drawn anew every step (so the towers run every step), or K seeded views
+    # of each image computed once and cached (train.cache_views); the augmentation itself comes from --set
+    "lit_augment": ("lit_frozen_minilm_effl0", ["data.augment=true", "optim.max_steps=100000"]),
+    "lit_views": ("lit_frozen_minilm_effl0", ["data.augment=true", "train.cache_views=4", "optim.max_steps=100000"]),
 }
 
 

@@ -301,3 +301,12 @@ def test_clip_benchmark_builder_datasets_are_written_in_the_standard_format(tmp_
     assert data.templates and all("{c}" in t for t in data.templates)  # CLIP_benchmark's templates for "dummy"
     rows = (data.split("test") / "metadata.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["label"] == 0 and (data.split("test") / json.loads(rows[0])["file_name"]).is_file()
+
+
+def test_a_model_that_does_not_load_fails_its_cells_and_the_others_run(run, small_shapes, tmp_path):
+    labelled = labelled_dataset(tmp_path / "hues")
+    rows = benchmark([f"broken=vclr-tiny-rn,{tmp_path / 'missing.pt'}", str(run)],
+                     [str(small_shapes / "test"), str(labelled)], tmp_path / "out", settings=FAST, report=False)
+    broken = [r for r in rows if r["model"] == "broken"]
+    assert len(broken) == 2 and all("does not load" in r["error"] and "missing.pt" in r["error"] for r in broken)
+    assert all("metrics" in r for r in rows if r["model"] == "tiny") and len(rows) == 4

@@ -4,6 +4,7 @@ are not checked here (they are the scripts' job on real sizes); that each script
 import importlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from helpers import REPO_ROOT
@@ -25,7 +26,8 @@ def run_script(name: str, argv: list[str], capsys, monkeypatch) -> list[dict]:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = {name for name, _ in CASES} | {"bench_emoji", "bench_emoji_ceiling", "bench_weak", "bench_int8"}
+    tested = {name for name, _ in CASES} | {"bench_emoji", "bench_emoji_ceiling", "bench_weak", "bench_int8",
+                                            "bench_finetune"}
     assert {path.stem for path in SCRIPTS.glob("bench_*.py")} == tested
 
 
@@ -42,7 +44,7 @@ CASES = [
                      "--no-reference", "--data-dir", "train-data", "--out-dir", "train-out"]),
     ("bench_onnx", ["--models", "vclr-tiny-rn", "--repeats", "2", "--batch", "4"]),
     ("bench_cli", ["--repeats", "1"]),
-    ("bench_benchmark", ["--models", "2", "--arch", "vclr-tiny-rn", "--test", "14", "--train", "21", "--val", "14",
+    ("bench_benchmark", ["--models", "1", "--arch", "vclr-tiny-rn", "--test", "14", "--train", "21", "--val", "14",
                          "--retrieval", "10", "--bootstrap", "20", "--work", "bench-work"]),
     ("bench_serve", ["--images", "300", "--model", "vclr-tiny-rn", "--levels", "1", "--seconds", "1", "--warmup", "0"]),
     ("bench_serve", ["--images", "300", "--model", "vclr-tiny-rn", "--levels", "1", "--seconds", "1", "--warmup", "0",
@@ -116,3 +118,28 @@ def test_bench_int8_runs_at_tiny_sizes(small_shapes, tmp_path, capsys, monkeypat
                         monkeypatch)
     assert set(line["recall"]) == {"torch fp32", "onnx fp32", "onnx int8"} and line["guard"]["sample"] > 0
     assert line["min_image_cosine_fp32_export"] >= 0.9999
+
+
+@pytest.mark.slow
+def test_bench_finetune_runs_at_tiny_sizes(small_shapes, tmp_path, capsys, monkeypatch):
+    from helpers import train_overrides
+
+    from vclr.config import load_config
+    from vclr.data.prepare import prepare_fashion_mnist
+    from vclr.train.loop import train
+
+    if not (Path("/usr/share/datasets/fashion-mnist").is_dir() or shutil.which("apt-get")):
+        pytest.skip("no Fashion-MNIST source (Debian's dataset-fashion-mnist)")
+    data = tmp_path / "fm"
+    prepare_fashion_mnist(data, limit=64)
+    base = tmp_path / "base"
+    train(load_config(None, train_overrides(small_shapes, base, **{"optim.max_steps": 3, "optim.warmup_steps": 1,
+                                                                   "data.batch_size": 16})))
+    lines = run_script("bench_finetune", ["--base", str(base), "--base-task", str(small_shapes / "test"), "--data",
+                                          str(data), "--steps", "2", "--batch", "16", "--variants", "full,lora8",
+                                          "--alphas", "0.5", "--checkpointing-model", "vclr-tiny-vit",
+                                          "--checkpointing-batch", "8", "--checkpointing-steps", "2", "--work",
+                                          str(tmp_path / "work"), "--bootstrap", "20"], capsys, monkeypatch)
+    variants = {line["variant"]: line for line in lines}
+    assert {"base", "full", "lora8", "wise0.5", "grad_checkpointing=true"} <= set(variants)
+    assert variants["lora8"]["trainable_parameters"] < variants["full"]["trainable_parameters"]

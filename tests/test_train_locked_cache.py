@@ -111,27 +111,36 @@ def test_trimmed_padding_leaves_hf_text_features_unchanged(lit_files):
 
 
 @pytest.mark.slow
-def test_training_on_the_cache_equals_uncached_training_and_reuses_it(lit_files, tmp_path, caplog):
+def _train_locked(lit_files, data, out, caplog, *overrides):
+    """A short LiT training with both towers locked: (its final weights, what it logged)."""
     name, text_dir, weights = lit_files
+    cfg = load_config(None, [f"data.train={data / 'train'}", f"train.output_dir={out}", f"model.name={name}",
+                             f"model.text_tower_dir={text_dir}", f"model.image_tower_weights={weights}",
+                             "model.lock_image=true", "model.lock_text=true", "data.batch_size=16",
+                             "optim.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100", *overrides])
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        train_mod.train(cfg)
+    return load_file(out / "model.safetensors"), caplog.text
+
+
+def _cached_equals_uncached(run) -> str:
+    """Trains uncached, then cached: the final weights agree to float32 rounding. -> the cached run's log."""
+    uncached, _ = run("uncached", cached=False)
+    cached, log = run("cached")
+    for key, value in uncached.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    return log
+
+
+def test_training_on_the_cache_equals_uncached_training_and_reuses_it(lit_files, tmp_path, caplog):
     data = make_synthetic(tmp_path / "data", num_train=64, num_test=8, seed=2)
 
     def run(folder, cached=True, seed=0):
-        cfg = load_config(None, [f"data.train={data / 'train'}", f"train.output_dir={tmp_path / folder}",
-                                 f"model.name={name}", f"model.text_tower_dir={text_dir}",
-                                 f"model.image_tower_weights={weights}", "model.lock_image=true",
-                                 "model.lock_text=true", "data.batch_size=16", "optim.max_steps=4",
-                                 "optim.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100",
-                                 f"train.cache_locked_towers={str(cached).lower()}", f"train.seed={seed}"])
-        with caplog.at_level(logging.INFO):
-            caplog.clear()
-            train_mod.train(cfg)
-        return load_file(tmp_path / folder / "model.safetensors"), caplog.text
+        return _train_locked(lit_files, data, tmp_path / folder, caplog, "optim.max_steps=4",
+                             f"train.cache_locked_towers={str(cached).lower()}", f"train.seed={seed}")
 
-    uncached, _ = run("uncached", cached=False)
-    cached, log = run("cached")
-    assert "computing the locked image tower's outputs once" in log
-    for key, value in uncached.items():
-        torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert "computing the locked image tower's outputs once" in _cached_equals_uncached(run)
     _, log = run("again")
     assert "reusing the locked image tower's outputs" in log and "reusing the locked text tower's outputs" in log
     _, log = run("other_seed", seed=7)  # other random projections: the frozen parts, and so the cache, are the same
@@ -231,27 +240,14 @@ def test_cached_augmented_views_equal_the_uncached_augmented_path(lit_files, tmp
     """train.cache_views: K seeded augmented views of each image are computed once; training on them equals training
     with the locked tower run every step on the same seeded views (the uncached path), and another K, seed or
     augmentation is another cache."""
-    name, text_dir, weights = lit_files
     data = make_synthetic(tmp_path / "data", num_train=48, num_test=8, seed=4)
 
     def run(folder, cached=True, views=3, jitter=0.3):
-        cfg = load_config(None, [f"data.train={data / 'train'}", f"train.output_dir={tmp_path / folder}",
-                                 f"model.name={name}", f"model.text_tower_dir={text_dir}",
-                                 f"model.image_tower_weights={weights}", "model.lock_image=true",
-                                 "model.lock_text=true", "data.batch_size=16", "optim.max_steps=6",
-                                 "optim.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100",
-                                 "data.augment=true", f"data.augment_color_jitter={jitter}", "data.augment_scale=0.5",
-                                 f"train.cache_views={views}", f"train.cache_locked_towers={str(cached).lower()}"])
-        with caplog.at_level(logging.INFO):
-            caplog.clear()
-            train_mod.train(cfg)
-        return load_file(tmp_path / folder / "model.safetensors"), caplog.text
+        return _train_locked(lit_files, data, tmp_path / folder, caplog, "optim.max_steps=6", "data.augment=true",
+                             f"data.augment_color_jitter={jitter}", "data.augment_scale=0.5",
+                             f"train.cache_views={views}", f"train.cache_locked_towers={str(cached).lower()}")
 
-    uncached, _ = run("uncached", cached=False)
-    cached, log = run("cached")
-    assert "x 3 augmented views" in log
-    for key, value in uncached.items():
-        torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert "x 3 augmented views" in _cached_equals_uncached(run)
     _, log = run("again")
     assert "reusing the locked image tower's outputs" in log
     for folder, options in (("views", {"views": 2}), ("jitter", {"jitter": 0.1})):

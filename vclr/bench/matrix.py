@@ -83,6 +83,8 @@ def _weights_stamp(source: ModelSource) -> list:
         path = Path(source.pretrained)
     else:
         return []
+    if not path.exists():  # the model will not load: its cells fail with the loader's own message
+        return [str(path), None]
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
@@ -215,11 +217,12 @@ def _model_cells(spec: ModelSpec, resolved: dict, tasks: tuple[str, ...], settin
                 raise
             except Exception as e:
                 message = _one_line(e)
-                logger.error("%s x %s x %s: %s", spec.label, name, task, message)
-                store.add({**_row(spec, key, loaded[1] if loaded else None, dataset, task, settings, cell),
-                           "error": message})
-                if loaded is None:  # the model does not load: its other cells would fail the same way
+                if loaded is None:  # the model does not load: every cell of it fails the same way
+                    logger.error("model %s: %s", spec.label, message)
+                    _fail_all(spec, key, resolved, tasks, settings, store, f"the model does not load: {message}")
                     return
+                logger.error("%s x %s x %s: %s", spec.label, name, task, message)
+                store.add({**_row(spec, key, loaded[1], dataset, task, settings, cell), "error": message})
                 continue
             row = {**_row(spec, key, loaded[1], dataset, task, settings, cell), "metrics": result.metrics,
                    "intervals": {k: list(v) for k, v in cis.items()}, "units": result.units,
@@ -227,6 +230,15 @@ def _model_cells(spec: ModelSpec, resolved: dict, tasks: tuple[str, ...], settin
             store.add(row, result.figures)
             logger.info("%s x %s x %s: %s", spec.label, name, task,
                         ", ".join(f"{k} {v:.4f}" for k, v in list(result.metrics.items())[:4]))
+
+
+def _fail_all(spec: ModelSpec, key: str, resolved: dict, tasks: tuple[str, ...], settings: BenchmarkConfig,
+              store: ResultStore, message: str) -> None:
+    for dataset in (d for d in resolved.values() if not isinstance(d, str)):
+        for task in tasks_for(dataset, tasks):
+            cell = cell_key(key, dataset, task, settings)
+            if not store.done(cell):
+                store.add({**_row(spec, key, None, dataset, task, settings, cell), "error": message})
 
 
 def benchmark(models: Sequence[str], datasets: Sequence[str], out: str | Path, *, tasks: Sequence[str] = ("auto",),

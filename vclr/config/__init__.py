@@ -87,7 +87,7 @@ class DataConfig:
     cache_max_gb: float = 4.0
     augment: bool = False  # random resized crop; off by default: crops and flips break captions about position
     augment_scale: float = 0.8  # the crop keeps at least this share of the image's area (vclr.data.augment)
-    augment_color_jitter: float = 0.0  # brightness, contrast and saturation jitter (hue a quarter of it); 0 = off
+    augment_color_jitter: float = 0.0  # brightness, contrast and saturation jitter (never hue: captions name it)
     augment_grayscale: float = 0.0  # probability of a greyscale view
     augment_blur: float = 0.0  # probability of a Gaussian blur
     # where images are decoded: "loader" = PIL in the data loader (cached as uint8 when they fit); "device" = the

@@ -5,8 +5,8 @@
     with seeded(view_seed(seed, row, view)): image = transform(pil)   # that view's pixels, the same every time
 
 Captions describe whole scenes and say "left" and "right": the crop is mild by default (80-100% of the area,
-near-square) and nothing flips. Colour jitter, greyscale and blur are off unless set (data.augment_color_jitter,
-data.augment_grayscale, data.augment_blur).
+near-square) and nothing flips. Colour jitter (brightness, contrast, saturation: never the hue, which captions name),
+greyscale and blur are off unless set (data.augment_color_jitter, data.augment_grayscale, data.augment_blur).
 
 With train.cache_views=K a locked image tower sees K views of each image: view k of row i is the augmentation drawn
 under the seed `view_seed(seed, i, k)`, so the cache (computed once) and the uncached path (a tower run every step)
@@ -35,8 +35,8 @@ def augmentation(image_size: int, interpolation: str = "bicubic", settings=None)
     """PIL -> PIL: the random resized crop, then the photometric changes `settings` (a DataConfig) turns on."""
     steps = [random_crop(image_size, interpolation, getattr(settings, "augment_scale", 0.8))]
     jitter = getattr(settings, "augment_color_jitter", 0.0)
-    if jitter:
-        steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=min(0.5, jitter / 4)))
+    if jitter:  # no hue jitter: captions name colours ("a red heart")
+        steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
     grey = getattr(settings, "augment_grayscale", 0.0)
     if grey:
         steps.append(T.RandomGrayscale(p=grey))

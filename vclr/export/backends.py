@@ -194,7 +194,7 @@ def _fastest(model, source: ModelSource, identity: dict, pixels: np.ndarray, qua
              guard: dict) -> BackendChoice:
     from vclr.embed.embedding import encode_image_batch
 
-    key = json.dumps({"machine": _machine(), "model": identity}, sort_keys=True)
+    key = json.dumps({"machine": machine(), "model": identity}, sort_keys=True)
     speeds = _timings().get(key)
     full = None  # the fp32 export is loaded (or made) only to be timed or used
     if speeds is None:
@@ -239,7 +239,7 @@ def cpu_flags() -> list[str]:
     return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp") if f in flags]
 
 
-def _machine() -> dict:
+def machine() -> dict:
     """The processor, its int8 features and the cores: a timing holds for these."""
     try:
         info = Path("/proc/cpuinfo").read_text()

@@ -33,15 +33,21 @@ VARIANTS = {  # name -> (overrides, the checkpoint benchmarked)
 LORA_LR_SCALE = 10  # adapters start at zero and are few: the usual LoRA practice is a ~10x higher learning rate
 
 
+def _vclr_train(run: Path, overrides: list[str], config: Path | None = None) -> dict:
+    """One `vclr train` in its own process (its peak memory its own) -> its RUN/train_report.json."""
+    subprocess.run([str(Path(sys.executable).parent / "vclr"), "-q", "train",
+                    *(["--config", str(config)] if config else []), f"train.output_dir={run}", "train.max_minutes=0",
+                    "train.checkpoint_every=100000", *overrides],
+                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads((run / "train_report.json").read_text())
+
+
 def _train(run: Path, base: Path, data: Path, args, extra: list[str], lr: float) -> dict:
     overrides = [f"model.pretrained={base / 'model.safetensors'}", f"data.train={data / 'train'}",
-                 f"data.test={data / 'test'}", f"train.output_dir={run}", f"optim.max_steps={args.steps}",
-                 f"optim.lr={lr}", f"optim.warmup_steps={max(1, args.steps // 10)}", "train.max_minutes=0",
-                 f"data.batch_size={args.batch}", "train.checkpoint_every=100000", "loss.triplet_warmup_steps=0",
-                 *extra]
-    subprocess.run([str(Path(sys.executable).parent / "vclr"), "-q", "train", "--config", str(base / "config.yaml"),
-                    *overrides], check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    return json.loads((run / "train_report.json").read_text())
+                 f"data.test={data / 'test'}", f"optim.max_steps={args.steps}", f"optim.lr={lr}",
+                 f"optim.warmup_steps={max(1, args.steps // 10)}", f"data.batch_size={args.batch}",
+                 "loss.triplet_warmup_steps=0", *extra]
+    return _vclr_train(run, overrides, base / "config.yaml")
 
 
 def _figures(rows: list[dict], base_task: str, new_task: str) -> dict[str, dict]:
@@ -62,15 +68,10 @@ def checkpointing_memory(work: Path, data: Path, args) -> list[dict]:
     """Peak memory and steps/s of a few training steps of --checkpointing-model with and without recomputation."""
     lines = []
     for flag in ("false", "true"):
-        run = work / f"ckpt-{flag}"
-        overrides = [f"model.name={args.checkpointing_model}", f"data.train={data / 'train'}",
-                     f"train.output_dir={run}", f"optim.max_steps={args.checkpointing_steps}", "optim.warmup_steps=1",
-                     "train.max_minutes=0",
-                     f"data.batch_size={args.checkpointing_batch}", "train.checkpoint_every=100000",
-                     f"train.grad_checkpointing={flag}", "loss.triplet_weight=0"]
-        subprocess.run([str(Path(sys.executable).parent / "vclr"), "-q", "train", *overrides], check=True,
-                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        report = json.loads((run / "train_report.json").read_text())
+        report = _vclr_train(work / f"ckpt-{flag}", [
+            f"model.name={args.checkpointing_model}", f"data.train={data / 'train'}",
+            f"optim.max_steps={args.checkpointing_steps}", "optim.warmup_steps=1",
+            f"data.batch_size={args.checkpointing_batch}", f"train.grad_checkpointing={flag}", "loss.triplet_weight=0"])
         lines.append({"bench": "finetune", "variant": f"grad_checkpointing={flag}",
                       "model": args.checkpointing_model, "batch": args.checkpointing_batch,
                       "peak_memory_gb": round(report["peak_memory_bytes"] / 1e9, 3), "memory": report["peak_memory"],
@@ -103,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     base, data, work = Path(args.base).resolve(), Path(args.data).resolve(), Path(args.work).resolve()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     reports, specs = {}, [f"base={base}"]
+    lrs = {name: args.lr * (LORA_LR_SCALE if name.startswith("lora") else 1) for name in variants}
     for name in variants:
         extra, checkpoint = VARIANTS[name]
-        lr = args.lr * (LORA_LR_SCALE if name.startswith("lora") else 1)
-        reports[name] = _train(work / name, base, data, args, extra, lr)
+        reports[name] = _train(work / name, base, data, args, extra, lrs[name])
         specs.append(f"{name}={work / name}" + ("@ema" if checkpoint == "ema" else ""))
     alphas = [float(a) for a in args.alphas.split(",") if a.strip()] if "full" in variants else []
     for alpha in alphas:
@@ -114,24 +115,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = benchmark(specs, [args.base_task, str(data / "test")], work / "benchmark",
                      settings=BenchmarkConfig(bootstrap=args.bootstrap))
     figures = _figures(rows, args.base_task, f"{data.name}/test")
-    reference = figures["base"]
+    reference, host = figures["base"], machine()
     for label in ["base", *variants, *(f"wise{a:g}" for a in alphas)]:
         # WiSE-FT costs what the full fine-tuning it interpolates cost (the interpolation itself is free)
-        report = reports.get("full", {}) if label.startswith("wise") else reports.get(label, {})
+        trained = "full" if label.startswith("wise") else label
+        report = reports.get(trained, {})
         line = {"bench": "finetune", "variant": label, **figures.get(label, {}),
                 "new_task_gain": round(figures.get(label, {}).get("new_task", 0) - reference["new_task"], 2),
                 "base_task_loss": round(reference["base_task"] - figures.get(label, {}).get("base_task", 0), 2),
                 "steps": args.steps, "batch": args.batch}
-        if label in reports or label.startswith("wise"):
-            line.update(lr=args.lr * (LORA_LR_SCALE if label.startswith("lora") else 1),
+        if trained in reports:
+            line.update(lr=lrs[trained],
                         trainable_parameters=report.get("trainable_parameters"),
                         total_parameters=report.get("total_parameters"),
                         peak_memory_gb=round(report.get("peak_memory_bytes", 0) / 1e9, 3),
                         steps_per_s=report.get("steps_per_s"))
-        print(json.dumps({**line, **machine()}), flush=True)
+        print(json.dumps({**line, **host}), flush=True)
     if args.checkpointing_steps:
         for line in checkpointing_memory(work, data, args):
-            print(json.dumps({**line, **machine()}), flush=True)
+            print(json.dumps({**line, **host}), flush=True)
     return 0
 
 

@@ -208,10 +208,7 @@ def test_a_lit_run_with_a_hugging_face_text_tower_exports_as_an_open_clip_model(
                                                                                  tiny_lit_model_name, tmp_path):
     cfg = Config(model=ModelConfig(name=tiny_lit_model_name, text_tower_dir=str(tiny_hf_text_dir)))
     torch.manual_seed(0)
-    run = save_model_as_run(tmp_path / "lit", cfg, build_model(cfg.model))
-    from vclr.rundir import save_text_tower_files
-
-    save_text_tower_files(run, tiny_hf_text_dir)
+    run = save_model_as_run(tmp_path / "lit", cfg, build_model(cfg.model))  # with the tower's tokenizer files
     _check_round_trip(run, tmp_path / "export")
     config = json.loads((tmp_path / "export" / "open_clip_config.json").read_text())
     assert config["model_cfg"]["text_cfg"]["hf_model_pretrained"] is False  # its weights are in the safetensors

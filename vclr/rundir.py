@@ -156,14 +156,17 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
 
 
 def save_model_as_run(run_dir: str | Path, cfg: Config, model) -> Path:
-    """A model (a DualEncoder, trained or not) saved as a run: its config and weights, so that every command that
-    takes a run takes it (tests, benchmarks, converted checkpoints). -> the run directory."""
+    """A model (a DualEncoder, trained or not) saved as a run: its config, its weights and, for a Hugging Face text
+    tower, that tower's config and tokenizer files, so that every command that takes a run takes it, wherever it lies
+    (tests, benchmarks, converted checkpoints, merged and interpolated models). -> the run directory."""
     from safetensors.torch import save  # torch only when a model is saved
 
     run_dir = Path(run_dir)
     write_run_config(run_dir, cfg)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     atomic_write_bytes(run_dir / MODEL_FILE, save(state))
+    if cfg.model.text_tower_dir:
+        save_text_tower_files(run_dir, cfg.model.text_tower_dir)
     return run_dir
 
 

@@ -18,6 +18,16 @@ from typing import Any, Literal
 
 import yaml
 
+# the config hash: which indexes, caches and exports a model's config may use
+from vclr.config.hashing import (
+    HASHED_FIELDS,
+    LEGACY_ALWAYS_HASHED,
+    LOCATION_FIELDS,
+    NEWER_FIELDS,
+    UNHASHED_FIELDS,
+    config_hash,
+    config_hashes,
+)
 from vclr.errors import ConfigError
 from vclr.storage import atomic_write_text
 
@@ -423,17 +433,6 @@ def config_to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
-
-# the config hash: which indexes, caches and exports a model's config may use (vclr.config.hashing)
-from vclr.config.hashing import (  # noqa: E402
-    HASHED_FIELDS,
-    LEGACY_ALWAYS_HASHED,
-    LOCATION_FIELDS,
-    NEWER_FIELDS,
-    UNHASHED_FIELDS,
-    config_hash,
-    config_hashes,
-)
 
 __all__ = ["BenchmarkConfig", "Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimConfig",
            "TrainConfig", "builtin_configs", "config_from_dict", "config_hash", "config_hashes", "config_to_dict",

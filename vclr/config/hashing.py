@@ -49,5 +49,3 @@ def config_hashes(section: Any) -> tuple[str, ...]:
     """The hash this vclr records first, then the one earlier versions recorded for the same config: what an index or
     export built from it may carry."""
     return tuple(dict.fromkeys([config_hash(section), config_hash(section, frozenset(LEGACY_ALWAYS_HASHED))]))
-
-

@@ -23,27 +23,30 @@ import numpy as np
 import torch
 from torchvision.transforms import v2 as T
 
+from vclr.config import DataConfig
 
-def random_crop(image_size: int, interpolation: str = "bicubic", min_scale: float = 0.8) -> T.RandomResizedCrop:
+
+def random_crop(image_size: int, interpolation: str = "bicubic",
+                min_scale: float = DataConfig.augment_scale) -> T.RandomResizedCrop:
     """The augmentation's crop, for the PIL and the device-decode paths alike: mild and near-square, because captions
     describe the whole scene and its layout."""
     return T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), ratio=(0.9, 1.1),
                                interpolation=T.InterpolationMode(interpolation), antialias=True)
 
 
-def augmentation(image_size: int, interpolation: str = "bicubic", settings=None) -> T.Compose:
-    """PIL -> PIL: the random resized crop, then the photometric changes `settings` (a DataConfig) turns on."""
-    steps = [random_crop(image_size, interpolation, getattr(settings, "augment_scale", 0.8))]
-    jitter = getattr(settings, "augment_color_jitter", 0.0)
+def augmentation(image_size: int, interpolation: str = "bicubic", settings: DataConfig | None = None) -> T.Compose:
+    """PIL -> PIL: the random resized crop, then the photometric changes `settings` (DataConfig's defaults when
+    None) turns on."""
+    settings = settings if settings is not None else DataConfig()
+    steps = [random_crop(image_size, interpolation, settings.augment_scale)]
+    jitter = settings.augment_color_jitter
     if jitter:  # no hue jitter: captions name colours ("a red heart")
         steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
-    grey = getattr(settings, "augment_grayscale", 0.0)
-    if grey:
-        steps.append(T.RandomGrayscale(p=grey))
-    blur = getattr(settings, "augment_blur", 0.0)
-    if blur:
+    if settings.augment_grayscale:
+        steps.append(T.RandomGrayscale(p=settings.augment_grayscale))
+    if settings.augment_blur:
         steps.append(T.RandomApply([T.GaussianBlur(kernel_size=max(3, image_size // 20 * 2 + 1), sigma=(0.1, 2.0))],
-                                   p=blur))
+                                   p=settings.augment_blur))
     return T.Compose(steps)
 
 

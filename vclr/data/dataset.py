@@ -333,6 +333,7 @@ class ImageTextDataset(Dataset):
         self.decoder = ImageDecoder(decode_transform(image_size, augment, settings=augment_settings),
                                     draft_size(image_size, jpeg_draft))
         self.views = views if augment else 0
+        self.augment_settings = augment_settings if augment else None  # what its views' pixels depend on
         texts, caption_image = table.flat_captions()
         self.tokens = tokenize_all(tokenizer, texts)  # (C, L)
         self.caption_start = np.concatenate([[0], np.cumsum([len(c) for c in table.captions])])  # (N + 1,)

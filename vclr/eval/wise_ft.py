@@ -22,7 +22,7 @@ from vclr.bench.report import MAIN_FIGURES
 from vclr.config import BenchmarkConfig
 from vclr.errors import VclrError
 from vclr.model.adapt import describe_wise_ft, wise_ft
-from vclr.rundir import save_model_as_run, save_text_tower_files
+from vclr.rundir import save_model_as_run
 from vclr.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ def save_wise_ft(base: str, fine_tuned: str, alpha: float, out: str | Path) -> P
         return out
     model, cfg = wise_ft(base_source, tuned_source, alpha)
     save_model_as_run(out, cfg, model)
-    if cfg.model.text_tower_dir:
-        save_text_tower_files(out, cfg.model.text_tower_dir)
     atomic_write_text(out / RECORD, json.dumps(record, indent=2))
     logger.info("wrote the WiSE-FT run at alpha %g to %s", alpha, out)
     return out

@@ -9,7 +9,7 @@ and for a Hugging Face text tower that tower's `config.json` and tokenizer files
 the folder itself (or the hub repo it is pushed to) and `hf_model_pretrained` is off, since the safetensors hold its
 weights. LoRA adapters are merged first. What open_clip cannot express is refused: vclr's projector heads
 (`model.projector`) and pooled feature levels (`model.image_pool_levels`). After writing, open_clip loads the folder
-and its embeddings of probe texts and images are checked against vclr's (tests/test_export_open_clip.py: equal).
+and its embeddings of probe texts and images are checked against vclr's (tests/test_train_finetune.py: equal).
 """
 
 from __future__ import annotations

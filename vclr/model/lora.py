@@ -139,7 +139,7 @@ def save_merged_run(source, out) -> dict:
     """A run with LoRA adapters written again as a plain run: the adapters folded into the towers' weights
     (`vclr export --merge-lora`). -> what was written."""
     from vclr.errors import VclrError
-    from vclr.rundir import save_model_as_run, save_text_tower_files
+    from vclr.rundir import save_model_as_run
 
     model, cfg = source.load(torch.device("cpu"))
     if not cfg.model.lora_rank or not _has_lora(model):
@@ -147,7 +147,5 @@ def save_merged_run(source, out) -> dict:
                         "model.lora_rank is 0): there is nothing to merge")
     merge_lora(model)
     cfg = replace(cfg, model=without_lora(cfg.model))
-    save_model_as_run(out, cfg, model)
-    if cfg.model.text_tower_dir:  # a Hugging Face text tower's config and tokenizer go with the run
-        save_text_tower_files(out, cfg.model.text_tower_dir)
+    save_model_as_run(out, cfg, model)  # a Hugging Face text tower's config and tokenizer go with it
     return {"out": str(out), "model": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())}

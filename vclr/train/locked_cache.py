@@ -114,20 +114,20 @@ def _image_batches(model: DualEncoder, dataset: ImageTextDataset, device: torch.
         yield normalize_images(torch.stack(images).to(device), preprocess["mean"], preprocess["std"])
 
 
-def image_cache_key(model: DualEncoder, split: TowerSplit, dataset: ImageTextDataset, augment=None) -> str:
+def image_cache_key(model: DualEncoder, split: TowerSplit, dataset: ImageTextDataset) -> str:
     """The frozen image part's key: its weights, the data, the model's preprocessing and how far JPEGs are decoded
     (data.jpeg_draft changes the pixels a little); with views, their number, the seed and the augmentation."""
-    views = {"views": dataset.views, "seed": dataset.seed, **augmentation_key(augment)} if dataset.views else {}
+    views = {"views": dataset.views, "seed": dataset.seed, **augmentation_key(dataset.augment_settings)} \
+        if dataset.views else {}
     return cache_key("images", split, dataset, {**image_preprocess_cfg(model), "draft_to": dataset.decoder.draft_to,
                                                 **views})
 
 
-def _image_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device,
-                    augment=None) -> torch.Tensor:
+def _image_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device) -> torch.Tensor:
     """Per-row outputs of the frozen image part (with views: every view of every row, view-major: (K * N, ...));
     afterwards the dataset serves row numbers instead of pixels."""
     split = model.image_split()
-    key = image_cache_key(model, split, dataset, augment)
+    key = image_cache_key(model, split, dataset)
     folder = _cached("images", key)
     if folder is None:
         views = dataset.views or 1
@@ -168,13 +168,13 @@ def _text_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.
 
 
 def locked_features(model: DualEncoder, dataset: ImageTextDataset, device: torch.device, image: bool, text: bool,
-                    accelerator=None, augment=None) -> LockedFeatures:
+                    accelerator=None) -> LockedFeatures:
     """The cached outputs of the towers asked for; the main process computes them first, the others then read
     them. Without a cached image tower the dataset decodes its images as usual."""
     features = LockedFeatures()
     with accelerator.main_process_first() if accelerator is not None else nullcontext():
         if image:
-            features.images = _image_features(model, dataset, device, augment)
+            features.images = _image_features(model, dataset, device)
         else:
             dataset.prepare_images()
         if text:
@@ -202,7 +202,7 @@ def cache_locked_towers(cfg: Config, model: DualEncoder, source, accelerator) ->
     image = source.dataset.image_input == "rows"
     text = cfg.train.cache_locked_towers and model.frozen_text_part() is not None
     locked = locked_features(model.to(accelerator.device), source.dataset, accelerator.device, image, text,
-                             accelerator, cfg.data)
+                             accelerator)
     model.use_cached_inputs(image=locked.images is not None, text=locked.texts is not None)
     if image or text:
         logger.info("locked towers cached: image %s, text %s; training runs only the parts that train", image, text)

@@ -28,7 +28,7 @@ from vclr.data.sources import open_training_source
 from vclr.errors import ResourceError, VclrError
 from vclr.model.build import build_model, get_tokenizer, image_preprocess_cfg
 from vclr.train.budget import BudgetClock
-from vclr.train.finetune import WeightEMA, enable_grad_checkpointing, training_report
+from vclr.train.finetune import WeightEMA, enable_grad_checkpointing, trainable_parameters, training_report
 from vclr.train.gradcache import grad_cache_step
 from vclr.train.locked_cache import cache_locked_towers, caches_image_tower
 from vclr.train.loss import CombinedLoss, gather_features, text_ids
@@ -90,9 +90,8 @@ def setup(cfg: Config, resume: bool = False) -> Trainer:
         accelerator.register_for_checkpointing(ema)  # the average resumes with the run
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, source, loss_fn, state,
                       tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["size"], validator, locked, ema)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("training %d of %d parameters (%.2f%%)", trainable, sum(p.numel() for p in model.parameters()),
-                100 * trainable / max(1, sum(p.numel() for p in model.parameters())))
+    trainable, total = trainable_parameters(model)
+    logger.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / max(1, total))
     if resume:
         _restore(trainer)
     if accelerator.is_main_process:

@@ -118,6 +118,8 @@ def test_bench_int8_runs_at_tiny_sizes(small_shapes, tmp_path, capsys, monkeypat
                         monkeypatch)
     assert set(line["recall"]) == {"torch fp32", "onnx fp32", "onnx int8"} and line["guard"]["sample"] > 0
     assert line["min_image_cosine_fp32_export"] >= 0.9999
+    assert set(line["by_tower"]) == {"text int8", "image int8"}
+    assert all(tower["min_cosine"] > 0.9 for tower in line["by_tower"].values())
 
 
 @pytest.mark.slow

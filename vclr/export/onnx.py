@@ -94,7 +94,7 @@ def export_onnx(source: ModelSource | None, out_dir: str | Path, index_dir: str 
             path.parent.mkdir(exist_ok=True)
             _export_tower(_Tower(model, modality).eval(), example, path, "tokens" if modality == "text" else "pixels")
             if int8:
-                _quantize(path, tmp / name)
+                quantize_tower(path, tmp / name)
                 shutil.rmtree(path.parent)
         (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")  # the check below loads the folder
         manifest["min_cosine"] = _check(model, tokenizer, tmp, MIN_COSINE_INT8 if int8 else MIN_COSINE)
@@ -173,7 +173,7 @@ def _export_tower(tower: _Tower, example: torch.Tensor, path: Path, input_name: 
                           verbose=False)
 
 
-def _quantize(fp32: Path, out: Path) -> None:
+def quantize_tower(fp32: Path, out: Path) -> None:
     """Write the dynamically quantised int8 twin of an fp32 tower (signed weights: the operand of the VNNI, AMX and
     ARM dot-product kernels; unsigned ones measured 2.3x slower)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic

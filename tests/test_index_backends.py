@@ -138,7 +138,7 @@ def test_backend_errors_name_the_problem(torch_index, small_shapes, tmp_path, ca
 
 def test_a_model_whose_int8_export_fails_its_check_is_indexed_in_fp32(torch_index, small_shapes, tmp_path,
                                                                       monkeypatch, capsys):
-    """The OpenMoji LiT model's int8 export fails its own probes (EfficientNet's convolutions: cosine 0.96): `onnx
+    """The OpenMoji LiT model's int8 export fails its own probes (MiniLM's int8 text: cosine 0.96): `onnx
     --int8` and `auto` embed in fp32 and say so, and the refused export is not tried again."""
     import vclr.export.onnx as onnx_mod
 

@@ -150,10 +150,11 @@ def cached_export(source: ModelSource, precision: str, loaded: tuple | None = No
 
 def _export(source: ModelSource, identity: dict, precision: str) -> OnnxQueryEncoder:
     """The model's export at `precision`, made once and kept in the cache by the model's identity and weights."""
-    from vclr.export.onnx import export_onnx
+    from vclr.export.onnx import INT8_RECIPE, export_onnx
 
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / "onnx" / f"{identity['model_name'].replace('/', '_')}-{digest}-{precision}"
+    tag = f"int8r{INT8_RECIPE}" if precision == "int8" else precision  # a new recipe is a new export (and verdict)
+    folder = cache_dir() / "onnx" / f"{identity['model_name'].replace('/', '_')}-{digest}-{tag}"
     refused = folder.with_name(folder.name + ".refused.json")  # an export that failed its check: not tried again
     if refused.is_file():
         record = json.loads(refused.read_text())

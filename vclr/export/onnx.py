@@ -3,14 +3,17 @@
     export_onnx(model_source(run="vclr-demo/run"), "vclr-demo/onnx")
     export_onnx(None, "photos-onnx", index_dir="indexes/photos")       # the model an index was built with
 
-Both towers are exported with torch.onnx's dynamo exporter, the batch dimension dynamic, in float32; `int8=True` then
-quantises each tower with onnxruntime's dynamic quantisation (int8 weights per output channel, activations quantised per
-batch at run time: no calibration set needed). Measured on a 2-core AVX-512 VNNI/AMX machine (scripts/bench_onnx.py),
-ViT-B-32's image tower at batch 32: 50.9 images/s int8 against 22.3 for onnxruntime fp32 and 27.9 for PyTorch fp32,
-cosine 0.9999 to PyTorch on random weights; unsigned int8 weights ran no faster than fp32 (no VNNI kernel for them),
-onnxruntime's pre-processing step fails on these graphs, and per-channel scales cost nothing and agree slightly better
-(0.99984 against 0.99977, one probe). The older TorchScript exporter was tried: it baked the traced batch size into the
-attention pool of vclr's tiny ResNet (cosine 0.11 at another batch size). The tokenizer is written for Hugging Face
+Both towers are exported with torch.onnx's dynamo exporter, the batch dimension dynamic, in float32, each
+self-attention block as onnxruntime's fused `Attention` node (vclr.export.attention); `int8=True` then quantises each
+tower with onnxruntime's dynamic quantisation (int8 weights per output channel, activations quantised per batch at run
+time: no calibration set needed) of its per-token matrix products only (QUANTIZED_OPS; convolutions and projection
+heads stay fp32). Measured on a 2-core AVX-512 VNNI machine (scripts/bench_onnx.py, 2026-12-06), ViT-B-32's image
+tower at batch 32: 57.9 images/s int8 against 20.1 for onnxruntime fp32 and 16.5 for PyTorch fp32, cosine 0.99994 to
+PyTorch on random weights (every op quantised and attention unfused, the same session: 39.4); unsigned int8 weights
+ran no faster than fp32 (no VNNI kernel for them), onnxruntime's pre-processing step fails on these graphs, and
+per-channel scales cost nothing and agree slightly better (0.99984 against 0.99977, one probe). The older
+TorchScript exporter was tried: it baked the traced batch size into the attention pool of vclr's tiny ResNet (cosine
+0.11 at another batch size). The tokenizer is written for Hugging Face
 `tokenizers`: open_clip's BPE vocabulary and merges through transformers' CLIP converter, or the text tower's own fast
 tokenizer. Before anything is written the export is checked against the PyTorch model: the tokens of a set of probe
 texts must be equal, and the embeddings of texts and of images of several sizes (preprocessed the ONNX way) must reach
@@ -29,6 +32,8 @@ import numpy as np
 import torch
 
 from vclr.errors import ExportDisagrees, VclrError
+from vclr.export.attention import TRANSLATIONS as ATTENTION_TRANSLATIONS
+from vclr.export.attention import fused_attention
 from vclr.export.format import (
     FORMAT_VERSION,
     IMAGE_FILE,
@@ -51,6 +56,12 @@ MIN_COSINE = 0.9999
 # an int8 tower is approximate by design; below this it would reorder neighbours it should not (an index built with
 # int8 vectors is guarded again on the collection itself)
 MIN_COSINE_INT8 = 0.99
+# What int8 quantises: the matrix products and embedding tables, not convolutions. onnxruntime's ConvInteger has no
+# VNNI kernel: ViT-B-32's patch embedding took 219 ms of a batch of 32 in int8 against 49 ms in fp32 (46.3 against
+# 53.4 images/s for the whole tower, AVX-512 VNNI), and int8 convolutions made EfficientNet-Lite0 slower and lossy
+# (cosine 0.49, image->text R@1 -1.2 points on OpenMoji). INT8_RECIPE names this choice in the manifest and the cache.
+QUANTIZED_OPS = ("MatMul", "Attention", "Gather", "EmbedLayerNormalization", "LSTM")  # of its dynamic registry
+INT8_RECIPE = 3  # 1: every op onnxruntime quantises; 2: QUANTIZED_OPS; 3: QUANTIZED_OPS but projection heads
 EXTERNAL_DATA_BYTES = 1_500_000_000  # towers larger than this keep their weights beside the graph (ONNX's 2 GB cap)
 
 
@@ -82,7 +93,8 @@ def export_onnx(source: ModelSource | None, out_dir: str | Path, index_dir: str 
     identity = model_identity(source, cfg)
     manifest = {"format_version": FORMAT_VERSION, **identity, "embed_dim": int(model.embed_dim),
                 "context_length": int(tokenizer.context_length), "image": image_cfg,
-                "precision": "int8" if int8 else "fp32"}
+                "precision": "int8" if int8 else "fp32",
+                **({"int8_recipe": INT8_RECIPE} if int8 else {})}
     out_dir = Path(out_dir)
 
     def write_files(tmp: Path) -> None:
@@ -167,22 +179,40 @@ def _tokenizer_json(tokenizer) -> str:
 def _export_tower(tower: _Tower, example: torch.Tensor, path: Path, input_name: str) -> None:
     large = sum(p.numel() * p.element_size() for p in tower.parameters()) > EXTERNAL_DATA_BYTES
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with torch.no_grad(), _quiet():
-        torch.onnx.export(tower, (example,), str(path), dynamo=True, input_names=[input_name],
+    with torch.no_grad(), _quiet(), fused_attention(tower, example) as fused:
+        torch.onnx.export(fused, (example,), str(path), dynamo=True, input_names=[input_name],
                           output_names=["embeddings"], dynamic_shapes=({0: batch},), external_data=large,
-                          verbose=False)
+                          custom_translation_table=ATTENTION_TRANSLATIONS, verbose=False)
 
 
 def quantize_tower(fp32: Path, out: Path) -> None:
-    """Write the dynamically quantised int8 twin of an fp32 tower (signed weights: the operand of the VNNI, AMX and
-    ARM dot-product kernels; unsigned ones measured 2.3x slower)."""
+    """Write the dynamically quantised int8 twin of an fp32 tower: its per-token matrix products (QUANTIZED_OPS, not
+    those on pooled vectors: see _pooled_products) in int8 with signed weights (the operand of the VNNI, AMX and ARM
+    dot-product kernels; unsigned ones measured 2.3x slower), its convolutions in fp32 (see QUANTIZED_OPS)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     large = (fp32.parent / f"{fp32.name}.data").exists()  # the exporter kept the weights beside the graph
     # onnxruntime.quantization advises pre-processing on the root logger ("": it fails on these graphs)
     with _quiet(("",)):
         quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=_pooled_products(fp32),
                          use_external_data_format=large)
+
+
+def _pooled_products(path: Path) -> list[str]:
+    """The matrix products of a tower that act on pooled (B, E) vectors rather than on every token or pixel: its
+    projection heads. They are a sliver of the work and feed the embedding directly, and per-batch activation scales
+    fit them badly (a concatenation of features of different scales): the LiT image tower's one projection, quantised,
+    cost 1.0 point of image->text R@1 on OpenMoji (cosine 0.968)."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False)).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
+             if v.type.tensor_type.HasField("shape")}
+    pooled = [node.name for node in graph.node
+              if node.op_type == "Gemm" or (node.op_type == "MatMul" and ranks.get(node.input[0], 3) <= 2)]
+    # the quantiser first rewrites each Gemm as a MatMul named after it (and an Add): exclude that name too
+    return pooled + [f"{name}_MatMul" for name in pooled]
 
 
 @contextlib.contextmanager

@@ -67,6 +67,29 @@ def test_only_the_calls_the_fused_node_reproduces_are_replaced():
     assert all(isinstance(m, nn.MultiheadAttention) for m in blocks.children())  # the tower itself is untouched
 
 
+def test_the_blocks_are_put_back_when_the_export_fails():
+    blocks = _Blocks().eval()
+    plain = blocks.plain
+    with pytest.raises(RuntimeError), torch.no_grad(), fused_attention(blocks, torch.randn(1, 4, 32)) as fused:
+        assert fused is blocks and isinstance(blocks.plain, _FusedSelfAttention)  # swapped in place, not copied
+        raise RuntimeError("the exporter failed")
+    assert blocks.plain is plain and all(isinstance(m, nn.MultiheadAttention) for m in blocks.children())
+
+
+def test_a_tower_without_attention_is_not_run():
+    class Counting(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return x
+
+    tower = Counting()
+    with fused_attention(tower, torch.randn(1, 4)) as fused:
+        assert fused is tower
+    assert Counting.calls == 0
+
+
 def _ops(path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
 

@@ -1,6 +1,6 @@
 """Self-attention exported as one onnxruntime `Attention` node (com.microsoft), for the ONNX export (vclr.export.onnx).
 
-    with fused_attention(tower, example) as fused:   # a copy of `tower` whose attention blocks export fused
+    with fused_attention(tower, example) as fused:   # `tower`, its attention blocks swapped until the end
         torch.onnx.export(fused, (example,), ..., custom_translation_table=TRANSLATIONS)
 
 torch.onnx's dynamo exporter spells `nn.MultiheadAttention` as some forty nodes: batch-first transposes around it,
@@ -19,7 +19,7 @@ exports as before. The export's own check against PyTorch (vclr.export.onnx) sta
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ def _attention_onnx(x, weight, bias, num_heads: int, causal: bool):
         x, weight, bias, num_heads=num_heads, unidirectional=int(causal))
 
 
+@functools.cache
 def _attention_schema():
     """onnxruntime's contrib `Attention` as far as the export uses it (onnx ships no schema for contrib ops, and the
     exporter needs one to tell inputs from attributes)."""
@@ -85,15 +86,23 @@ class _FusedSelfAttention(nn.Module):
 
 @contextlib.contextmanager
 def fused_attention(tower: nn.Module, example: torch.Tensor):
-    """A copy of `tower` whose fusable attention blocks (module docstring) run as `vclr::self_attention`; `tower`
-    itself is left as it was."""
-    fused = copy.deepcopy(tower).eval()
-    calls = _attention_calls(fused, example)
-    for name, causal in calls.items():
-        parent, _, child = name.rpartition(".")
-        owner = fused.get_submodule(parent) if parent else fused
-        setattr(owner, child, _FusedSelfAttention(getattr(owner, child), causal))
-    yield fused
+    """`tower` with its fusable attention blocks (module docstring) running as `vclr::self_attention` inside the
+    block, and put back as they were when it exits. Swapped in place, not on a copy: a copy would hold one more
+    model in memory for the whole export. A tower with no `nn.MultiheadAttention` is yielded as it is, without the
+    eager pass."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        if any(isinstance(m, nn.MultiheadAttention) for m in tower.modules()):
+            for name, causal in _attention_calls(tower, example).items():
+                parent, _, child = name.rpartition(".")
+                owner = tower.get_submodule(parent) if parent else tower
+                original = getattr(owner, child)
+                setattr(owner, child, _FusedSelfAttention(original, causal))
+                swapped.append((owner, child, original))
+        yield tower
+    finally:
+        for owner, child, original in reversed(swapped):
+            setattr(owner, child, original)
 
 
 def _attention_calls(tower: nn.Module, example: torch.Tensor) -> dict[str, bool]:

@@ -57,9 +57,10 @@ MIN_COSINE = 0.9999
 # int8 vectors is guarded again on the collection itself)
 MIN_COSINE_INT8 = 0.99
 # What int8 quantises: the matrix products and embedding tables, not convolutions. onnxruntime's ConvInteger has no
-# VNNI kernel: ViT-B-32's patch embedding took 219 ms of a batch of 32 in int8 against 49 ms in fp32 (46.3 against
-# 53.4 images/s for the whole tower, AVX-512 VNNI), and int8 convolutions made EfficientNet-Lite0 slower and lossy
-# (cosine 0.49, image->text R@1 -1.2 points on OpenMoji). INT8_RECIPE names this choice in the manifest and the cache.
+# VNNI kernel: ViT-B-32's patch embedding took 219 ms of a batch of 32 in int8 against 49 ms in fp32 (39.4 against
+# 46.8 images/s for the whole tower, AVX-512 VNNI, same session; 54.6 with attention fused too), and int8
+# convolutions made EfficientNet-Lite0 slower and lossy (cosine 0.49, image->text R@1 -1.2 points on OpenMoji).
+# INT8_RECIPE names this choice in the manifest and the cache.
 QUANTIZED_OPS = ("MatMul", "Attention", "Gather", "EmbedLayerNormalization", "LSTM")  # of its dynamic registry
 INT8_RECIPE = 3  # 1: every op onnxruntime quantises; 2: QUANTIZED_OPS; 3: QUANTIZED_OPS but projection heads
 EXTERNAL_DATA_BYTES = 1_500_000_000  # towers larger than this keep their weights beside the graph (ONNX's 2 GB cap)

@@ -1,11 +1,19 @@
-"""Weak-match calibration: the threshold's meaning checked by simulation, the pair sampler against a naive loop, and a
-searcher that marks a matching query's hits strong and an unrelated query's hits weak."""
+"""Weak-match calibration: the threshold's meaning checked by simulation, the pair sampler and the standouts against
+naive loops, and searchers that mark a matching query's hits strong and an unrelated query's hits weak."""
 
 import numpy as np
 import pytest
 
 from vclr.index.format import RetrievalIndex
-from vclr.search.calibration import MISS_RATE, unrelated_pair_scores, weak_match_threshold
+from vclr.search.calibration import (
+    MISS_RATE,
+    NULL_PHRASES,
+    STANDOUT_Z,
+    standout,
+    standout_threshold,
+    unrelated_pair_scores,
+    weak_match_threshold,
+)
 from vclr.search.searcher import Searcher
 
 
@@ -50,3 +58,46 @@ def test_a_matching_query_is_strong_and_an_unrelated_one_weak(searcher):
     assert searcher.first_captions(own) == [None, None, None]  # caption hits carry their text already
     images = searcher.by_image_embedding(searcher.index.image_embeddings[3:4], k=2, images=True)
     assert images[0].id == 3 and searcher.first_captions(images) == ["caption 3", f"caption {images[1].id}"]
+
+
+def test_standout_and_its_threshold_equal_naive_loops():
+    rng = np.random.default_rng(4)
+    queries, sample = _unit(rng.standard_normal((3, 8))), _unit(rng.standard_normal((20, 8)))
+    scores = rng.uniform(-1, 1, (3, 2))  # (Q, k)
+    naive = np.array([[(s - (sample @ q).mean()) / (sample @ q).std() for s in row] for row, q in zip(scores, queries)])
+    np.testing.assert_allclose(standout(scores, queries, sample), naive, rtol=1e-4)
+    null = rng.standard_normal(101)
+    median = sorted(null)[50]
+    mad = sorted(abs(z - median) for z in null)[50]
+    assert standout_threshold(null) == pytest.approx(median + STANDOUT_Z * 1.4826 * mad)
+
+
+class _Texts:
+    """A query encoder for vectors the test makes up: text -> its vector."""
+
+    def __init__(self, vectors: dict):
+        self.vectors = vectors
+
+    def embed_texts(self, texts):
+        return np.stack([self.vectors[t] for t in texts])
+
+
+def test_a_text_query_that_picks_its_image_out_is_strong_and_one_about_nothing_here_weak():
+    """Every text sits near the collection (a model trained on one kind of picture): an unrelated query scores higher
+    than a real caption does, but only the caption's hit stands out from the rest of the collection."""
+    rng = np.random.default_rng(5)
+    d = 64
+    common = _unit(rng.standard_normal((1, d)))  # what every image and every text share
+    images = _unit(common + 0.8 * _unit(rng.standard_normal((300, d))))
+    near = lambda v: _unit(v + 0.5 * _unit(rng.standard_normal((1, d))))[0]  # noqa: E731
+    vectors = {phrase: near(common) for phrase in NULL_PHRASES}
+    vectors["a stapler"] = near(common)
+    vectors["caption of 7"] = _unit(images[7:8] + 0.9 * _unit(rng.standard_normal((1, d))))[0]
+    index = RetrievalIndex.build(images, images[:1], np.arange(1), [f"img{i}.png" for i in range(300)], ["x"])
+    searcher = Searcher(index, encoder=_Texts(vectors))
+    [caption], [unrelated] = (searcher.by_text(t, k=1) for t in ("caption of 7", "a stapler"))
+    assert caption.id == 7 and not caption.weak
+    assert unrelated.weak and unrelated.score > caption.score  # a rule on the score would have it the other way
+    assert searcher.weak_standout() == pytest.approx(
+        standout_threshold(standout(index.search_images(np.stack([vectors[p] for p in NULL_PHRASES]), 1)[0],
+                                    np.stack([vectors[p] for p in NULL_PHRASES]), searcher._image_sample())))

@@ -305,7 +305,7 @@ class Searcher:
         return self._weak_below["standout"]
 
     def _image_sample(self) -> np.ndarray:
-        """Up to STANDOUT_SAMPLE live image vectors (a fixed draw): where a query's mean and spread are measured."""
+        """Up to STANDOUT_SAMPLE live image vectors (a fixed draw): where a query's upper tail is measured."""
         if "sample" not in self._weak_below:
             live = self.index.live_ids()
             rows = np.sort(np.random.default_rng(0).choice(live, min(STANDOUT_SAMPLE, len(live)), replace=False))

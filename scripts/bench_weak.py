@@ -9,7 +9,9 @@
   none);
 - unrelated: 30 queries about things the collection lacks ("pizza", "a city at night"): the share of top hits
   marked weak (goal: at least 90%). None of them is among the phrases the calibration uses
-  (vclr.search.calibration.NULL_PHRASES), so the rule is not scored on what it was fitted to.
+  (vclr.search.calibration.NULL_PHRASES), so the rule is not scored on what it was fitted to;
+- with --vocabulary demo: 68 more short queries built from the demo's own words ("a {colour} {shape}" for every
+  colour and shape of vclr.data.synthetic, "a big/small {shape}", "{colour} shapes"), those whose top hit is weak.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unrelated", default=",".join(UNRELATED),
                         help="comma-separated queries about things the collection lacks (default: 30 everyday ones; "
                              "check that none names what the collection shows)")
+    parser.add_argument("--vocabulary", choices=["demo"], help="also score short queries built from these words")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     unrelated = [q.strip() for q in args.unrelated.split(",") if q.strip()]
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
     attribute_tops = [hits[0] for hits in searcher.image_hits(searcher.embed_texts(attributes), 1, "text")]
     unrelated_tops = [hits[0] for hits in searcher.image_hits(searcher.embed_texts(unrelated), 1, "text")]
+    vocabulary = demo_vocabulary() if args.vocabulary == "demo" else []
+    vocabulary_tops = [hits[0] for hits in searcher.image_hits(searcher.embed_texts(vocabulary), 1, "text")] \
+        if vocabulary else []
     print(json.dumps({
         "bench": "weak_marks", "index": args.index, "images": index.manifest["num_images"],
         "standout_threshold": round(searcher.weak_standout(), 4),
@@ -67,7 +73,16 @@ def main(argv: list[str] | None = None) -> None:
         "unrelated_marked_weak": round(float(np.mean([h.weak for h in unrelated_tops])), 4),
         "unrelated_queries": len(unrelated),
         "unrelated_scores": {q: round(h.score, 4) for q, h in zip(unrelated, unrelated_tops)},
+        **({"vocabulary_queries": len(vocabulary),
+            "vocabulary_weak": [q for q, h in zip(vocabulary, vocabulary_tops) if h.weak]} if vocabulary else {}),
     }))
+
+
+def demo_vocabulary() -> list[str]:
+    from vclr.data.synthetic import COLORS, SHAPES
+
+    return [f"a {c} {shape}" for c in sorted(COLORS) for shape in SHAPES] + \
+        [f"a {size} {shape}" for size in ("big", "small") for shape in SHAPES] + [f"{c} shapes" for c in sorted(COLORS)]
 
 
 if __name__ == "__main__":

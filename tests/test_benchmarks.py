@@ -105,8 +105,11 @@ def test_bench_weak_runs_at_tiny_sizes(small_shapes, tmp_path, capsys, monkeypat
     from helpers import untrained_index
 
     index = untrained_index(small_shapes / "test", tmp_path / "run")
-    [line] = run_script("bench_weak", ["--index", str(index), "--captions", "20"], capsys, monkeypatch)
+    [line] = run_script("bench_weak", ["--index", str(index), "--captions", "20", "--vocabulary", "demo"], capsys,
+                        monkeypatch)
     assert line["captions_drawn"] == 20 and 0 <= line["unrelated_marked_weak"] <= 1
+    vocabulary = importlib.import_module("bench_weak").demo_vocabulary()
+    assert line["vocabulary_queries"] == len(vocabulary) == 68 and set(line["vocabulary_weak"]) <= set(vocabulary)
 
 
 @pytest.mark.slow

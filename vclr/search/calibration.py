@@ -16,11 +16,11 @@ standout is at most the median of those plus STANDOUT_Z robust standard deviatio
 deviation): a robust 99th percentile, so that the few null phrases a collection does show (a "pizza" in a food
 collection) do not move it.
 
-    z = standout(scores, query_vectors, sample)             # (Q, k) for hits' scores (Q, k)
-    weak = z <= standout_threshold(null_standouts)          # per hit
+    rise = standout(scores, query_vectors, sample)          # (Q, k) for hits' scores (Q, k)
+    weak = rise <= standout_threshold(null_standouts)       # per hit
 
 Measured with scripts/bench_weak.py (30 unrelated queries that are not null phrases; 200 captions drawn from the
-index; the README, "Weak matches", has the figures and the rules tried before this one): on two demo indexes 0% of
+index; the README, "Weak matches", has the figures and the rules tried before this one): on three demo indexes 0% of
 the captions whose top hit is their image are weak, "a red circle" and "a big blue star" are not, and 97% of the
 unrelated queries' top hits are; on OpenMoji's held-out concepts half the right top hits are weak (a model limit).
 
